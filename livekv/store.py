@@ -1,0 +1,164 @@
+"""Tiered, paged KV storage for one attention layer.
+
+Two tiers, each in the layout its reader wants:
+
+* host tier (``HostStore``): keeps every token ever appended, in pages of ``page_size`` tokens laid out as
+  ``[B, P, G, 2, p, D]`` (FreeKV's host layout): one (page, KV head) is one contiguous block holding that page's
+  keys and values, so recalling a page of a head is one copy. It also keeps a digest per page and KV head, the
+  element-wise min and max of the page's post-RoPE keys, laid out ``[B, G, P, D]`` so that scoring all pages is
+  a matmul. The host tier is CPU memory (pinned when the fast tier is a GPU).
+* fast tier (``FastBuffer``): what attention reads, ``[B, G, S, D]`` keys and values, on the compute device.
+
+Recall copies tokens from the host tier into the fast tier; what comes back is bit-identical to what was stored.
+Shapes: B batch, G KV heads, T tokens, D head dim, P pages, p page size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _grow(buf: torch.Tensor, dim: int, needed: int) -> torch.Tensor:
+    """Return ``buf`` with capacity >= ``needed`` along ``dim`` (amortised doubling, contents kept)."""
+    if buf.shape[dim] >= needed:
+        return buf
+    shape = list(buf.shape)
+    shape[dim] = max(needed, 2 * shape[dim], 16)
+    new = torch.empty(shape, dtype=buf.dtype, device=buf.device, pin_memory=buf.is_pinned())
+    new.narrow(dim, 0, buf.shape[dim]).copy_(buf)
+    return new
+
+
+class FastBuffer:
+    """A growable ``[B, G, capacity, D]`` key/value buffer on the compute device; ``length`` tokens are valid."""
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.keys = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self.values = torch.empty_like(self.keys)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append ``k, v [B, G, n, D]`` after the valid tokens."""
+        end = self.length + k.shape[2]
+        self.keys = _grow(self.keys, 2, end)
+        self.values = _grow(self.values, 2, end)
+        self.keys[:, :, self.length : end] = k
+        self.values[:, :, self.length : end] = v
+        self.length = end
+
+    def reserve(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Resize to exactly ``n`` valid tokens (contents undefined) and return writable views ``[B, G, n, D]``."""
+        self.keys = _grow(self.keys, 2, n)
+        self.values = _grow(self.values, 2, n)
+        self.length = n
+        return self.view()
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The valid keys and values, ``[B, G, length, D]`` each."""
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated in the fast tier (capacity, not just valid tokens)."""
+        return self.keys.nbytes + self.values.nbytes
+
+
+class HostStore:
+    """Every appended token of one layer, paged, with per-page min/max key digests.
+
+    ``length`` is the number of tokens stored; the last page may be partial (its digest is only computed once
+    the page is full, because only full pages are candidates for selection).
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.page_size = page_size
+        self.device = device  # where digests live and recalled tokens go
+        pin = device.type == "cuda"
+        host = torch.device("cpu")
+        self.pages = torch.empty(batch, 0, kv_heads, 2, page_size, head_dim, dtype=dtype, device=host, pin_memory=pin)
+        self.key_max = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self.key_min = torch.empty_like(self.key_max)
+        self.length = 0
+
+    @property
+    def num_full_pages(self) -> int:
+        return self.length // self.page_size
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k, v [B, G, n, D]`` (post-RoPE keys) after the tokens already stored."""
+        B, _, G, _, _, D = self.pages.shape
+        if k.ndim != 4 or k.shape[:2] != (B, G) or k.shape[3] != D or v.shape != k.shape:
+            raise ValueError(f"expected keys and values of shape [{B}, {G}, n, {D}], got {list(k.shape)} and {list(v.shape)}")
+        n, p = k.shape[2], self.page_size
+        start, end = self.length, self.length + n
+        self.pages = _grow(self.pages, 1, -(-end // p))
+        # Scatter the new tokens into their (page, offset) slots: [B, G, n, D] -> pages[b, t // p, g, kv, t % p].
+        t = torch.arange(start, end)
+        kv = torch.stack((k, v), dim=2).to(self.pages.device, non_blocking=True)  # [B, G, 2, n, D]
+        self.pages[:, t // p, :, :, t % p] = kv.permute(3, 0, 1, 2, 4)  # advanced dims first: [n, B, G, 2, D]
+        self.length = end
+        self._update_digests(start // p, self.num_full_pages)
+
+    def _update_digests(self, first: int, last: int) -> None:
+        """Compute digests of full pages ``[first, last)``."""
+        if last <= first:
+            return
+        self.key_max = _grow(self.key_max, 2, last)
+        self.key_min = _grow(self.key_min, 2, last)
+        keys = self.pages[:, first:last, :, 0].to(self.device, non_blocking=True)  # [B, n, G, p, D]
+        self.key_max[:, :, first:last] = keys.amax(dim=3).transpose(1, 2)
+        self.key_min[:, :, first:last] = keys.amin(dim=3).transpose(1, 2)
+
+    def digests(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key max and min of the full pages, ``[B, G, P_full, D]`` each."""
+        n = self.num_full_pages
+        return self.key_max[:, :, :n], self.key_min[:, :, :n]
+
+    def _flat_rows(self, token_idx: torch.Tensor) -> torch.Tensor:
+        """Row numbers of the keys of ``token_idx [B, G, k]`` in ``pages`` viewed as ``[B*P*G*2*p, D]``."""
+        B, cap, G, _, p, _ = self.pages.shape
+        b = torch.arange(B).view(B, 1, 1)
+        g = torch.arange(G).view(1, G, 1)
+        token_idx = token_idx.cpu()
+        return (((b * cap + token_idx // p) * G + g) * 2) * p + token_idx % p
+
+    def gather(self, token_idx: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Recall tokens: ``token_idx [B, G, k]`` -> keys, values ``[B, G, k, D]`` (exact copies).
+
+        With ``out`` (fast-tier views of the same shape) the recalled tokens are written there.
+        """
+        rows = self._flat_rows(token_idx).reshape(-1)
+        flat = self.pages.view(-1, self.pages.shape[-1])
+        shape = (*token_idx.shape, flat.shape[-1])
+        k = flat.index_select(0, rows).view(shape)
+        v = flat.index_select(0, rows + self.page_size).view(shape)
+        if out is None:
+            return k.to(self.device, non_blocking=True), v.to(self.device, non_blocking=True)
+        out[0].copy_(k, non_blocking=True)
+        out[1].copy_(v, non_blocking=True)
+        return out
+
+    def all_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored token as keys, values ``[B, G, T, D]`` on the compute device (used by dense prefill)."""
+        B, _, G, _, p, D = self.pages.shape
+        n_pages = -(-self.length // p)
+        kv = self.pages[:, :n_pages].permute(0, 2, 3, 1, 4, 5).reshape(B, G, 2, n_pages * p, D)
+        kv = kv[:, :, :, : self.length].to(self.device, non_blocking=True)
+        return kv[:, :, 0], kv[:, :, 1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes in the host tier (allocated pages). Digests are counted by ``digest_nbytes``."""
+        return self.pages.nbytes
+
+    @property
+    def digest_nbytes(self) -> int:
+        return self.key_max.nbytes + self.key_min.nbytes

@@ -1,0 +1,38 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import livekv  # noqa: F401  (registers the "livekv" attention)
+
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+)
+
+
+def tiny_model(arch: str = "llama", attn: str = "livekv", seed: int = 0, **overrides):
+    """A tiny random Llama or Qwen2 causal LM (float32, eval mode)."""
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides}))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**{**TINY, **overrides}))
+    else:
+        raise ValueError(arch)
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def model(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, TINY["vocab_size"], (1, 200), generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,114 @@
+"""The cache inside transformers: exactness against dense attention, positions, chunked prefill, generate()."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from livekv import LiveKVCache
+
+FULL = {"dense": {}, "quest": dict(budget=4096), "sink_window": dict(budget=4096)}
+
+
+def _decode(model, cache, ids, prefill: int, chunk: int | None = None):
+    """Prefill ``ids[:, :prefill]`` (in chunks), then feed the rest token by token; return all logits."""
+    chunk = chunk or prefill
+    logits = [model(ids[:, i : min(i + chunk, prefill)], past_key_values=cache).logits for i in range(0, prefill, chunk)]
+    logits += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(prefill, ids.shape[1])]
+    return torch.cat(logits, dim=1)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", list(FULL))
+def test_full_budget_equals_dense_attention(model, ids, method):
+    reference = tiny_model(type(model).__name__.startswith("Qwen2") and "qwen2" or "llama", attn="sdpa")
+    expected = reference(ids).logits
+    cache = LiveKVCache(model.config, method, **FULL[method])
+    got = _decode(model, cache, ids, prefill=120)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert cache.get_seq_length() == ids.shape[1]
+    if method != "dense":
+        assert cache.stats()["steps"] == 80 * len(cache.recallable_layers)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", list(FULL))
+def test_full_budget_generate_matches_dense_greedy(model, ids, method):
+    prompt = ids[:, :100]
+    expected = model.generate(prompt, max_new_tokens=24, do_sample=False)  # no livekv cache: plain SDPA path
+    cache = LiveKVCache(model.config, method, **FULL[method])
+    got = model.generate(prompt, past_key_values=cache, max_new_tokens=24, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+@torch.no_grad()
+def test_chunked_prefill_equals_one_shot(model, ids):
+    expected = _decode(model, LiveKVCache(model.config, "dense"), ids, prefill=160)
+    for method in ("dense", "quest"):
+        cache = LiveKVCache(model.config, method, budget=64, page_size=8, ignore_unknown=True)
+        got = _decode(model, cache, ids, prefill=160, chunk=48)
+        if method == "dense":
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        else:  # the prefill part is dense in every method
+            torch.testing.assert_close(got[:, :160], expected[:, :160], rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_positions_stay_right_after_eviction(model, ids):
+    """sink_window reads only sink + window at decode; the result must equal dense attention under the same
+    mask with the original positions (i.e. positions are logical, not slots in the fast tier)."""
+    prefill, sink, window = 120, 4, 20
+    cache = LiveKVCache(model.config, "sink_window", budget=sink + window, sink=sink, window=window)
+    got = _decode(model, cache, ids, prefill=prefill)
+
+    T = ids.shape[1]
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    for t in range(prefill, T):
+        mask[t, sink : max(sink, t - window + 1)] = False
+    reference = tiny_model(type(model).__name__.startswith("Qwen2") and "qwen2" or "llama", attn="sdpa")
+    expected = reference(ids, attention_mask=mask[None, None]).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # and it really evicted: without the mask the logits differ
+    assert not torch.allclose(got[:, prefill:], reference(ids).logits[:, prefill:], atol=1e-3)
+
+
+@torch.no_grad()
+def test_batch_with_left_padding_matches_dense(ids):
+    model = tiny_model("llama")
+    reference = tiny_model("llama", attn="sdpa")
+    batch = torch.stack([ids[0, :90], ids[0, 10:100]])
+    attention_mask = torch.ones_like(batch)
+    attention_mask[1, :15] = 0  # left padding in the second row
+    expected = reference.generate(batch, attention_mask=attention_mask, max_new_tokens=12, do_sample=False)
+    for method in FULL:
+        cache = LiveKVCache(model.config, method, **FULL[method])
+        got = model.generate(batch, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=12, do_sample=False)
+        assert torch.equal(got, expected), method
+
+
+@torch.no_grad()
+def test_small_budget_reads_at_most_budget_and_reports_tiers(model, ids):
+    cache = LiveKVCache(model.config, "quest", budget=48, page_size=8, dense_layers=1)
+    _decode(model, cache, ids, prefill=150)
+    stats = cache.stats()
+    assert stats["recallable_layers"] == model.config.num_hidden_layers - 1
+    assert stats["tokens_read"] <= 48 * stats["steps"]
+    assert stats["tokens_read"] >= 40 * stats["steps"]  # the budget is used, not wasted
+    mem = cache.memory()
+    dense_mem = LiveKVCache(model.config, "dense")
+    _decode(model, dense_mem, ids, prefill=150)
+    assert mem["host_kv_bytes"] > 0 and dense_mem.memory()["host_kv_bytes"] == 0
+    assert mem["fast_kv_bytes"] < dense_mem.memory()["fast_kv_bytes"]
+
+
+def test_model_without_livekv_cache_is_plain_sdpa(ids):
+    model, reference = tiny_model("llama"), tiny_model("llama", attn="sdpa")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+
+
+def test_unsupported_cache_operations_say_so(model, ids):
+    cache = LiveKVCache(model.config, "quest", budget=64, page_size=8)
+    with torch.no_grad():
+        model(ids[:, :20], past_key_values=cache)
+    with pytest.raises(NotImplementedError, match="beam search"):
+        cache.reorder_cache(torch.tensor([0]))

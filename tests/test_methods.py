@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from livekv.methods import METHODS, make_method
+from livekv.methods.quest import QuestConfig, page_upper_bounds
+from livekv.store import HostStore
+
+
+def _store(T, page_size=4, B=2, G=2, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    store = HostStore(B, G, D, page_size, torch.float32, torch.device("cpu"))
+    store.append(torch.randn(B, G, T, D, generator=g), torch.randn(B, G, T, D, generator=g))
+    return store
+
+
+@pytest.mark.parametrize("method", ["quest", "sink_window"])
+@pytest.mark.parametrize("T", [37, 64, 203])
+def test_selection_invariants(method, T):
+    cfg = make_method(method, budget=32, sink=4, window=8, page_size=4)
+    store = _store(T)
+    q = torch.randn(2, 6, 8)  # 6 query heads over 2 KV heads
+    idx = cfg.make_selector(0).select(q, store)
+    assert idx.shape[:2] == (2, 2)  # one set of tokens per (batch, KV head): every query head of a group reads it
+    assert idx.shape[-1] <= max(32, 0) or T <= 32
+    for row in idx.reshape(-1, idx.shape[-1]):
+        ids = set(row.tolist())
+        assert len(ids) == len(row), "duplicate token ids"
+        assert set(range(4)) <= ids, "sink missing"
+        assert set(range(T - 8, T)) <= ids, "window missing"
+        assert max(ids) < T and min(ids) >= 0
+
+
+def test_full_budget_selects_everything():
+    store = _store(50)
+    for method in ("quest", "sink_window"):
+        idx = make_method(method, budget=64, page_size=4).make_selector(0).select(torch.randn(2, 4, 8), store)
+        assert torch.equal(idx.sort(-1).values, torch.arange(50).expand(2, 2, -1))
+
+
+def test_quest_picks_the_page_holding_the_key_that_matches_the_query():
+    store = _store(256, page_size=8, B=1, G=1)
+    q = torch.randn(1, 1, 8)
+    keys, values = store.all_tokens()
+    keys = keys.clone()
+    keys[0, 0, 133] = 50 * q[0, 0]  # token 133 (page 16) dominates the attention
+    store = HostStore(1, 1, 8, 8, torch.float32, torch.device("cpu"))
+    store.append(keys, values)
+    idx = QuestConfig(budget=48, sink=8, window=8, page_size=8, dense_layers=0).make_selector(0).select(q, store)
+    assert 133 in idx.tolist()[0][0]
+
+
+def test_page_scores_bound_every_key_in_the_page():
+    store = _store(64, page_size=8, B=1, G=1)
+    q = torch.randn(1, 3, 8)  # 3 query heads in the group
+    bounds = page_upper_bounds(q, store, 0, 8)  # [1, 1, 3, 8]
+    keys, _ = store.all_tokens()
+    dots = (q[0, :, None, :] * keys[0, 0][None]).sum(-1).view(3, 8, 8).amax(-1)  # [heads, pages]
+    assert torch.all(bounds[0, 0] >= dots - 1e-5)
+
+
+def test_registry_and_defaults():
+    assert {"dense", "sink_window", "quest"} <= set(METHODS)
+    q = make_method("quest", budget=256)
+    assert (q.sink, q.window, q.page_size, q.dense_layers) == (16, 16, 16, 2)
+    assert q.budget - q.sink - q.window >= 0.8 * q.budget  # most of a small budget goes to selection
+    big = make_method("quest", budget=2048)
+    assert (big.sink, big.window) == (128, 128)
+    sw = make_method("sink_window", budget=512)
+    assert (sw.sink, sw.window, sw.dense_layers) == (4, 508, 0)
+
+
+@pytest.mark.parametrize(
+    "method, knobs, match",
+    [
+        ("quest", dict(budget=64, sink=32, window=32), "too small"),
+        ("quest", dict(budget=256, sink=10), "multiple of page_size"),
+        ("quest", dict(budget=256, page_size=0), "page_size"),
+        ("quest", dict(budget=256, dense_layers=-1), "dense_layers"),
+        ("sink_window", dict(budget=100, sink=4, window=200), "smaller than sink"),
+        ("quest", dict(bugdet=10), "no knob"),
+        ("nope", {}, "unknown method"),
+    ],
+)
+def test_bad_configurations_raise_clear_errors(method, knobs, match):
+    with pytest.raises(ValueError, match=match):
+        make_method(method, **knobs)

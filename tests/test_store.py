@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from livekv.store import FastBuffer, HostStore
+
+
+def _fill(store, chunks, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, _, G, _, _, D = store.pages.shape
+    ks, vs = [], []
+    for n in chunks:
+        k = torch.randn(B, G, n, D, generator=g).to(store.pages.dtype)
+        v = torch.randn(B, G, n, D, generator=g).to(store.pages.dtype)
+        store.append(k, v)
+        ks.append(k)
+        vs.append(v)
+    return torch.cat(ks, 2), torch.cat(vs, 2)
+
+
+def test_recall_is_bit_exact_across_unaligned_appends():
+    store = HostStore(2, 3, 8, page_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    keys, values = _fill(store, [5, 1, 1, 7, 13, 2])
+    assert store.length == 29 and store.num_full_pages == 7
+    idx = torch.randint(0, 29, (2, 3, 11), generator=torch.Generator().manual_seed(3))
+    k, v = store.gather(idx)
+    assert torch.equal(k, keys.gather(2, idx[..., None].expand(-1, -1, -1, 8)))
+    assert torch.equal(v, values.gather(2, idx[..., None].expand(-1, -1, -1, 8)))
+    all_k, all_v = store.all_tokens()
+    assert torch.equal(all_k, keys) and torch.equal(all_v, values)
+
+
+def test_gather_into_fast_tier_buffer():
+    store = HostStore(1, 2, 8, page_size=8, dtype=torch.bfloat16, device=torch.device("cpu"))
+    keys, values = _fill(store, [40])
+    fast = FastBuffer(1, 2, 8, torch.bfloat16, torch.device("cpu"))
+    idx = torch.tensor([[[0, 9, 39]], [[1, 2, 3]]]).view(1, 2, 3)
+    k, v = store.gather(idx, out=fast.reserve(3))
+    assert k.data_ptr() == fast.keys.data_ptr()
+    assert torch.equal(k, keys.gather(2, idx[..., None].expand(-1, -1, -1, 8)))
+    assert torch.equal(v, values.gather(2, idx[..., None].expand(-1, -1, -1, 8)))
+
+
+def test_digests_are_min_and_max_of_full_pages():
+    store = HostStore(2, 3, 8, page_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    keys, _ = _fill(store, [3, 10])  # 13 tokens: 3 full pages, one partial
+    kmax, kmin = store.digests()
+    assert kmax.shape == (2, 3, 3, 8)
+    pages = keys[:, :, :12].view(2, 3, 3, 4, 8)
+    assert torch.equal(kmax, pages.amax(3)) and torch.equal(kmin, pages.amin(3))
+
+
+def test_bytes_are_tracked():
+    store = HostStore(1, 2, 8, page_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    assert store.nbytes == 0
+    _fill(store, [16])
+    assert store.nbytes >= 16 * 2 * 2 * 8 * 4
+    assert store.digest_nbytes >= 4 * 2 * 2 * 8 * 4
+
+
+def test_wrong_shapes_are_rejected():
+    store = HostStore(1, 2, 8, page_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="shape"):
+        store.append(torch.zeros(1, 3, 4, 8), torch.zeros(1, 3, 4, 8))
+    with pytest.raises(ValueError, match="shape"):
+        store.append(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 5, 8))
+    assert store.length == 0
+
+
+@pytest.mark.parametrize("n", [1, 17])
+def test_fast_buffer_append_keeps_contents(n):
+    fast = FastBuffer(1, 2, 4, torch.float32, torch.device("cpu"))
+    chunks = [torch.randn(1, 2, n, 4) for _ in range(5)]
+    for c in chunks:
+        fast.append(c, -c)
+    k, v = fast.view()
+    assert torch.equal(k, torch.cat(chunks, 2)) and torch.equal(v, -k)
