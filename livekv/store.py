@@ -19,11 +19,12 @@ import torch
 
 
 def _grow(buf: torch.Tensor, dim: int, needed: int) -> torch.Tensor:
-    """Return ``buf`` with capacity >= ``needed`` along ``dim`` (amortised doubling, contents kept)."""
+    """Return ``buf`` with capacity >= ``needed`` along ``dim``, contents kept. Grows by 1/4 at least (amortised
+    O(1) appends at most 25% slack: capacity is what the tiers report as resident)."""
     if buf.shape[dim] >= needed:
         return buf
     shape = list(buf.shape)
-    shape[dim] = max(needed, 2 * shape[dim], 16)
+    shape[dim] = max(needed, shape[dim] + shape[dim] // 4, 8)
     new = torch.empty(shape, dtype=buf.dtype, device=buf.device, pin_memory=buf.is_pinned())
     new.narrow(dim, 0, buf.shape[dim]).copy_(buf)
     return new

@@ -10,4 +10,6 @@ from livekv.methods.base import MethodConfig
 
 @dataclass
 class DenseConfig(MethodConfig):
+    """Dense attention over the whole KV (the reference); no knobs."""
+
     name: ClassVar[str] = "dense"

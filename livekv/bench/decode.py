@@ -1,0 +1,157 @@
+"""Decode speed per method and context length, measured side by side in one run.
+
+For each context length every method gets its own cache, filled to that length; then the methods decode in
+interleaved rounds (so machine noise hits them alike) and the median ms/token per method is reported, with:
+
+* the share of a step spent in selection and in recall (from a separate profiled round: profiling synchronises);
+* bytes read per step: weights + the KV that attention and selection actually touch;
+* the memory-traffic limit: those bytes divided by this machine's measured memory bandwidth, and how far the
+  measured time is from it.
+
+Filling: a real prefill of ``fill_tokens`` of natural text gives each layer real keys and values, which are then
+tiled up to the context length (an 8k prefill takes ~25 s here, 32k would take minutes; decode speed depends on
+the amount of KV, not on its content). SmolLM2's rotary positions past 8k are extrapolated: this measures speed,
+not accuracy.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from livekv.cache import DenseLayer, LiveKVCache, RecallableLayer
+from livekv.generation import prefill
+
+
+def memory_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Measured copy bandwidth in bytes/s, counting the bytes read and written (best of ``repeats``)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def fill_cache(cache: LiveKVCache, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], context: int) -> None:
+    """Append ``context`` tokens to every layer by tiling that layer's ``[B, G, n, D]`` keys and values."""
+    for layer, (k, v) in zip(cache.layers, layer_kv):
+        reps = -(-context // k.shape[2])
+        layer.append(k.repeat(1, 1, reps, 1)[:, :, :context], v.repeat(1, 1, reps, 1)[:, :, :context])
+
+
+def bytes_per_step(model, cache: LiveKVCache) -> int:
+    """Bytes a decode step must read: every weight once + the KV it reads (dense: all; sparse: digests + the
+    recalled tokens, read from the host tier and again by attention)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for layer in cache.layers:
+        if isinstance(layer, DenseLayer):
+            k, v = layer.fast.view()
+            total += k.nbytes + v.nbytes
+        elif isinstance(layer, RecallableLayer):
+            s = layer.stats
+            recalled = s.bytes_recalled / max(s.steps, 1)
+            kmax, kmin = layer.host.digests()
+            total += kmax.nbytes + kmin.nbytes + 2 * int(recalled)
+    return total
+
+
+@torch.no_grad()
+def _decode_round(model, caches: dict, token: torch.Tensor, steps: int) -> dict[str, float]:
+    out = {}
+    for name, cache in caches.items():
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out[name] = (time.perf_counter() - t0) / steps * 1000
+    return out
+
+
+@torch.no_grad()
+def run(
+    model,
+    tokenizer,
+    methods: list[tuple[str, dict]],
+    contexts: list[int],
+    steps: int = 8,
+    rounds: int = 3,
+    fill_tokens: int = 1024,
+    log=print,
+) -> dict:
+    from livekv.evals.corpus import filler_token_ids
+
+    bandwidth = memory_bandwidth()
+    log(f"memory bandwidth (copy, read+write): {bandwidth / 1e9:.1f} GB/s; threads={torch.get_num_threads()}")
+    ids = torch.tensor([filler_token_ids(tokenizer, fill_tokens)])
+    source = LiveKVCache(model.config, "dense")
+    prefill(model, source, ids)
+    layer_kv = [layer.fast.view() for layer in source.layers]
+    token = ids[:, -1:]
+    results = []
+    for context in contexts:
+        caches = {}
+        for name, knobs in methods:
+            cache = LiveKVCache(model.config, name, ignore_unknown=True, **knobs)
+            fill_cache(cache, layer_kv, context)
+            caches[name] = cache
+        _decode_round(model, caches, token, 2)  # warm-up: allocations, first selections
+        rounds_ms = [_decode_round(model, caches, token, steps) for _ in range(rounds)]
+        for cache in caches.values():
+            cache.set_profile(True)
+            for layer in cache.recallable_layers:
+                layer.stats.__init__()
+        profiled = _decode_round(model, caches, token, steps)
+        for (name, knobs), cache in zip(methods, caches.values()):
+            ms = statistics.median(r[name] for r in rounds_ms)
+            s = cache.stats()
+            step_bytes = bytes_per_step(model, cache)
+            limit_ms = step_bytes / bandwidth * 1000
+            record = {
+                "method": name,
+                "context": context,
+                "budget": getattr(cache.method, "budget", None),
+                "ms_per_token": ms,
+                "tokens_per_s": 1000 / ms,
+                "select_share": s["select_s"] / steps / (profiled[name] / 1000),
+                "recall_share": s["recall_s"] / steps / (profiled[name] / 1000),
+                "bytes_per_step": step_bytes,
+                "bandwidth_bytes_per_s": bandwidth,
+                "traffic_limit_ms": limit_ms,
+                "x_traffic_limit": ms / limit_ms,
+                **cache.memory(),
+            }
+            results.append(record)
+            log(
+                f"decode {name:12s} context={context:6d} budget={record['budget']!s:6s} {ms:8.1f} ms/token "
+                f"select={record['select_share']:5.1%} recall={record['recall_share']:5.1%} "
+                f"read={step_bytes / 1e6:7.1f} MB/step limit={limit_ms:6.1f} ms (x{record['x_traffic_limit']:.1f}) "
+                f"fast={record['fast_kv_bytes'] / 1e6:.0f} MB host={record['host_kv_bytes'] / 1e6:.0f} MB"
+            )
+        del caches
+    return {"results": results, "bandwidth_bytes_per_s": bandwidth, "threads": torch.get_num_threads()}
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in results):
+        rows = [r for r in results if r["method"] == method]
+        ctx = [r["context"] for r in rows]
+        ax.plot(ctx, [r["ms_per_token"] for r in rows], "o-", label=f"{method} measured")
+        ax.plot(ctx, [r["traffic_limit_ms"] for r in rows], "x--", alpha=0.6, label=f"{method} memory-traffic limit")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode ms / token")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,267 @@
+"""The ``livekv`` console script.
+
+    livekv demo                                   the main job on the embedded model (a needle, dense vs quest)
+    livekv generate --prompt "..." --method quest --budget 256
+    livekv chat --method quest --budget 512
+    livekv eval needle --method dense,quest --budget 256 --context 2048,4096 --json out/needle.json
+    livekv eval fidelity --method quest --budget 1024 --context 8192 --json out/fidelity.json
+    livekv bench decode --methods dense,quest --context 4096,16384,32768 --json out/decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+KNOBS = ("budget", "sink", "window", "page_size", "dense_layers")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local model directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _add_method_args(p: argparse.ArgumentParser, multi: bool) -> None:
+    help_m = "method name(s), comma-separated" if multi else "method name"
+    p.add_argument("--method", "--methods", dest="method", default="quest", help=f"{help_m} (see `livekv methods`)")
+    p.add_argument("--budget", type=str if multi else int, default=None,
+                   help="tokens read per KV head per decode step" + (" (comma-separated list)" if multi else ""))
+    p.add_argument("--sink", type=int, default=None)
+    p.add_argument("--window", type=int, default=None)
+    p.add_argument("--page-size", type=int, default=None)
+    p.add_argument("--dense-layers", type=int, default=None, help="the first N layers stay dense")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _method_grid(args) -> list[tuple[str, dict]]:
+    """(name, knobs) for every method x budget; dense once (it has no budget)."""
+    from livekv.methods import make_method
+
+    names = [m for m in args.method.split(",") if m]
+    budgets = _ints(str(args.budget)) if args.budget is not None else [None]
+    knobs = {k: getattr(args, k) for k in KNOBS if k != "budget"}
+    grid = []
+    for name in names:
+        for budget in budgets:
+            cfg_knobs = {**knobs, "budget": budget}
+            make_method(name, ignore_unknown=True, **cfg_knobs)  # validate now, with a clear error
+            grid.append((name, cfg_knobs))
+            if name == "dense":
+                break
+    return grid
+
+
+def _load(args):
+    import torch
+
+    from livekv.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    print(f"loaded {model.config.model_type} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) "
+          f"in {time.perf_counter() - t0:.1f} s on {args.device}", file=sys.stderr)
+    return model, tokenizer
+
+
+def _progress(done: int, total: int) -> None:
+    print(f"\rprefill {done}/{total} tokens", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+
+def _stats_line(stats) -> str:
+    mem = stats.memory
+    return (f"[prompt {stats.prompt_tokens} tok, prefill {stats.prefill_tokens_per_s:.0f} tok/s | "
+            f"{stats.new_tokens} new tok, decode {stats.decode_tokens_per_s:.1f} tok/s | "
+            f"KV fast tier {mem.get('fast_kv_bytes', 0) / 1e6:.1f} MB, host tier {mem.get('host_kv_bytes', 0) / 1e6:.1f} MB]")
+
+
+def _write_json(path: str | None, payload: dict, args) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    payload = {"command": " ".join(sys.argv), **payload}
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from livekv import LiveKVCache
+    from livekv.generation import GenerationStats, generate_stream
+
+    model, tok = _load(args)
+    text = open(args.prompt_file).read() if args.prompt_file else args.prompt
+    if text is None:
+        raise SystemExit("give --prompt or --prompt-file")
+    if args.chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        ids = ids["input_ids"] if not isinstance(ids, list) else ids
+    else:
+        ids = tok.encode(text)
+    cache = LiveKVCache(model.config, args.method, **{k: getattr(args, k) for k in KNOBS})
+    stats = GenerationStats()
+    stream = generate_stream(model, cache, torch.tensor([ids], device=args.device), args.max_new_tokens,
+                             stop_ids={tok.eos_token_id}, temperature=args.temperature, chunk=args.chunk,
+                             progress=_progress, stats=stats)
+    out = []
+    for token in stream:
+        out.append(token)
+        print(tok.decode(out, skip_special_tokens=True)[len(tok.decode(out[:-1], skip_special_tokens=True)):],
+              end="", flush=True)
+    print()
+    print(_stats_line(stats), file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    import torch
+
+    from livekv import LiveKVCache
+    from livekv.generation import GenerationStats, generate_stream
+
+    model, tok = _load(args)
+    knobs = {k: getattr(args, k) for k in KNOBS}
+    cache, fed, messages = LiveKVCache(model.config, args.method, **knobs), [], []
+    print("livekv chat: type a message, empty line or Ctrl-D to quit", file=sys.stderr)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line.strip()})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        ids = list(ids["input_ids"] if not isinstance(ids, list) else ids)
+        if ids[: len(fed)] != fed:  # the conversation re-tokenised differently: start the cache over
+            cache, fed = LiveKVCache(model.config, args.method, **knobs), []
+        stats, reply = GenerationStats(), []
+        new = torch.tensor([ids[len(fed):]], device=args.device)
+        for token in generate_stream(model, cache, new, args.max_new_tokens, stop_ids={tok.eos_token_id},
+                                     temperature=args.temperature, chunk=args.chunk, stats=stats):
+            reply.append(token)
+        text = tok.decode(reply, skip_special_tokens=True)
+        print(text, flush=True)
+        print(_stats_line(stats), file=sys.stderr)
+        fed = ids + reply[:-1] if reply and reply[-1] == tok.eos_token_id else ids + reply
+        messages.append({"role": "assistant", "content": text})
+
+
+def cmd_demo(args) -> None:
+    from livekv.evals import needle
+
+    model, tok = _load(args)
+    print("A 2048-token haystack of natural text hides one number; the question is decoded through the sparse "
+          "path. dense reads every token; quest reads 256 per step.")
+    needle.evaluate(model, tok, [("dense", {}), ("quest", {"budget": 256})], [2048], depths=(0.25, 0.75))
+
+
+def cmd_eval(args) -> None:
+    model, tok = _load(args)
+    methods = _method_grid(args)
+    contexts = _ints(args.context)
+    if args.task == "needle":
+        from livekv.evals import needle
+
+        depths = [round((i + 0.5) / args.depths, 3) for i in range(args.depths)]
+        payload = needle.evaluate(model, tok, methods, contexts, depths=depths, seed=args.seed)
+    else:
+        from livekv.evals import fidelity
+
+        payload = fidelity.evaluate(model, tok, methods, contexts, target=args.target, seed=args.seed)
+    _write_json(args.json, payload, args)
+
+
+def cmd_bench(args) -> None:
+    from livekv.bench import decode
+
+    model, tok = _load(args)
+    payload = decode.run(model, tok, _method_grid(args), _ints(args.context), steps=args.steps, rounds=args.rounds)
+    _write_json(args.json, payload, args)
+    if args.json:
+        png = os.path.splitext(args.json)[0] + ".png"
+        decode.plot(payload["results"], png)
+        print(f"wrote {png}", file=sys.stderr)
+
+
+def cmd_methods(args) -> None:
+    import dataclasses
+
+    from livekv.methods import METHODS
+
+    for name, cls in METHODS.items():
+        knobs = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+        print(f"{name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}  [{knobs}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="livekv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the main job on the embedded model")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    for name, func in (("generate", cmd_generate), ("chat", cmd_chat)):
+        p = sub.add_parser(name, help=f"{name} with a livekv cache; reports tokens/s and KV bytes per tier")
+        _add_model_args(p)
+        _add_method_args(p, multi=False)
+        if name == "generate":
+            p.add_argument("--prompt")
+            p.add_argument("--prompt-file")
+            p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=0.0)
+        p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (tokens)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("eval", help="accuracy and fidelity on the real model")
+    p.add_argument("task", choices=["needle", "fidelity"])
+    _add_model_args(p)
+    _add_method_args(p, multi=True)
+    p.add_argument("--context", default="2048,4096", help="context lengths, comma-separated")
+    p.add_argument("--depths", type=int, default=5, help="needle: depths per length")
+    p.add_argument("--target", type=int, default=256, help="fidelity: tokens fed one by one after the context")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write results here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="speed benchmarks")
+    p.add_argument("task", choices=["decode"])
+    _add_model_args(p)
+    _add_method_args(p, multi=True)
+    p.add_argument("--context", default="4096,16384,32768")
+    p.add_argument("--steps", type=int, default=8, help="decode steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    p.add_argument("--json", help="write results here (and a PNG plot beside it)")
+    p.set_defaults(func=cmd_bench, method="dense,quest", budget="256")
+
+    p = sub.add_parser("methods", help="list the registered methods and their knobs")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        raise SystemExit(f"livekv: error: {e}") from e
+
+
+if __name__ == "__main__":
+    main()
