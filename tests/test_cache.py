@@ -112,3 +112,24 @@ def test_unsupported_cache_operations_say_so(model, ids):
         model(ids[:, :20], past_key_values=cache)
     with pytest.raises(NotImplementedError, match="beam search"):
         cache.reorder_cache(torch.tensor([0]))
+
+
+@torch.no_grad()
+def test_sparse_step_is_attention_over_exactly_the_selected_tokens(model, ids):
+    """Each query head attends over its KV head's selected tokens, nothing else (checked against eager math)."""
+    cache = LiveKVCache(model.config, "quest", budget=48, page_size=8, dense_layers=0)
+    checked = []
+
+    def check(layer, q, token_idx, out):
+        k, v = layer.host.gather(token_idx)  # [B, G, k, D]
+        B, H, D = q.shape
+        r = H // k.shape[1]
+        k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
+        probs = (q[:, :, None] @ k.transpose(-1, -2) * D**-0.5).softmax(-1)  # [B, H, 1, k]
+        torch.testing.assert_close(out[:, 0], (probs @ v)[:, :, 0], rtol=1e-5, atol=1e-5)
+        checked.append(token_idx.shape[-1])
+
+    for layer in cache.recallable_layers:
+        layer.observers.append(check)
+    _decode(model, cache, ids, prefill=150)
+    assert len(checked) == 50 * model.config.num_hidden_layers and max(checked) <= 48

@@ -45,18 +45,23 @@ class SparseConfig(MethodConfig):
     budget: tokens read per KV head per decode step (sink + selected + window).
     sink, window: the first and the most recent tokens, always read. ``None`` scales them with the budget:
         ``min(128, page_size * max(1, budget // (16 * page_size)))`` each, so that at small budgets most of the
-        budget is left to selection (budget 256, page 16: sink 16, window 16, 13-14 pages selected).
-    page_size: tokens per page (Quest 16, FreeKV 32).
+        budget is left to selection (budget 256: sink 16, window 16).
+    page_size: tokens per page. ``None``: Quest's 16 from budget 1024 up; below, the page shrinks so that the
+        budget still holds 64 pages (``budget // 64``, at least 4): budget 256 -> 4, 512 -> 8. Measured on
+        SmolLM2-135M (needle, 2k/4k, budget 256): min/max digests of 16-token pages are too loose to find the
+        needle (2/10); 4-token pages find it (10/10). See docs/results.md.
     dense_layers: the first layers stay dense (Quest, FreeKV, ClusterKV keep the first ones dense).
     """
 
     budget: int = 2048
     sink: int | None = None
     window: int | None = None
-    page_size: int = 16
+    page_size: int | None = None
     dense_layers: int = 2
 
     def __post_init__(self):
+        if self.page_size is None:
+            self.page_size = max(4, min(16, 1 << max(0, (self.budget // 64).bit_length() - 1)))
         p = self.page_size
         if p < 1:
             raise ValueError(f"page_size must be >= 1, got {p}")

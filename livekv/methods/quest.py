@@ -43,7 +43,8 @@ def pool_group(scores: torch.Tensor, how: Literal["max", "softmax_mean"]) -> tor
 
 @dataclass
 class QuestConfig(SparseConfig):
-    """Quest (Tang et al., 2024): pages of 16, first 2 layers dense, group pooling by max."""
+    """Quest (Tang et al., 2024): min/max page digests, first 2 layers dense, group pooling by max; pages of 16
+    (fewer tokens at budgets under 1024, see ``SparseConfig``)."""
 
     name: ClassVar[str] = "quest"
     gqa_pool: Literal["max", "softmax_mean"] = "max"

@@ -1,0 +1,45 @@
+"""The console script end to end on the embedded model, at small sizes."""
+
+import json
+
+import pytest
+
+from livekv.cli import main
+
+
+def test_eval_needle_writes_cases_and_accuracy(tmp_path, capsys):
+    out = tmp_path / "needle.json"
+    main(["eval", "needle", "--method", "dense,quest", "--budget", "128", "--context", "512", "--depths", "1",
+          "--json", str(out)])
+    payload = json.loads(out.read_text())
+    assert [r["method"] for r in payload["results"]] == ["dense", "quest"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in payload["results"])
+    assert len(payload["cases"]) == 2 and {"expected", "answer", "accuracy", "depth"} <= set(payload["cases"][0])
+    assert "accuracy=" in capsys.readouterr().out
+
+
+def test_bench_decode_writes_records_and_plot(tmp_path):
+    out = tmp_path / "decode.json"
+    main(["bench", "decode", "--methods", "dense,quest", "--budget", "64", "--context", "300", "--steps", "1",
+          "--rounds", "1", "--json", str(out)])
+    records = json.loads(out.read_text())["results"]
+    assert [r["method"] for r in records] == ["dense", "quest"]
+    for r in records:
+        assert {"method", "context", "budget", "ms_per_token", "traffic_limit_ms", "bytes_per_step"} <= set(r)
+        assert r["ms_per_token"] > 0 and r["context"] == 300
+    assert (tmp_path / "decode.png").stat().st_size > 1000
+
+
+def test_fidelity_of_full_budget_is_perfect(tmp_path):
+    out = tmp_path / "fidelity.json"
+    main(["eval", "fidelity", "--method", "quest", "--budget", "4096", "--context", "200", "--target", "8",
+          "--json", str(out)])
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["mass_recall"] == pytest.approx(1.0, abs=1e-5)
+    assert r["output_cosine"] == pytest.approx(1.0, abs=1e-4)
+    assert r["agreement"] == 1.0 and abs(r["kl"]) < 1e-4 and r["ppl_ratio"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_bad_configuration_exits_with_a_clear_message():
+    with pytest.raises(SystemExit, match="too small"):
+        main(["eval", "needle", "--method", "quest", "--budget", "40", "--context", "512"])
