@@ -92,10 +92,11 @@ class DenseLayer(_LiveKVLayer):
 class RecallableLayer(_LiveKVLayer):
     """Everything in the host tier; decode steps read ``selector``'s tokens, recalled into the fast tier."""
 
-    def __init__(self, layer_idx: int, selector: Selector, page_size: int):
+    def __init__(self, layer_idx: int, selector: Selector, page_size: int, digests: bool = True):
         super().__init__(layer_idx)
         self.selector = selector
         self.page_size = page_size
+        self.digests = digests
         self.stats = LayerStats()
         self.profile = False
         # Called after each sparse step as observer(layer, query [B,H,D], token_idx [B,G,k], output [B,1,H,D]).
@@ -104,7 +105,7 @@ class RecallableLayer(_LiveKVLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, G, _, D = key_states.shape
         dtype, device = key_states.dtype, key_states.device
-        self.host = HostStore(B, G, D, self.page_size, dtype, device)
+        self.host = HostStore(B, G, D, self.page_size, dtype, device, digests=self.digests)
         self.fast = FastBuffer(B, G, D, dtype, device)
         self.is_initialized = True
 
@@ -182,7 +183,8 @@ class LiveKVCache(Cache):
             if self.method.dense_layer(i):
                 layers.append(DenseLayer(i))
             else:
-                layers.append(RecallableLayer(i, self.method.make_selector(i), self.method.page_size))
+                m = self.method
+                layers.append(RecallableLayer(i, m.make_selector(i), m.page_size, digests=m.uses_digests))
         super().__init__(layers=layers)
 
     @property

@@ -107,10 +107,10 @@ def cmd_generate(args) -> None:
     from livekv import LiveKVCache
     from livekv.generation import GenerationStats, generate_stream
 
-    model, tok = _load(args)
     text = open(args.prompt_file).read() if args.prompt_file else args.prompt
     if text is None:
         raise SystemExit("give --prompt or --prompt-file")
+    model, tok = _load(args)
     if args.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
         ids = ids["input_ids"] if not isinstance(ids, list) else ids
@@ -170,8 +170,8 @@ def cmd_demo(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    model, tok = _load(args)
     methods = _method_grid(args)
+    model, tok = _load(args)
     contexts = _ints(args.context)
     if args.task == "needle":
         from livekv.evals import needle
@@ -188,8 +188,9 @@ def cmd_eval(args) -> None:
 def cmd_bench(args) -> None:
     from livekv.bench import decode
 
+    methods = _method_grid(args)
     model, tok = _load(args)
-    payload = decode.run(model, tok, _method_grid(args), _ints(args.context), steps=args.steps, rounds=args.rounds)
+    payload = decode.run(model, tok, methods, _ints(args.context), steps=args.steps, rounds=args.rounds)
     _write_json(args.json, payload, args)
     if args.json:
         png = os.path.splitext(args.json)[0] + ".png"

@@ -79,8 +79,10 @@ class HostStore:
         page_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        digests: bool = True,
     ):
         self.page_size = page_size
+        self.track_digests = digests
         self.device = device  # where digests live and recalled tokens go
         pin = device.type == "cuda"
         host = torch.device("cpu")
@@ -110,7 +112,7 @@ class HostStore:
 
     def _update_digests(self, first: int, last: int) -> None:
         """Compute digests of full pages ``[first, last)``."""
-        if last <= first:
+        if last <= first or not self.track_digests:
             return
         self.key_max = _grow(self.key_max, 2, last)
         self.key_min = _grow(self.key_min, 2, last)

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from livekv.cache import DenseLayer, LiveKVCache, RecallableLayer
+from livekv.cache import DenseLayer, LayerStats, LiveKVCache, RecallableLayer
 from livekv.generation import prefill
 
 
@@ -61,13 +61,14 @@ def bytes_per_step(model, cache: LiveKVCache) -> int:
 
 
 @torch.no_grad()
-def _decode_round(model, caches: dict, token: torch.Tensor, steps: int) -> dict[str, float]:
-    out = {}
-    for name, cache in caches.items():
+def _decode_round(model, caches: list[LiveKVCache], token: torch.Tensor, steps: int) -> list[float]:
+    """ms/token of each cache, one after the other."""
+    out = []
+    for cache in caches:
         t0 = time.perf_counter()
         for _ in range(steps):
             model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        out[name] = (time.perf_counter() - t0) / steps * 1000
+        out.append((time.perf_counter() - t0) / steps * 1000)
     return out
 
 
@@ -93,20 +94,19 @@ def run(
     token = ids[:, -1:]
     results = []
     for context in contexts:
-        caches = {}
+        caches = []
         for name, knobs in methods:
-            cache = LiveKVCache(model.config, name, ignore_unknown=True, **knobs)
-            fill_cache(cache, layer_kv, context)
-            caches[name] = cache
+            caches.append(LiveKVCache(model.config, name, ignore_unknown=True, **knobs))
+            fill_cache(caches[-1], layer_kv, context)
         _decode_round(model, caches, token, 2)  # warm-up: allocations, first selections
         rounds_ms = [_decode_round(model, caches, token, steps) for _ in range(rounds)]
-        for cache in caches.values():
+        for cache in caches:
             cache.set_profile(True)
             for layer in cache.recallable_layers:
-                layer.stats.__init__()
+                layer.stats = LayerStats()
         profiled = _decode_round(model, caches, token, steps)
-        for (name, knobs), cache in zip(methods, caches.values()):
-            ms = statistics.median(r[name] for r in rounds_ms)
+        for i, ((name, _), cache) in enumerate(zip(methods, caches)):
+            ms = statistics.median(r[i] for r in rounds_ms)
             s = cache.stats()
             step_bytes = bytes_per_step(model, cache)
             limit_ms = step_bytes / bandwidth * 1000
@@ -116,8 +116,8 @@ def run(
                 "budget": getattr(cache.method, "budget", None),
                 "ms_per_token": ms,
                 "tokens_per_s": 1000 / ms,
-                "select_share": s["select_s"] / steps / (profiled[name] / 1000),
-                "recall_share": s["recall_s"] / steps / (profiled[name] / 1000),
+                "select_share": s["select_s"] / steps / (profiled[i] / 1000),
+                "recall_share": s["recall_s"] / steps / (profiled[i] / 1000),
                 "bytes_per_step": step_bytes,
                 "bandwidth_bytes_per_s": bandwidth,
                 "traffic_limit_ms": limit_ms,
@@ -142,8 +142,9 @@ def plot(results: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in results):
-        rows = [r for r in results if r["method"] == method]
+    for method, budget in dict.fromkeys((r["method"], r["budget"]) for r in results):
+        rows = [r for r in results if (r["method"], r["budget"]) == (method, budget)]
+        method = method if budget is None else f"{method} {budget}"
         ctx = [r["context"] for r in rows]
         ax.plot(ctx, [r["ms_per_token"] for r in rows], "o-", label=f"{method} measured")
         ax.plot(ctx, [r["traffic_limit_ms"] for r in rows], "x--", alpha=0.6, label=f"{method} memory-traffic limit")

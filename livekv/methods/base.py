@@ -53,6 +53,8 @@ class SparseConfig(MethodConfig):
     dense_layers: the first layers stay dense (Quest, FreeKV, ClusterKV keep the first ones dense).
     """
 
+    uses_digests: ClassVar[bool] = True  # whether the selector reads the host tier's min/max page digests
+
     budget: int = 2048
     sink: int | None = None
     window: int | None = None

@@ -25,6 +25,7 @@ class SinkWindowConfig(SparseConfig):
     """
 
     name: ClassVar[str] = "sink_window"
+    uses_digests: ClassVar[bool] = False
     sink: int | None = 4
     dense_layers: int = 0
 
