@@ -23,7 +23,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from livekv.attention import attend, set_pending
 from livekv.methods import MethodConfig, Selector, make_method
-from livekv.store import FastBuffer, HostStore
+from livekv.store import FastBuffer, HostStore, ResidentSet
 
 
 @dataclass
@@ -92,11 +92,12 @@ class DenseLayer(_LiveKVLayer):
 class RecallableLayer(_LiveKVLayer):
     """Everything in the host tier; decode steps read ``selector``'s tokens, recalled into the fast tier."""
 
-    def __init__(self, layer_idx: int, selector: Selector, page_size: int, digests: bool = True):
+    def __init__(self, layer_idx: int, selector: Selector, page_size: int, digests: bool = True, reuse: bool = False):
         super().__init__(layer_idx)
         self.selector = selector
         self.page_size = page_size
         self.digests = digests
+        self.reuse = reuse  # keep recalled tokens resident across steps, copy only the missing ones
         self.stats = LayerStats()
         self.profile = False
         # Called after each sparse step as observer(layer, query [B,H,D], token_idx [B,G,k], output [B,1,H,D]).
@@ -107,6 +108,7 @@ class RecallableLayer(_LiveKVLayer):
         dtype, device = key_states.dtype, key_states.device
         self.host = HostStore(B, G, D, self.page_size, dtype, device, digests=self.digests)
         self.fast = FastBuffer(B, G, D, dtype, device)
+        self.resident = ResidentSet(B, G, D, dtype, device) if self.reuse else None
         self.is_initialized = True
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -131,22 +133,44 @@ class RecallableLayer(_LiveKVLayer):
         q = query[:, :, 0]
         token_idx = self.selector.select(q, self.host)  # [B, G, k]
         t1 = self._clock()
-        keys, values = self.host.gather(token_idx, out=self.fast.reserve(token_idx.shape[-1]))
+        keys, values, columns, copied = self.recall(token_idx)
         t2 = self._clock()
-        if mask is not None:  # padding: the mask is over logical positions; keep the columns we read
-            B, G, k = token_idx.shape
-            mask = mask[:, :, -1:].expand(B, G, 1, -1).gather(-1, token_idx.unsqueeze(2))
-        out = attend(query, keys, values, scaling, mask)
-
-        s = self.stats
-        s.steps += 1
-        s.tokens_read += token_idx.shape[-1]
-        s.bytes_recalled += keys.nbytes + values.nbytes
-        s.select_s += t1 - t0
-        s.recall_s += t2 - t1
+        out = attend(query, keys, values, scaling, self._step_mask(mask, columns))
+        self._count(token_idx, copied, t1 - t0, t2 - t1)
         for observer in self.observers:
             observer(self, q, token_idx, out)
         return out
+
+    def recall(self, token_idx: torch.Tensor):
+        """Bring ``token_idx [B, G, k]`` into the fast tier. Returns keys, values ``[B, G, S, D]``, the logical
+        token of each of the S columns (-1: a stale slot, not to be read) and the number of tokens copied."""
+        if self.resident is None:
+            keys, values = self.host.gather(token_idx, out=self.fast.reserve(token_idx.shape[-1]))
+            return keys, values, token_idx, token_idx.numel()
+        keys, values, valid, copied = self.resident.recall(self.host, token_idx)
+        columns = self.resident.token if valid is None else self.resident.token.masked_fill(~valid, -1)
+        return keys, values, columns, copied
+
+    @staticmethod
+    def _step_mask(mask: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor | None:
+        """The decode step's mask ``[B, G, 1, S]`` over the recalled columns: stale slots and, with padding,
+        padded positions (transformers' mask is over logical positions) are masked out."""
+        stale = columns < 0
+        if mask is None and not bool(stale.any()):
+            return None
+        B, G, S = columns.shape
+        visible = ~stale
+        if mask is not None:
+            visible &= mask[:, :, -1:].expand(B, G, 1, -1).gather(-1, columns.clamp(min=0).unsqueeze(2))[:, :, 0]
+        return visible.unsqueeze(2)
+
+    def _count(self, token_idx: torch.Tensor, copied: int, select_s: float, recall_s: float) -> None:
+        s = self.stats
+        s.steps += 1
+        s.tokens_read += token_idx.shape[-1]
+        s.bytes_recalled += copied * 2 * self.host.pages.shape[-1] * self.host.pages.element_size()
+        s.select_s += select_s
+        s.recall_s += recall_s
 
     def _clock(self) -> float:
         if not self.profile:
@@ -158,7 +182,8 @@ class RecallableLayer(_LiveKVLayer):
     def nbytes(self) -> tuple[int, int]:
         if not self.is_initialized:
             return 0, 0
-        return self.fast.nbytes + self.host.digest_nbytes, self.host.nbytes
+        resident = self.resident.nbytes if self.resident is not None else 0
+        return self.fast.nbytes + resident + self.host.digest_nbytes, self.host.nbytes
 
 
 class LiveKVCache(Cache):
@@ -184,7 +209,7 @@ class LiveKVCache(Cache):
                 layers.append(DenseLayer(i))
             else:
                 m = self.method
-                layers.append(RecallableLayer(i, m.make_selector(i), m.page_size, digests=m.uses_digests))
+                layers.append(RecallableLayer(i, m.make_selector(i), m.page_size, m.uses_digests, m.reuse_resident))
         super().__init__(layers=layers)
 
     @property

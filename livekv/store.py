@@ -64,6 +64,65 @@ class FastBuffer:
         return self.keys.nbytes + self.values.nbytes
 
 
+class ResidentSet:
+    """Fast-tier slots that keep recalled tokens across decode steps, so that only newly selected tokens are copied.
+
+    ``keys, values [B, G, S, D]``; ``token [B, G, S]`` is the logical id held by each slot (-1: empty). A recall
+    keeps the slots whose token is selected again, evicts the others (they were not selected: the lowest-scoring)
+    and copies the missing tokens into the freed slots. Slots not selected this step are masked out.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.keys = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self.values = torch.empty_like(self.keys)
+        self.token = torch.empty(batch, kv_heads, 0, dtype=torch.long, device=device)
+
+    def _grow(self, n: int) -> None:
+        S = self.token.shape[-1]
+        if n <= S:
+            return
+        self.keys, self.values = _grow(self.keys, 2, n), _grow(self.values, 2, n)
+        self.token = torch.cat([self.token, self.token.new_full((*self.token.shape[:2], self.keys.shape[2] - S), -1)], -1)
+
+    def recall(self, host: "HostStore", token_idx: torch.Tensor):
+        """Make ``token_idx [B, G, k]`` (no duplicates per row) resident.
+
+        Returns ``keys, values [B, G, S, D]``, ``valid [B, G, S]`` (the slots holding selected tokens; ``None`` if
+        all are) and the number of tokens copied from the host tier.
+        """
+        B, G, k = token_idx.shape
+        self._grow(k)
+        S = self.token.shape[-1]
+        # Where is each selected token resident? Sorted slot tokens + binary search, per (b, g) row.
+        held, order = self.token.sort(dim=-1)
+        pos = torch.searchsorted(held, token_idx).clamp(max=S - 1)
+        hit = held.gather(-1, pos) == token_idx  # [B, G, k]
+        hit_slot = order.gather(-1, pos)
+        keep = torch.zeros(B, G, S, dtype=torch.int8, device=token_idx.device)
+        keep.scatter_reduce_(-1, hit_slot, hit.to(torch.int8), "amax")
+        # Missing tokens take the free slots in order: the r-th missing token of a row -> its r-th free slot.
+        missing = ~hit
+        free_first = keep.argsort(dim=-1, stable=True)
+        rank = (missing.cumsum(-1) - 1).clamp(min=0)
+        target = free_first.gather(-1, rank)
+        b, g, j = missing.nonzero(as_tuple=True)
+        if len(j):
+            slot, tok = target[b, g, j], token_idx[b, g, j]
+            k_new, v_new = host.gather_rows(host.rows(b.cpu(), g.cpu(), tok.cpu()))
+            self.keys[b, g, slot] = k_new.to(self.keys.device, non_blocking=True)
+            self.values[b, g, slot] = v_new.to(self.keys.device, non_blocking=True)
+            self.token[b, g, slot] = tok
+            keep[b, g, slot] = 1
+        valid = keep.bool()
+        evicted = ~valid
+        self.token[evicted] = -1
+        return self.keys, self.values, (None if bool(valid.all()) else valid), len(j)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.token.nbytes
+
+
 class HostStore:
     """Every appended token of one layer, paged, with per-page min/max key digests.
 
@@ -125,24 +184,26 @@ class HostStore:
         n = self.num_full_pages
         return self.key_max[:, :, :n], self.key_min[:, :, :n]
 
-    def _flat_rows(self, token_idx: torch.Tensor) -> torch.Tensor:
-        """Row numbers of the keys of ``token_idx [B, G, k]`` in ``pages`` viewed as ``[B*P*G*2*p, D]``."""
-        B, cap, G, _, p, _ = self.pages.shape
-        b = torch.arange(B).view(B, 1, 1)
-        g = torch.arange(G).view(1, G, 1)
-        token_idx = token_idx.cpu()
-        return (((b * cap + token_idx // p) * G + g) * 2) * p + token_idx % p
+    def rows(self, b: torch.Tensor, g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Row numbers of the keys of tokens ``t`` of (batch ``b``, KV head ``g``) in ``pages`` viewed as
+        ``[B*P*G*2*p, D]`` (broadcasting); a token's value is ``page_size`` rows further."""
+        _, cap, G, _, p, _ = self.pages.shape
+        return (((b * cap + t // p) * G + g) * 2) * p + t % p
+
+    def gather_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[*rows.shape, D]`` at ``rows`` (from ``rows()``), still in the host tier."""
+        flat = self.pages.view(-1, self.pages.shape[-1])
+        flat_rows = rows.to(flat.device).reshape(-1)
+        shape = (*rows.shape, flat.shape[-1])
+        return flat.index_select(0, flat_rows).view(shape), flat.index_select(0, flat_rows + self.page_size).view(shape)
 
     def gather(self, token_idx: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Recall tokens: ``token_idx [B, G, k]`` -> keys, values ``[B, G, k, D]`` (exact copies).
 
         With ``out`` (fast-tier views of the same shape) the recalled tokens are written there.
         """
-        rows = self._flat_rows(token_idx).reshape(-1)
-        flat = self.pages.view(-1, self.pages.shape[-1])
-        shape = (*token_idx.shape, flat.shape[-1])
-        k = flat.index_select(0, rows).view(shape)
-        v = flat.index_select(0, rows + self.page_size).view(shape)
+        B, G = token_idx.shape[:2]
+        k, v = self.gather_rows(self.rows(torch.arange(B).view(B, 1, 1), torch.arange(G).view(1, G, 1), token_idx.cpu()))
         if out is None:
             return k.to(self.device, non_blocking=True), v.to(self.device, non_blocking=True)
         out[0].copy_(k, non_blocking=True)

@@ -133,3 +133,29 @@ def test_sparse_step_is_attention_over_exactly_the_selected_tokens(model, ids):
         layer.observers.append(check)
     _decode(model, cache, ids, prefill=150)
     assert len(checked) == 50 * model.config.num_hidden_layers and max(checked) <= 48
+
+
+@torch.no_grad()
+def test_reusing_resident_tokens_changes_nothing_but_the_bytes_copied(ids):
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from livekv.methods.quest import QuestConfig
+
+    @dataclass
+    class QuestReuse(QuestConfig):
+        reuse_resident: ClassVar[bool] = True
+
+    model = tiny_model("llama")
+    batch = torch.stack([ids[0, :190], ids[0, 10:200]])
+    attention_mask = torch.ones_like(batch)
+    attention_mask[1, :7] = 0  # padding: the step mask must follow tokens into their slots
+    runs = {}
+    for name, cfg in (("plain", QuestConfig(budget=48, page_size=8)), ("reuse", QuestReuse(budget=48, page_size=8))):
+        cache = LiveKVCache(model.config, cfg)
+        out = model.generate(batch[:, :120], attention_mask=attention_mask[:, :120], past_key_values=cache,
+                             max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        runs[name] = (torch.stack(out.logits, 1), cache.stats())
+    torch.testing.assert_close(runs["reuse"][0], runs["plain"][0], rtol=1e-4, atol=1e-4)
+    assert runs["reuse"][1]["tokens_read"] == runs["plain"][1]["tokens_read"]
+    assert runs["reuse"][1]["bytes_recalled"] < 0.5 * runs["plain"][1]["bytes_recalled"]

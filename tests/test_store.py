@@ -74,3 +74,37 @@ def test_fast_buffer_append_keeps_contents(n):
         fast.append(c, -c)
     k, v = fast.view()
     assert torch.equal(k, torch.cat(chunks, 2)) and torch.equal(v, -k)
+
+
+def test_resident_set_copies_only_missing_tokens_and_matches_plain_recall():
+    from livekv.store import ResidentSet
+
+    store = HostStore(2, 3, 8, page_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    _fill(store, [100])
+    resident = ResidentSet(2, 3, 8, torch.float32, torch.device("cpu"))
+    g = torch.Generator().manual_seed(5)
+    previous = None
+    for step in range(6):
+        k = 20 - (step % 3)  # the selection size varies a little, as with pages of a window
+        rows = []
+        for b in range(2):
+            for h in range(3):
+                keep = previous[b, h, :10].tolist() if previous is not None and step % 2 else []  # still resident
+                rest = [t for t in torch.randperm(100, generator=g).tolist() if t not in keep]
+                rows.append(keep + rest[: k - len(keep)])
+        idx = torch.tensor(rows).view(2, 3, k)
+        keys, values, valid, copied = resident.recall(store, idx)
+        want_k, want_v = store.gather(idx)
+        valid = torch.ones(keys.shape[:3], dtype=torch.bool) if valid is None else valid
+        for b in range(2):
+            for h in range(3):
+                got = dict(zip(resident.token[b, h][valid[b, h]].tolist(), keys[b, h][valid[b, h]]))
+                assert sorted(got) == sorted(idx[b, h].tolist())
+                for j, t in enumerate(idx[b, h].tolist()):
+                    assert torch.equal(got[t], want_k[b, h, j])
+                vals = dict(zip(resident.token[b, h][valid[b, h]].tolist(), values[b, h][valid[b, h]]))
+                assert all(torch.equal(vals[t], want_v[b, h, j]) for j, t in enumerate(idx[b, h].tolist()))
+        if previous is not None and step % 2:
+            reused = sum(len(set(idx[b, h].tolist()) & set(previous[b, h].tolist())) for b in range(2) for h in range(3))
+            assert copied == idx.numel() - reused  # nothing already resident was copied again
+        previous = idx

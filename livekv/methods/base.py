@@ -54,6 +54,7 @@ class SparseConfig(MethodConfig):
     """
 
     uses_digests: ClassVar[bool] = True  # whether the selector reads the host tier's min/max page digests
+    reuse_resident: ClassVar[bool] = False  # keep recalled tokens in the fast tier across steps (copy only new ones)
 
     budget: int = 2048
     sink: int | None = None
