@@ -14,6 +14,7 @@ Both track the logical sequence length themselves, so position ids stay right wh
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from livekv.attention import attend, set_pending
-from livekv.methods import MethodConfig, Selector, make_method
+from livekv.methods.base import MethodConfig, Selector
 from livekv.store import FastBuffer, HostStore, ResidentSet
 
 
@@ -32,6 +33,7 @@ class LayerStats:
 
     steps: int = 0
     tokens_read: int = 0  # per KV head, summed over steps
+    tokens_copied: int = 0  # (token, KV head) pairs copied from the host tier; < tokens_read * G when reused
     bytes_recalled: int = 0
     select_s: float = 0.0
     recall_s: float = 0.0
@@ -168,6 +170,7 @@ class RecallableLayer(_LiveKVLayer):
         s = self.stats
         s.steps += 1
         s.tokens_read += token_idx.shape[-1]
+        s.tokens_copied += copied
         s.bytes_recalled += copied * 2 * self.host.pages.shape[-1] * self.host.pages.element_size()
         s.select_s += select_s
         s.recall_s += recall_s
@@ -201,16 +204,11 @@ class LiveKVCache(Cache):
     """
 
     def __init__(self, config, method: str | MethodConfig = "quest", **knobs):
+        from livekv.methods import make_method  # the registry imports methods that build on this module
+
         self.method = make_method(method, **knobs)
         n_layers = config.get_text_config(decoder=True).num_hidden_layers
-        layers = []
-        for i in range(n_layers):
-            if self.method.dense_layer(i):
-                layers.append(DenseLayer(i))
-            else:
-                m = self.method
-                layers.append(RecallableLayer(i, m.make_selector(i), m.page_size, m.uses_digests, m.reuse_resident))
-        super().__init__(layers=layers)
+        super().__init__(layers=[self.method.make_layer(i) for i in range(n_layers)])
 
     @property
     def recallable_layers(self) -> list[RecallableLayer]:
@@ -234,6 +232,6 @@ class LiveKVCache(Cache):
         layers = self.recallable_layers
         total = LayerStats()
         for layer in layers:
-            for field in ("steps", "tokens_read", "bytes_recalled", "select_s", "recall_s"):
-                setattr(total, field, getattr(total, field) + getattr(layer.stats, field))
+            for field in dataclasses.fields(LayerStats):
+                setattr(total, field.name, getattr(total, field.name) + getattr(layer.stats, field.name))
         return {**total.__dict__, "recallable_layers": len(layers)}

@@ -29,6 +29,9 @@ class MethodConfig:
     """Base of every method's config. ``name`` is the registry key."""
 
     name: ClassVar[str]
+    page_size: ClassVar[int] = 16  # a field in the sparse methods
+    uses_digests: ClassVar[bool] = True  # whether the selector reads the host tier's min/max page digests
+    reuse_resident: ClassVar[bool] = False  # keep recalled tokens in the fast tier across steps (copy only new ones)
 
     def dense_layer(self, layer_idx: int) -> bool:
         """True if layer ``layer_idx`` keeps its whole KV in the fast tier and attends densely."""
@@ -36,6 +39,21 @@ class MethodConfig:
 
     def make_selector(self, layer_idx: int) -> Selector | None:
         return None
+
+    def make_layer(self, layer_idx: int):
+        """The cache layer of ``layer_idx``: dense, or recallable with this method's selector. Methods that need
+        their own decode step (e.g. speculative recall) override this."""
+        from livekv.cache import DenseLayer, RecallableLayer
+
+        if self.dense_layer(layer_idx):
+            return DenseLayer(layer_idx)
+        return RecallableLayer(
+            layer_idx,
+            self.make_selector(layer_idx),
+            self.page_size,
+            digests=self.uses_digests,
+            reuse=self.reuse_resident,
+        )
 
 
 @dataclass
@@ -52,9 +70,6 @@ class SparseConfig(MethodConfig):
         needle (2/10); 4-token pages find it (10/10). See docs/results.md.
     dense_layers: the first layers stay dense (Quest, FreeKV, ClusterKV keep the first ones dense).
     """
-
-    uses_digests: ClassVar[bool] = True  # whether the selector reads the host tier's min/max page digests
-    reuse_resident: ClassVar[bool] = False  # keep recalled tokens in the fast tier across steps (copy only new ones)
 
     budget: int = 2048
     sink: int | None = None
