@@ -24,12 +24,11 @@ class Selector(Protocol):
     def select(self, query: torch.Tensor, store: "HostStore") -> torch.Tensor: ...
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MethodConfig:
     """Base of every method's config. ``name`` is the registry key."""
 
     name: ClassVar[str]
-    page_size: ClassVar[int] = 16  # a field in the sparse methods
     uses_digests: ClassVar[bool] = True  # whether the selector reads the host tier's min/max page digests
     reuse_resident: ClassVar[bool] = False  # keep recalled tokens in the fast tier across steps (copy only new ones)
 
@@ -56,7 +55,7 @@ class MethodConfig:
         )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SparseConfig(MethodConfig):
     """Knobs shared by the sparse methods.
 

@@ -8,7 +8,7 @@ from typing import ClassVar
 from livekv.methods.base import MethodConfig
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DenseConfig(MethodConfig):
     """Dense attention over the whole KV (the reference); no knobs."""
 

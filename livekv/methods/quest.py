@@ -41,7 +41,7 @@ def pool_group(scores: torch.Tensor, how: Literal["max", "softmax_mean"]) -> tor
     raise ValueError(f"unknown GQA pooling {how!r}; expected 'max' or 'softmax_mean'")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class QuestConfig(SparseConfig):
     """Quest (Tang et al., 2024): min/max page digests, first 2 layers dense, group pooling by max; pages of 16
     (fewer tokens at budgets under 1024, see ``SparseConfig``)."""

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from livekv.store import HostStore
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SinkWindowConfig(SparseConfig):
     """StreamingLLM (Xiao et al., 2024): 4 sink tokens, the rest of the budget is the window; every layer sparse.
 
