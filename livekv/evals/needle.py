@@ -90,8 +90,9 @@ def evaluate(
                 row = {"method": name, **_knob_record(cache), **run_case(model, tokenizer, case, cache)}
                 rows.append(row)
                 mark = "ok " if row["accuracy"] else "MISS"
-                log(f"  {mark} {name:12s} ctx={context:6d} depth={case.depth:.2f} "
-                    f"expected={case.number} got={row['answer']!r}")
+                log(f"  {mark} {name:12s} ctx={context:6d} depth={case.depth:.2f} expected={case.number} "
+                    f"got={row['answer']!r:12s} KV fast={row['fast_kv_bytes'] / 1e6:.1f} MB "
+                    f"host={row['host_kv_bytes'] / 1e6:.1f} MB ({row['seconds']:.1f} s)")
             accuracy = sum(r["accuracy"] for r in rows) / len(rows)
             summary = {"method": name, **_knob_record(cache), "context": context, "cases": len(rows), "accuracy": accuracy}
             log(f"needle {name:12s} budget={summary['budget']!s:6s} context={context:6d} accuracy={accuracy:.2f} "
