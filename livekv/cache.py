@@ -18,13 +18,16 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from livekv.attention import attend, set_pending
-from livekv.methods.base import MethodConfig, Selector
-from livekv.store import FastBuffer, HostStore, ResidentSet
+from livekv.store import FastBuffer, ResidentSet, make_host_store
+
+if TYPE_CHECKING:  # the methods build layers of this module
+    from livekv.methods.base import MethodConfig, Selector
 
 
 @dataclass
@@ -37,6 +40,13 @@ class LayerStats:
     bytes_recalled: int = 0
     select_s: float = 0.0
     recall_s: float = 0.0
+    background_s: float = 0.0  # recall work done off the critical path (speculative methods)
+    waited_s: float = 0.0  # of which the critical path waited for
+
+    @property
+    def recall_hidden(self) -> float | None:
+        """Share of the background recall time that overlapped compute (``None``: no background recall)."""
+        return max(0.0, 1 - self.waited_s / self.background_s) if self.background_s else None
 
 
 class _LiveKVLayer(CacheLayerMixin):
@@ -94,12 +104,22 @@ class DenseLayer(_LiveKVLayer):
 class RecallableLayer(_LiveKVLayer):
     """Everything in the host tier; decode steps read ``selector``'s tokens, recalled into the fast tier."""
 
-    def __init__(self, layer_idx: int, selector: Selector, page_size: int, digests: bool = True, reuse: bool = False):
+    def __init__(
+        self,
+        layer_idx: int,
+        selector: Selector,
+        page_size: int,
+        digests: bool = True,
+        reuse: bool = False,
+        host: str = "ram",
+        host_dir: str | None = None,
+    ):
         super().__init__(layer_idx)
         self.selector = selector
         self.page_size = page_size
         self.digests = digests
         self.reuse = reuse  # keep recalled tokens resident across steps, copy only the missing ones
+        self.host_kind, self.host_dir = host, host_dir  # see store.make_host_store
         self.stats = LayerStats()
         self.profile = False
         # Called after each sparse step as observer(layer, query [B,H,D], token_idx [B,G,k], output [B,1,H,D]).
@@ -108,7 +128,9 @@ class RecallableLayer(_LiveKVLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, G, _, D = key_states.shape
         dtype, device = key_states.dtype, key_states.device
-        self.host = HostStore(B, G, D, self.page_size, dtype, device, digests=self.digests)
+        self.host = make_host_store(
+            self.host_kind, B, G, D, self.page_size, dtype, device, digests=self.digests, directory=self.host_dir
+        )
         self.fast = FastBuffer(B, G, D, dtype, device)
         self.resident = ResidentSet(B, G, D, dtype, device) if self.reuse else None
         self.is_initialized = True
@@ -121,6 +143,9 @@ class RecallableLayer(_LiveKVLayer):
 
     def get_seq_length(self) -> int:
         return self.host.length if self.is_initialized else 0
+
+    def wait(self) -> None:
+        """Finish this layer's background work (methods that recall in the background override this)."""
 
     def attend(self, query, key_new, value_new, mask, scaling) -> torch.Tensor:
         n = query.shape[2]
@@ -171,9 +196,14 @@ class RecallableLayer(_LiveKVLayer):
         s.steps += 1
         s.tokens_read += token_idx.shape[-1]
         s.tokens_copied += copied
-        s.bytes_recalled += copied * 2 * self.host.pages.shape[-1] * self.host.pages.element_size()
+        s.bytes_recalled += copied * self.token_bytes
         s.select_s += select_s
         s.recall_s += recall_s
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one token's key and value (one KV head)."""
+        return 2 * self.host.pages.shape[-1] * self.host.pages.element_size()
 
     def _clock(self) -> float:
         if not self.profile:
@@ -186,7 +216,8 @@ class RecallableLayer(_LiveKVLayer):
         if not self.is_initialized:
             return 0, 0
         resident = self.resident.nbytes if self.resident is not None else 0
-        return self.fast.nbytes + resident + self.host.digest_nbytes, self.host.nbytes
+        index = getattr(self.selector, "nbytes", 0)  # a selector's own fast-tier state (e.g. a cluster index)
+        return self.fast.nbytes + resident + self.host.digest_nbytes + index, self.host.nbytes
 
 
 class LiveKVCache(Cache):
@@ -214,6 +245,11 @@ class LiveKVCache(Cache):
     def recallable_layers(self) -> list[RecallableLayer]:
         return [layer for layer in self.layers if isinstance(layer, RecallableLayer)]
 
+    def wait(self) -> None:
+        """Finish every layer's background work (e.g. before stopping a clock)."""
+        for layer in self.recallable_layers:
+            layer.wait()
+
     def set_profile(self, on: bool = True) -> None:
         """Time selection and recall of every sparse step (synchronising the GPU; slows decoding slightly)."""
         for layer in self.recallable_layers:
@@ -234,4 +270,4 @@ class LiveKVCache(Cache):
         for layer in layers:
             for field in dataclasses.fields(LayerStats):
                 setattr(total, field.name, getattr(total, field.name) + getattr(layer.stats, field.name))
-        return {**total.__dict__, "recallable_layers": len(layers)}
+        return {**total.__dict__, "recall_hidden": total.recall_hidden, "recallable_layers": len(layers)}

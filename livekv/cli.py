@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-KNOBS = ("budget", "sink", "window", "page_size", "dense_layers")
+KNOBS = ("budget", "sink", "window", "page_size", "dense_layers", "tau", "host", "host_dir")
 
 
 def _ints(text: str) -> list[int]:
@@ -40,6 +40,10 @@ def _add_method_args(p: argparse.ArgumentParser, multi: bool) -> None:
     p.add_argument("--window", type=int, default=None)
     p.add_argument("--page-size", type=int, default=None)
     p.add_argument("--dense-layers", type=int, default=None, help="the first N layers stay dense")
+    p.add_argument("--tau", type=float, default=None, help="freekv: correction threshold on the adjacent-query cosine")
+    p.add_argument("--host", choices=["ram", "disk"], default=None,
+                   help="host tier of the sparse methods: RAM, or a memory-mapped file kept out of the page cache")
+    p.add_argument("--host-dir", default=None, help="directory of the disk host tier (default: the temp dir)")
 
 
 def _cuda() -> bool:

@@ -15,17 +15,22 @@ Shapes: B batch, G KV heads, T tokens, D head dim, P pages, p page size.
 
 from __future__ import annotations
 
+import mmap
+import os
+import tempfile
+
 import torch
 
 
 def _grow(buf: torch.Tensor, dim: int, needed: int) -> torch.Tensor:
     """Return ``buf`` with capacity >= ``needed`` along ``dim``, contents kept. Grows by 1/4 at least (amortised
-    O(1) appends at most 25% slack: capacity is what the tiers report as resident)."""
+    O(1) appends at most 25% slack: capacity is what the tiers report as resident). The new part is zeros: masked
+    slots must not hold NaNs (masked attention still multiplies their values by 0)."""
     if buf.shape[dim] >= needed:
         return buf
     shape = list(buf.shape)
     shape[dim] = max(needed, shape[dim] + shape[dim] // 4, 8)
-    new = torch.empty(shape, dtype=buf.dtype, device=buf.device, pin_memory=buf.is_pinned())
+    new = torch.zeros(shape, dtype=buf.dtype, device=buf.device, pin_memory=buf.is_pinned())
     new.narrow(dim, 0, buf.shape[dim]).copy_(buf)
     return new
 
@@ -161,13 +166,16 @@ class HostStore:
             raise ValueError(f"expected keys and values of shape [{B}, {G}, n, {D}], got {list(k.shape)} and {list(v.shape)}")
         n, p = k.shape[2], self.page_size
         start, end = self.length, self.length + n
-        self.pages = _grow(self.pages, 1, -(-end // p))
+        self._reserve_pages(-(-end // p))
         # Scatter the new tokens into their (page, offset) slots: [B, G, n, D] -> pages[b, t // p, g, kv, t % p].
         t = torch.arange(start, end)
         kv = torch.stack((k, v), dim=2).to(self.pages.device, non_blocking=True)  # [B, G, 2, n, D]
         self.pages[:, t // p, :, :, t % p] = kv.permute(3, 0, 1, 2, 4)  # advanced dims first: [n, B, G, 2, D]
         self.length = end
         self._update_digests(start // p, self.num_full_pages)
+
+    def _reserve_pages(self, n: int) -> None:
+        self.pages = _grow(self.pages, 1, n)
 
     def _update_digests(self, first: int, last: int) -> None:
         """Compute digests of full pages ``[first, last)``."""
@@ -226,3 +234,59 @@ class HostStore:
     @property
     def digest_nbytes(self) -> int:
         return self.key_max.nbytes + self.key_min.nbytes
+
+
+class DiskHostStore(HostStore):
+    """A ``HostStore`` whose pages live in a memory-mapped file: a cold tier, where recall really costs I/O.
+
+    Same layout and API as ``HostStore`` (digests stay in memory). The file is created in ``directory`` (default:
+    the system temp dir) and unlinked at once, so it disappears with the store. Growing makes a new, larger file
+    and copies the pages over (amortised like ``_grow``).
+
+    Keeping it cold: after every append the mapping is synced and dropped from this process
+    (``madvise(MADV_DONTNEED)``) and the file from the page cache (``posix_fadvise(POSIX_FADV_DONTNEED)``), so a
+    recall after an append faults its pages in from the block device. Readahead is off (``MADV_RANDOM``): a recall
+    reads the 4 KiB blocks it touches, not their neighbours. Between two appends of the layer, pages read by a
+    recall stay in the page cache; the hypervisor may also cache the virtual disk.
+    """
+
+    def __init__(self, *args, directory: str | None = None, **kwargs):
+        self.directory = directory
+        self._file = self._map = None
+        super().__init__(*args, **kwargs)
+        self._reserve_pages(0)
+
+    def _reserve_pages(self, n: int) -> None:
+        old = self.pages
+        cap = old.shape[1]
+        if self._map is not None and n <= cap:
+            return
+        shape = list(old.shape)
+        shape[1] = max(n, cap + cap // 4, 8)
+        nbytes = old.element_size() * torch.Size(shape).numel()
+        file = tempfile.TemporaryFile(dir=self.directory)  # already unlinked
+        file.truncate(nbytes)
+        mapping = mmap.mmap(file.fileno(), nbytes)
+        mapping.madvise(mmap.MADV_RANDOM)
+        self.pages = torch.frombuffer(mapping, dtype=old.dtype).view(shape)  # keeps the mapping alive
+        self.pages[:, :cap].copy_(old)
+        self._file, self._map = file, mapping
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        super().append(k, v)
+        self.drop_page_cache()
+
+    def drop_page_cache(self) -> None:
+        """Write the pages back and drop them from memory: the next reads go to the device."""
+        self._map.flush()
+        self._map.madvise(mmap.MADV_DONTNEED)
+        os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def make_host_store(kind: str, *args, directory: str | None = None, **kwargs) -> HostStore:
+    """The host tier: ``"ram"`` (``HostStore``) or ``"disk"`` (``DiskHostStore`` in ``directory``)."""
+    if kind == "ram":
+        return HostStore(*args, **kwargs)
+    if kind == "disk":
+        return DiskHostStore(*args, directory=directory, **kwargs)
+    raise ValueError(f"unknown host tier {kind!r}; expected 'ram' or 'disk'")

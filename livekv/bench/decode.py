@@ -3,7 +3,9 @@
 For each context length every method gets its own cache, filled to that length; then the methods decode in
 interleaved rounds (so machine noise hits them alike) and the median ms/token per method is reported, with:
 
-* the share of a step spent in selection and in recall (from a separate profiled round: profiling synchronises);
+* the share of a step spent in selection and in recall on the critical path (from a separate profiled round:
+  profiling synchronises); for methods that recall in the background (``freekv``) also the background recall
+  time as a share of the step and the share of it that was hidden behind compute;
 * bytes read per step: weights + the KV that attention and selection actually touch;
 * the memory-traffic limit: those bytes divided by this machine's measured memory bandwidth, and how far the
   measured time is from it.
@@ -68,6 +70,7 @@ def _decode_round(model, caches: list[LiveKVCache], token: torch.Tensor, steps: 
         t0 = time.perf_counter()
         for _ in range(steps):
             model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.wait()  # background recalls belong to this method's time
         out.append((time.perf_counter() - t0) / steps * 1000)
     return out
 
@@ -118,6 +121,8 @@ def run(
                 "tokens_per_s": 1000 / ms,
                 "select_share": s["select_s"] / steps / (profiled[i] / 1000),
                 "recall_share": s["recall_s"] / steps / (profiled[i] / 1000),
+                "recall_background_share": s["background_s"] / steps / (profiled[i] / 1000),
+                "recall_hidden": s["recall_hidden"],
                 "bytes_per_step": step_bytes,
                 "bandwidth_bytes_per_s": bandwidth,
                 "traffic_limit_ms": limit_ms,
@@ -125,9 +130,11 @@ def run(
                 **cache.memory(),
             }
             results.append(record)
+            hidden = "" if s["recall_hidden"] is None else (
+                f"(background {record['recall_background_share']:5.1%}, {s['recall_hidden']:4.0%} hidden) ")
             log(
                 f"decode {name:12s} context={context:6d} budget={record['budget']!s:6s} {ms:8.1f} ms/token "
-                f"select={record['select_share']:5.1%} recall={record['recall_share']:5.1%} "
+                f"select={record['select_share']:5.1%} recall={record['recall_share']:5.1%} {hidden}"
                 f"read={step_bytes / 1e6:7.1f} MB/step limit={limit_ms:6.1f} ms (x{record['x_traffic_limit']:.1f}) "
                 f"fast={record['fast_kv_bytes'] / 1e6:.0f} MB host={record['host_kv_bytes'] / 1e6:.0f} MB"
             )

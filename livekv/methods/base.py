@@ -52,6 +52,8 @@ class MethodConfig:
             self.page_size,
             digests=self.uses_digests,
             reuse=self.reuse_resident,
+            host=self.host,
+            host_dir=self.host_dir,
         )
 
 
@@ -68,6 +70,8 @@ class SparseConfig(MethodConfig):
         SmolLM2-135M (needle, 2k/4k, budget 256): min/max digests of 16-token pages are too loose to find the
         needle (2/10); 4-token pages find it (10/10). See docs/results.md.
     dense_layers: the first layers stay dense (Quest, FreeKV, ClusterKV keep the first ones dense).
+    host: the host tier: ``"ram"`` or ``"disk"`` (a memory-mapped file in ``host_dir``, default the temp dir,
+        kept out of the page cache: a cold tier where recall costs I/O; see ``store.DiskHostStore``).
     """
 
     budget: int = 2048
@@ -75,6 +79,8 @@ class SparseConfig(MethodConfig):
     window: int | None = None
     page_size: int | None = None
     dense_layers: int = 2
+    host: str = "ram"
+    host_dir: str | None = None
 
     def __post_init__(self):
         if self.page_size is None:
@@ -89,6 +95,8 @@ class SparseConfig(MethodConfig):
             raise ValueError(f"need sink >= 0 and window >= 1, got sink={self.sink}, window={self.window}")
         if self.dense_layers < 0:
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
+        if self.host not in ("ram", "disk"):
+            raise ValueError(f"host must be 'ram' or 'disk', got {self.host!r}")
         self.validate()
 
     def validate(self) -> None:
@@ -112,18 +120,20 @@ def all_tokens(store: "HostStore", batch: int, kv_heads: int, device: torch.devi
 
 
 def sink_pages_window(
-    store: "HostStore", cfg: SparseConfig, page_scores: "PageScorer", query: torch.Tensor
+    store: "HostStore", cfg: SparseConfig, page_scores: "PageScorer", query: torch.Tensor, length: int | None = None
 ) -> torch.Tensor:
     """Sink + the best-scoring full pages between sink and window + the window, as token ids ``[B, G, k]``.
 
     The window starts at the page boundary at or before ``T - window`` so that no token falls between the last
-    candidate page and the window; with ``T <= budget`` every token is read (exactness).
+    candidate page and the window; with ``T <= budget`` every token is read (exactness). ``length``: select for
+    a sequence of that many tokens instead of ``store.length`` (speculative selection for the next step: its
+    candidate pages are all full already).
     """
     B, H, _ = query.shape
     G = store.key_max.shape[1]
-    T, p = store.length, cfg.page_size
+    T, p = (store.length if length is None else length), cfg.page_size
     if T <= cfg.budget:
-        return all_tokens(store, B, G, query.device)
+        return torch.arange(T, device=query.device).expand(B, G, -1)
     window_start = max(cfg.sink, (T - cfg.window) // p * p)
     first, last = cfg.sink // p, window_start // p
     n_select = min(last - first, (cfg.budget - cfg.sink - (T - window_start)) // p)

@@ -1,0 +1,255 @@
+"""FreeKV: Quest-style page selection and recall taken off the critical path of decoding.
+
+A decode step of a sparse layer at sequence length T (the new token included):
+
+1. wait for the background recall started at the previous step (before the new token is appended: the host
+   tier never grows under a reader); it made resident the pages selected with q(t-1) for length T;
+2. correction: per (sequence, KV head), the cosine of q(t) and q(t-1) averaged over the group's query heads; the
+   heads below ``tau`` are re-selected with q(t) and their missing pages recalled, blocking. The first decode
+   step after a multi-token step (prefill) is an exact blocking selection for every head;
+3. attention over the fast-tier page slots (the newest token is written into its page's slot);
+4. selection with q(t) for length T + 1 and its recall are handed to the background worker
+   (``livekv.recall``): only the missing pages are copied, the pages that lost the selection are evicted.
+   After prefill, the same with the last prompt token's query.
+
+So with ``tau = -inf`` step t reads exactly the selection computed from q(t-1), with ``tau = +inf`` it is
+blocking Quest (same scoring, pooling and layout), and with a budget covering the context it is dense.
+
+Choices (the brief leaves them open or they follow from the comparison with ``quest``):
+
+* the paper's configuration from budget 2048 up: pages of 32, GQA pooling by softmax over pages per query head
+  then mean over the group (its best). Below, Quest's: its page rule (``SparseConfig``: 4 at budget 256, 16 at
+  1024; min/max digests of large pages miss the needle at small budgets on SmolLM2) and max pooling. Measured on
+  SmolLM2-135M, needle at budget 256: softmax-mean misses a 4k case (depth 0.3) that max finds, with blocking
+  ``quest`` as well (``gqa_pool="softmax_mean"``), so it is the pooling, not speculation.
+* dense layers: 2, as ``quest`` (the paper keeps layer 0 dense), so that the comparison isolates speculation.
+* The host tier (``host``) is RAM or a memory-mapped file kept out of the page cache (``store.DiskHostStore``).
+
+Hybrid layouts: the host tier keeps ``[B, P, G, 2, p, D]`` (one (page, KV head) = one contiguous block, laid out
+once, when a token is offloaded: ``HostStore.append``); the fast tier keeps page slots ``[B, G, S * p, D]``, the
+layout attention reads; a recall moves whole blocks (``livekv.recall``).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from livekv.attention import attend
+from livekv.cache import DenseLayer, RecallableLayer
+from livekv.methods.base import sink_pages_window
+from livekv.methods.quest import QuestConfig
+from livekv.recall import PageSlots, copy_pages, engine, wait_cuda
+
+if TYPE_CHECKING:
+    from livekv.cache import LiveKVCache
+
+
+@dataclass(kw_only=True)
+class FreeKVConfig(QuestConfig):
+    """FreeKV (Liu et al., 2025): speculative page recall in the background with per-head correction below
+    ``tau``; from budget 2048 pages of 32 and softmax-mean GQA pooling (below, Quest's pages and max), sink and
+    window 128 at budget 2048, first 2 layers dense.
+
+    tau: correction threshold on the adjacent-query cosine (paper: 0.8 for long inputs, 0.9 for long generation;
+        ``-inf`` never corrects, ``inf`` always does).
+    gqa_pool: ``None``: ``softmax_mean`` from budget 2048, ``max`` below.
+    """
+
+    name: ClassVar[str] = "freekv"
+    gqa_pool: Literal["max", "softmax_mean"] | None = None
+    tau: float = 0.8
+
+    def __post_init__(self):
+        paper = self.budget >= 2048
+        if self.page_size is None and paper:
+            self.page_size = 32
+        if self.gqa_pool is None:
+            self.gqa_pool = "softmax_mean" if paper else "max"
+        super().__post_init__()
+
+    def make_layer(self, layer_idx: int):
+        return DenseLayer(layer_idx) if self.dense_layer(layer_idx) else FreeKVLayer(layer_idx, self)
+
+
+COSINE_BINS = 200  # histogram of the adjacent-query cosines over [-1, 1]
+
+
+@dataclass
+class FreeKVDiagnostics:
+    """One layer's FreeKV counters. Pages are (page, KV head) blocks. ``cosines``: histogram ``[COSINE_BINS]``
+    of the adjacent-query cosines of the checked (sequence, KV head) pairs (bounded memory however long the run)."""
+
+    checked_heads: int = 0  # (sequence, KV head) pairs checked for correction
+    corrected_heads: int = 0
+    exact_steps: int = 0  # blocking exact selections (first decode step after a multi-token step)
+    background_pages: int = 0
+    blocking_pages: int = 0
+    cosines: torch.Tensor = field(default_factory=lambda: torch.zeros(COSINE_BINS))
+
+
+class FreeKVLayer(RecallableLayer):
+    """A recallable layer whose fast tier is page slots (``PageSlots``) filled speculatively in the background."""
+
+    def __init__(self, layer_idx: int, cfg: FreeKVConfig):
+        super().__init__(layer_idx, cfg.make_selector(layer_idx), cfg.page_size, host=cfg.host, host_dir=cfg.host_dir)
+        self.cfg = cfg
+        self.diag = FreeKVDiagnostics()
+        self.pending: Future | None = None  # the background recall for the next step
+        self.q_prev: torch.Tensor | None = None  # [B, H, D], post-RoPE
+        self.spec: torch.Tensor | None = None  # token ids [B, G, k] selected with q_prev, resident
+        self.spec_length = -1  # the sequence length ``spec`` was selected for
+        self.exact_next = False  # the next decode step selects exactly (the first after a multi-token step)
+        self._waited = 0.0  # seconds the last wait() blocked
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        B, G, _, D = key_states.shape
+        self.slots = PageSlots(B, G, D, self.page_size, key_states.dtype, key_states.device)
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.wait()
+        super().append(key_states, value_states)
+
+    def wait(self) -> None:
+        """Wait for the background recall of this layer (its errors surface here)."""
+        self._waited = 0.0
+        if self.pending is None:
+            return
+        t0 = time.perf_counter()
+        self.stats.background_s += self.pending.result()
+        self.pending = None
+        wait_cuda(self.slots)
+        self._waited = time.perf_counter() - t0
+        self.stats.waited_s += self._waited
+
+    def attend(self, query, key_new, value_new, mask, scaling) -> torch.Tensor:
+        if query.shape[2] > 1:  # prefill: dense; then speculate with the last prompt token's query
+            out = super().attend(query, key_new, value_new, mask, scaling)
+            self.slots.clear()
+            self._speculate(query[:, :, -1].clone())  # not a view: the prompt's queries can go
+            self.exact_next = True
+            return out
+
+        q, T = query[:, :, 0], self.host.length
+        t0 = self._clock()
+        flagged, n_flagged = self._flag(q, T)
+        token_idx, copied = self.spec, 0
+        if n_flagged:
+            exact = self.select(q, T)
+            token_idx = exact if flagged is None else torch.where(flagged.unsqueeze(-1), exact, token_idx)
+            t1 = self._clock()
+            copied = self._recall(token_idx, T)
+        else:
+            t1 = t0
+        t2 = self._clock()
+        self.slots.write_tail(key_new, value_new, T - 1)
+        slot_mask = self.slots.mask if mask is None else self._step_mask(mask, self.slots.columns)
+        out = attend(query, self.slots.keys, self.slots.values, scaling, slot_mask)
+        self._count(token_idx, copied, t1 - t0, t2 - t1 + self._waited * self.profile)  # recall: on the critical path
+        for observer in self.observers:
+            observer(self, q, token_idx, out)
+        self._speculate(q)
+        return out
+
+    def select(self, q: torch.Tensor, length: int) -> torch.Tensor:
+        """Quest's selection (sink + top pages + window) with query ``q [B, H, D]`` for a sequence of ``length``
+        tokens -> token ids ``[B, G, k]``."""
+        return sink_pages_window(self.host, self.cfg, self.selector.score, q, length)
+
+    def _flag(self, q: torch.Tensor, T: int) -> tuple[torch.Tensor | None, int]:
+        """Heads to correct, ``[B, G]`` bool (``None``: all, no speculation for this length), and how many."""
+        if self.exact_next or self.spec_length != T:
+            self.exact_next = False
+            self.diag.exact_steps += 1
+            return None, q.shape[0] * self.host.pages.shape[2]
+        B, G = self.spec.shape[:2]
+        cos = F.cosine_similarity(q.float(), self.q_prev.float(), dim=-1).view(B, G, -1).mean(-1)
+        flagged = cos < self.cfg.tau
+        d = self.diag
+        d.cosines = d.cosines.to(cos.device) + torch.histc(cos.clamp(-1, 1), COSINE_BINS, -1, 1)
+        d.checked_heads += cos.numel()
+        n = int(flagged.sum())  # the one synchronisation of a speculative step
+        d.corrected_heads += n
+        return flagged, n
+
+    def _recall(self, token_idx: torch.Tensor, length: int, background: bool = False) -> int:
+        """Make the pages of ``token_idx [B, G, k]`` resident for a sequence of ``length`` tokens; returns the
+        number of (token, KV head) pairs copied. Each part of a selection starts on a page boundary, so its pages
+        are every p-th token."""
+        p = self.page_size
+        plan = self.slots.plan(token_idx[..., ::p] // p, length, -(-self.host.length // p))
+        n = len(plan[0])
+        if background:
+            engine().stream(self.host, self.slots, *plan)
+            self.diag.background_pages += n
+        else:
+            copy_pages(self.host, self.slots, *plan)
+            self.diag.blocking_pages += n
+        return n * p
+
+    def _speculate(self, q: torch.Tensor) -> None:
+        """Select with ``q [B, H, D]`` for the next step (one more token) and recall it in the background."""
+        self.q_prev = q
+        self.slots.mark_read()
+        self.pending = engine().submit(self._speculate_job, q, self.host.length + 1)
+
+    def _speculate_job(self, q: torch.Tensor, length: int) -> None:
+        self.spec = self.select(q, length)
+        copied = self._recall(self.spec, length, background=True)
+        self.stats.tokens_copied += copied
+        self.stats.bytes_recalled += copied * self.token_bytes
+        self.spec_length = length
+
+    def nbytes(self) -> tuple[int, int]:
+        if not self.is_initialized:
+            return 0, 0
+        fast, host = super().nbytes()
+        return fast + self.slots.nbytes, host
+
+    def diagnostics(self) -> dict:
+        """Correction trigger rate, adjacent-query cosines, pages and bytes recalled per step (background and
+        blocking), and the share of the background recall time the critical path did not wait for."""
+        self.wait()
+        d, s = self.diag, self.stats
+        hist = d.cosines.cpu()
+        centres = torch.linspace(-1, 1, COSINE_BINS + 1)[:-1] + 1 / COSINE_BINS
+        cdf = hist.cumsum(0) / hist.sum().clamp(min=1)
+        levels = (0.05, 0.25, 0.5, 0.75, 0.95)
+        quantiles = centres[torch.searchsorted(cdf, torch.tensor(levels))].tolist() if d.checked_heads else []
+        steps = max(s.steps, 1)
+        page_bytes = self.page_size * self.token_bytes
+        return {
+            "steps": s.steps,
+            "exact_steps": d.exact_steps,
+            "trigger_rate": d.corrected_heads / d.checked_heads if d.checked_heads else 0.0,
+            "cosine_mean": (hist * centres).sum().item() / d.checked_heads if d.checked_heads else None,
+            "cosine_quantiles": dict(zip(("p05", "p25", "p50", "p75", "p95"), quantiles)),  # to 0.01
+            "background_pages_per_step": d.background_pages / steps,
+            "blocking_pages_per_step": d.blocking_pages / steps,
+            "bytes_per_step": (d.background_pages + d.blocking_pages) * page_bytes / steps,
+            "background_s": s.background_s,
+            "waited_s": s.waited_s,
+            "recall_hidden": s.recall_hidden,
+        }
+
+
+def diagnostics(cache: "LiveKVCache") -> dict:
+    """FreeKV diagnostics of a cache: per layer (see ``FreeKVLayer.diagnostics``) and over all sparse layers."""
+    layers = {layer.layer_idx: layer.diagnostics() for layer in cache.recallable_layers}
+    checked = sum(layer.diag.checked_heads for layer in cache.recallable_layers)
+    corrected = sum(layer.diag.corrected_heads for layer in cache.recallable_layers)
+    stats = cache.stats()
+    return {
+        "trigger_rate": corrected / checked if checked else 0.0,
+        "recall_hidden": stats["recall_hidden"],
+        "background_s": stats["background_s"],
+        "waited_s": stats["waited_s"],
+        "bytes_per_step": sum(d["bytes_per_step"] for d in layers.values()),
+        "layers": layers,
+    }
