@@ -5,11 +5,15 @@ from __future__ import annotations
 import dataclasses
 
 from livekv.methods.base import MethodConfig, Selector, SparseConfig
+from livekv.methods.clusterkv import ClusterKVConfig
 from livekv.methods.dense import DenseConfig
+from livekv.methods.freekv import FreeKVConfig
 from livekv.methods.quest import QuestConfig
 from livekv.methods.sink_window import SinkWindowConfig
 
-METHODS: dict[str, type[MethodConfig]] = {cls.name: cls for cls in (DenseConfig, SinkWindowConfig, QuestConfig)}
+METHODS: dict[str, type[MethodConfig]] = {
+    cls.name: cls for cls in (DenseConfig, SinkWindowConfig, QuestConfig, FreeKVConfig, ClusterKVConfig)
+}
 
 
 def make_method(method: str | MethodConfig, *, ignore_unknown: bool = False, **knobs) -> MethodConfig:
