@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from livekv.store import HostStore
+from livekv.store import HostStore, assign_slots
 
 
 class PageSlots:
@@ -58,15 +58,7 @@ class PageSlots:
         pages = pages.cpu().contiguous()
         B, G, k = pages.shape
         self._grow(k)
-        S = self.page.shape[-1]
-        held, order = self.page.sort(dim=-1)
-        pos = torch.searchsorted(held, pages).clamp(max=S - 1)
-        hit = held.gather(-1, pos) == pages  # [B, G, k]
-        keep = torch.zeros(B, G, S, dtype=torch.int8).scatter_reduce_(-1, order.gather(-1, pos), hit.to(torch.int8), "amax")
-        # The r-th missing page of a row takes the row's r-th free slot.
-        missing = ~hit
-        rank = (missing.cumsum(-1) - 1).clamp(min=0)
-        target = keep.argsort(dim=-1, stable=True).gather(-1, rank)
+        keep, missing, target = assign_slots(self.page, pages)
         self.page.masked_fill_(keep == 0, -1)
         b, g, j = missing.nonzero(as_tuple=True)
         slot, page = target[b, g, j], pages[b, g, j]

@@ -69,6 +69,24 @@ class FastBuffer:
         return self.keys.nbytes + self.values.nbytes
 
 
+def assign_slots(held: torch.Tensor, wanted: torch.Tensor):
+    """Slot assignment for a resident set: ``held [B, G, S]`` ids in the slots (-1: empty), ``wanted [B, G, k]``
+    ids to make resident (no duplicates per row, k <= S).
+
+    Returns ``keep [B, G, S]`` (int8: the slot holds a wanted id), ``missing [B, G, k]`` (bool: not resident) and
+    ``target [B, G, k]``: the slot a missing id goes to (the r-th missing id of a row takes its r-th free slot).
+    """
+    B, G, S = held.shape
+    ids, order = held.sort(dim=-1)
+    pos = torch.searchsorted(ids, wanted).clamp(max=S - 1)
+    hit = ids.gather(-1, pos) == wanted
+    keep = torch.zeros(B, G, S, dtype=torch.int8, device=held.device)
+    keep.scatter_reduce_(-1, order.gather(-1, pos), hit.to(torch.int8), "amax")
+    missing = ~hit
+    rank = (missing.cumsum(-1) - 1).clamp(min=0)
+    return keep, missing, keep.argsort(dim=-1, stable=True).gather(-1, rank)
+
+
 class ResidentSet:
     """Fast-tier slots that keep recalled tokens across decode steps, so that only newly selected tokens are copied.
 
@@ -95,21 +113,8 @@ class ResidentSet:
         Returns ``keys, values [B, G, S, D]``, ``valid [B, G, S]`` (the slots holding selected tokens; ``None`` if
         all are) and the number of tokens copied from the host tier.
         """
-        B, G, k = token_idx.shape
-        self._grow(k)
-        S = self.token.shape[-1]
-        # Where is each selected token resident? Sorted slot tokens + binary search, per (b, g) row.
-        held, order = self.token.sort(dim=-1)
-        pos = torch.searchsorted(held, token_idx).clamp(max=S - 1)
-        hit = held.gather(-1, pos) == token_idx  # [B, G, k]
-        hit_slot = order.gather(-1, pos)
-        keep = torch.zeros(B, G, S, dtype=torch.int8, device=token_idx.device)
-        keep.scatter_reduce_(-1, hit_slot, hit.to(torch.int8), "amax")
-        # Missing tokens take the free slots in order: the r-th missing token of a row -> its r-th free slot.
-        missing = ~hit
-        free_first = keep.argsort(dim=-1, stable=True)
-        rank = (missing.cumsum(-1) - 1).clamp(min=0)
-        target = free_first.gather(-1, rank)
+        self._grow(token_idx.shape[-1])
+        keep, missing, target = assign_slots(self.token, token_idx)
         b, g, j = missing.nonzero(as_tuple=True)
         if len(j):
             slot, tok = target[b, g, j], token_idx[b, g, j]
