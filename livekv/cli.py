@@ -6,6 +6,8 @@
     livekv eval needle --method dense,quest --budget 256 --context 2048,4096 --json out/needle.json
     livekv eval fidelity --method quest --budget 1024 --context 8192 --json out/fidelity.json
     livekv bench decode --methods dense,quest --context 4096,16384,32768 --json out/decode.json
+    livekv stream VIDEO --model DIR --ask "What happened?" --ask-at 30:"What colour is the car?"
+    livekv bench stream --methods full,rekv,livevlm --frames 16,64,256,512 --json out/stream.json
 """
 
 from __future__ import annotations
@@ -190,26 +192,46 @@ def cmd_eval(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from livekv.bench import decode
+    import torch
 
-    methods = _method_grid(args)
-    model, tok = _load(args)
-    payload = decode.run(model, tok, methods, _ints(args.context), steps=args.steps, rounds=args.rounds)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.task == "stream":
+        from livekv.bench import stream as bench
+
+        adapter = bench.random_llava_onevision(args.image_size, args.layers)
+        print(f"random LLaVA-OneVision, 0.5B text shape, {adapter.tokens_per_frame} visual tokens per frame", file=sys.stderr)
+        payload = bench.run(adapter, [m for m in args.method.split(",") if m], _ints(args.frames), clip_frames=args.clip_frames)
+    else:
+        from livekv.bench import decode as bench
+
+        methods = _method_grid(args)
+        model, tok = _load(args)
+        payload = bench.run(model, tok, methods, _ints(args.context), steps=args.steps, rounds=args.rounds)
     _write_json(args.json, payload, args)
     if args.json:
         png = os.path.splitext(args.json)[0] + ".png"
-        decode.plot(payload["results"], png)
+        bench.plot(payload["results"], png)
         print(f"wrote {png}", file=sys.stderr)
+
+
+def cmd_stream(args) -> None:
+    from livekv.stream.cli import stream
+
+    stream(args)
 
 
 def cmd_methods(args) -> None:
     import dataclasses
 
     from livekv.methods import METHODS
+    from livekv.stream.methods import STREAM_METHODS
 
-    for name, cls in METHODS.items():
-        knobs = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
-        print(f"{name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}  [{knobs}]")
+    for title, registry in (("text (LiveKVCache)", METHODS), ("video streams (StreamSession)", STREAM_METHODS)):
+        print(f"{title}:")
+        for name, cls in registry.items():
+            knobs = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+            print(f"  {name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}  [{knobs}]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write results here")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="speed benchmarks")
-    p.add_argument("task", choices=["decode"])
+    bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="task", required=True)
+    p = bench.add_parser("decode", help="decode ms/token per method and context length")
     _add_model_args(p)
     _add_method_args(p, multi=True)
     p.add_argument("--context", default="4096,16384,32768")
@@ -253,6 +275,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     p.add_argument("--json", help="write results here (and a PNG plot beside it)")
     p.set_defaults(func=cmd_bench, method="dense,quest", budget="256")
+    p = bench.add_parser("stream", help="video streams: ingest frames/s, time to first answer token, memory vs frames")
+    p.add_argument("--methods", dest="method", default="full,rekv,livevlm", help="streaming methods, comma-separated")
+    p.add_argument("--frames", default="16,64,256,512", help="checkpoints: frames streamed, comma-separated")
+    p.add_argument("--image-size", type=int, default=64, help="pixels per frame side: (size/16)^2 tokens per frame (224: 196)")
+    p.add_argument("--layers", type=int, default=None, help="text layers (default: the 0.5B model's 24)")
+    p.add_argument("--clip-frames", type=int, default=4, help="frames per clip pushed")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", help="write results here (and a PNG plot beside it)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("stream", help="stream a video into a video-language model and ask questions while it plays")
+    p.add_argument("video", help="video file, stream URL, device:/dev/videoN, or a folder of images")
+    p.add_argument("--model", required=True, help="local LLaVA-OneVision or Qwen2-VL checkpoint directory, or "
+                   "'random' (a tiny random model: mechanics and speed only, its answers are meaningless)")
+    p.add_argument("--method", default="livevlm", help="streaming method (see `livekv methods`)")
+    p.add_argument("--ask", action="append", default=[], help="a question answered when the video ends (repeatable)")
+    p.add_argument("--ask-at", action="append", default=[], metavar="SECONDS:QUESTION",
+                   help="a question asked once the stream reaches SECONDS (repeatable)")
+    p.add_argument("--interactive", action="store_true", help="type questions while the video plays")
+    p.add_argument("--fps", type=float, default=0.5, help="frames sampled per second of video")
+    p.add_argument("--clip-frames", type=int, default=None, help="frames per clip (default: 1, or the model's multiple)")
+    p.add_argument("--realtime", action="store_true", help="pace the stream at the video's own speed")
+    p.add_argument("--system", default="You are watching a live video. Answer questions about it briefly.")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    for knob, kind, text in (("short-term", int, "tokens of the newest clips kept uncompressed"),
+                             ("long-term", int, "livevlm: long-term memory budget M (tokens)"),
+                             ("retrieve", float, "livevlm: share of long-term pages read per question"),
+                             ("top-frames", int, "rekv: frames retrieved per question")):
+        p.add_argument(f"--{knob}", type=kind, default=None, help=text)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("methods", help="list the registered methods and their knobs")
     p.set_defaults(func=cmd_methods)

@@ -77,6 +77,16 @@ def _convert_default(target: pathlib.Path) -> None:
     logger.info("livekv: converted %s in %.1f s", DEFAULT_MODEL, time.perf_counter() - t0)
 
 
+def default_tokenizer() -> PreTrainedTokenizerBase:
+    """The embedded model's tokenizer (converting the model first if needed)."""
+    from transformers import AutoTokenizer
+
+    path = cache_dir() / _CACHE_SUBDIR
+    if not (path / "config.json").is_file():
+        _convert_default(path)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     *,

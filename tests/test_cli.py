@@ -43,3 +43,36 @@ def test_fidelity_of_full_budget_is_perfect(tmp_path):
 def test_bad_configuration_exits_with_a_clear_message():
     with pytest.raises(SystemExit, match="too small"):
         main(["eval", "needle", "--method", "quest", "--budget", "8", "--context", "512"])
+
+
+def test_stream_answers_during_and_after_playback(tmp_path, capsys):
+    import numpy as np
+
+    from livekv.stream.source import write_video
+
+    video = tmp_path / "v.mp4"
+    write_video(video, np.random.default_rng(0).integers(0, 256, (16, 64, 64, 3), dtype=np.uint8), fps=8)
+    main(["stream", str(video), "--model", "random", "--fps", "4", "--clip-frames", "2", "--short-term", "40",
+          "--long-term", "40", "--ask-at", "1:What colour is the square?", "--ask", "What happened?",
+          "--max-new-tokens", "3"])
+    out = capsys.readouterr()
+    assert out.out.count("\nQ (t=") == 2 and "Q (t=1.2s): What colour is the square?" in out.out
+    assert "8 frames" in out.err and "end of video" in out.err
+
+
+def test_stream_rejects_a_corrupt_video(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00not a video" * 100)
+    with pytest.raises(SystemExit, match="bad.mp4"):
+        main(["stream", str(bad), "--model", "random"])
+
+
+def test_bench_stream_writes_records_and_plot(tmp_path):
+    out = tmp_path / "stream.json"
+    main(["bench", "stream", "--methods", "full,livevlm", "--frames", "4,8", "--layers", "1", "--json", str(out)])
+    records = json.loads(out.read_text())["results"]
+    assert [(r["method"], r["frames"]) for r in records] == [("full", 4), ("full", 8), ("livevlm", 4), ("livevlm", 8)]
+    for r in records:
+        assert {"method", "frames", "ttft_ms", "ingest_fps", "fast_kv_bytes", "peak_rss_bytes"} <= set(r)
+        assert r["ttft_ms"] > 0 and r["fast_kv_bytes"] > 0 and r["peak_rss_bytes"] > 0
+    assert (tmp_path / "stream.png").stat().st_size > 1000

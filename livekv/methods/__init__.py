@@ -26,9 +26,15 @@ def make_method(method: str | MethodConfig, *, ignore_unknown: bool = False, **k
         if knobs:
             raise ValueError("pass knobs either in the MethodConfig or as keywords, not both")
         return method
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    cls = METHODS[method]
+    return configure(METHODS, method, knobs, ignore_unknown)
+
+
+def configure(registry: dict[str, type], method: str, knobs: dict, ignore_unknown: bool = False):
+    """Build ``registry[method]`` from ``knobs`` (``None`` values take the default), with clear errors for an
+    unknown method or knob (unknown knobs are dropped instead with ``ignore_unknown``)."""
+    if method not in registry:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(registry)}")
+    cls = registry[method]
     fields = {f.name for f in dataclasses.fields(cls)}
     knobs = {k: v for k, v in knobs.items() if v is not None}
     unknown = set(knobs) - fields
@@ -37,4 +43,4 @@ def make_method(method: str | MethodConfig, *, ignore_unknown: bool = False, **k
     return cls(**{k: v for k, v in knobs.items() if k in fields})
 
 
-__all__ = ["METHODS", "MethodConfig", "Selector", "SparseConfig", "make_method"]
+__all__ = ["METHODS", "configure", "MethodConfig", "Selector", "SparseConfig", "make_method"]

@@ -1,0 +1,146 @@
+"""``StreamSession``: a live video stream and the questions asked about it, over a ``StreamCache``.
+
+Example::
+
+    session = StreamSession(adapter, method="livevlm", system="You watch a live video.")
+    for t, clip in clips(frames("match.mp4", fps=0.5), 4):
+        session.push(clip)                                   # encoded and prefilled now, as the video plays
+    print("".join(session.ask("Who scored?")))               # answered at once, the video is never re-read
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from livekv.stream.adapters.base import Segment, VideoLMAdapter, as_frames
+from livekv.stream.memory import StreamCache
+from livekv.stream.methods import StreamMethod, make_stream_method
+
+
+@dataclass
+class StreamStats:
+    frames: int = 0
+    clips: int = 0
+    ingest_s: float = 0.0  # time spent encoding + prefilling clips
+    questions: int = 0
+    ttft_s: float | None = None  # time from the last question to its first answer token
+
+    @property
+    def ingest_fps(self) -> float:
+        return self.frames / self.ingest_s if self.ingest_s else 0.0
+
+
+class StreamSession:
+    """One video stream: ``push`` clips at any time, ``ask`` questions at any time (answers stream token by token).
+
+    Args:
+        adapter: the video-language model (``livekv.stream.adapters``).
+        method: a registered streaming method (``full``, ``sink_window``, ``rekv``, ``livevlm``) or its config.
+        system: the system prompt (text or token ids): the memory's sink.
+        **knobs: the method's knobs (``short_term``, ``long_term``, ``top_frames``, ...).
+    """
+
+    def __init__(self, adapter: VideoLMAdapter, method: str | StreamMethod = "livevlm", system=None, **knobs):
+        self.adapter = adapter
+        self.method = make_stream_method(method, **knobs)
+        self.cache = StreamCache(adapter, self.method)
+        self.stats = StreamStats()
+        if system is not None:
+            self.push_text(adapter.system_template.format(system=system) if isinstance(system, str) else system)
+
+    @classmethod
+    def from_pretrained(cls, path: str, method: str | StreamMethod = "livevlm", system=None, **knobs) -> StreamSession:
+        """A session on a local checkpoint of a supported video-language model (never fetched from a hub)."""
+        from livekv.stream.adapters import load_adapter
+
+        return cls(load_adapter(path), method, system, **knobs)
+
+    # --- the stream ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def push(self, frames) -> None:
+        """Encode a clip, ``[F, H, W, 3]`` uint8 RGB frames (or a list of ``[H, W, 3]``), into the memory. Bad input
+        raises ``ValueError`` and leaves the memory as it was."""
+        frames = as_frames(frames)
+        if frames.shape[0] % self.adapter.frame_multiple:
+            raise ValueError(f"this model takes clips of a multiple of {self.adapter.frame_multiple} frames, got {frames.shape[0]}")
+        t0 = time.perf_counter()
+        segment = self.adapter.video(frames)  # the vision encoder runs before the memory is touched
+        segment.frame[segment.visual] += self.stats.frames
+        self.cache.seal_sink()
+        self._prefill(segment)
+        self.stats.ingest_s += time.perf_counter() - t0
+        self.stats.frames += frames.shape[0]
+        self.stats.clips += 1
+
+    @torch.inference_mode()
+    def push_text(self, text) -> None:
+        """Append text (a string or token ids) to the stream, e.g. a timestamp or a subtitle."""
+        self._prefill(self.adapter.text(text))
+
+    def _prefill(self, segment: Segment) -> torch.Tensor:
+        positions = segment.positions + self.cache.cursor
+        rows = None
+        if self.method.vsb_rows:
+            visual = segment.visual.nonzero()[:, 0]
+            rows = (visual if len(visual) else torch.arange(len(segment)))[-self.method.vsb_rows :]
+        self.cache.begin_chunk(positions, segment.frame, rows)
+        try:
+            hidden = self.adapter.forward(segment.embeds, positions, self.cache)
+        except BaseException:
+            self.cache.rollback()
+            raise
+        self.cache.cursor += segment.span
+        self.cache.settle()
+        return hidden
+
+    # --- questions ----------------------------------------------------------------------------------------------
+    def ask(self, question, max_new_tokens: int = 64) -> Iterator[str | int]:
+        """Answer ``question`` (text or token ids) over the memory, greedily; yields the answer as it is decoded
+        (text pieces with a tokenizer, else token ids). The memory is unchanged afterwards."""
+        adapter = self.adapter
+        text = adapter.question_template.format(question=question) if isinstance(question, str) else question
+        segment = adapter.text(text)
+        t0 = time.perf_counter()
+        ids: list[int] = []
+        shown = ""
+        with torch.inference_mode():
+            self.cache.begin_answer()
+            try:
+                position = self.cache.cursor
+                embeds, positions = segment.embeds, segment.positions + position
+                position += segment.span
+                for step in range(max_new_tokens):
+                    self.cache.begin_chunk(positions, torch.full((embeds.shape[1],), -1), None)
+                    hidden = adapter.forward(embeds, positions, self.cache)
+                    token = int(adapter.lm_head(hidden[:, -1]).argmax(-1))
+                    if token in adapter.eos_ids:
+                        break
+                    if step == 0:
+                        self.stats.ttft_s = time.perf_counter() - t0
+                    ids.append(token)
+                    if adapter.tokenizer is None:
+                        yield token
+                    else:
+                        text = adapter.tokenizer.decode(ids, skip_special_tokens=True)
+                        if len(text) > len(shown) and not text.endswith("\ufffd"):
+                            yield text[len(shown) :]
+                            shown = text
+                    embeds = adapter.language_model.get_input_embeddings()(torch.tensor([[token]], device=adapter.device))
+                    positions = torch.full((adapter.position_dims, 1), position)
+                    position += 1
+            finally:
+                self.cache.end_answer()
+        self.stats.questions += 1
+
+    def answer(self, question, max_new_tokens: int = 64) -> str | list[int]:
+        """The whole answer at once (a string with a tokenizer, else token ids)."""
+        pieces = list(self.ask(question, max_new_tokens))
+        return "".join(pieces) if self.adapter.tokenizer is not None else pieces
+
+    def memory(self) -> dict[str, int]:
+        """KV bytes in the fast and host tiers, and the tokens the memory holds (per layer)."""
+        return self.cache.memory()
