@@ -196,3 +196,16 @@ def test_bad_configurations_raise_clear_errors(adapter):
                           ("livevlm", dict(budget=5)), ("nope", {})]:
         with pytest.raises(ValueError):
             StreamSession(adapter, method, **knobs)
+
+
+def test_rekv_blocks_are_frames_even_across_offloads():
+    from livekv.stream.methods.rekv import FrameBlocks
+
+    keys, values = torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4)
+    frame = torch.tensor([0, 0, 1, 1, 1, -1, 2])
+    blocks = FrameBlocks(keys)
+    blocks.add(keys[:, :, :3], values[:, :, :3], frame[:3])
+    blocks.add(keys[:, :, 3:], values[:, :, 3:], frame[3:])
+    assert blocks.sizes.tolist() == [2, 3, 1, 1] and blocks.block.tolist() == [0, 0, 1, 1, 1, 2, 3]
+    torch.testing.assert_close(blocks.sums[:, 1], keys[0, :, 2:5].sum(1))
+    assert torch.equal(blocks.tokens.view()[0], keys) and torch.equal(blocks.tokens.view()[1], values)

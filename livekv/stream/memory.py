@@ -50,7 +50,7 @@ class StreamLayer(_LiveKVLayer):
         self.n_long = 0
         self.scores: torch.Tensor | None = None  # [N]: attention each token received from the last scoring rows
         self.answer: FastBuffer | None = None  # the answer context while a question is answered
-        self.host: dict[str, list[torch.Tensor]] = {"keys": [], "values": [], "frame": []}  # offloaded blocks
+        self.host = None  # what a method offloaded to the host tier (an object with ``nbytes``), e.g. rekv's frames
         self._new: tuple[torch.Tensor, torch.Tensor] | None = None
         self._undo, self._undo_scores = 0, None  # what to restore if the current chunk fails
 
@@ -162,8 +162,7 @@ class StreamLayer(_LiveKVLayer):
             return 0, 0
         separate = self.answer is not None and self.answer is not self.ctx
         fast = self.ctx.nbytes + (self.answer.nbytes if separate else 0)
-        host = sum(t.nbytes for name in ("keys", "values") for t in self.host[name])
-        return fast, host
+        return fast, self.host.nbytes if self.host is not None else 0
 
 
 class StreamCache(Cache):
