@@ -76,3 +76,18 @@ def test_bench_stream_writes_records_and_plot(tmp_path):
         assert {"method", "frames", "ttft_ms", "ingest_fps", "fast_kv_bytes", "peak_rss_bytes"} <= set(r)
         assert r["ttft_ms"] > 0 and r["fast_kv_bytes"] > 0 and r["peak_rss_bytes"] > 0
     assert (tmp_path / "stream.png").stat().st_size > 1000
+
+
+def test_stream_interactive_answers_typed_questions(tmp_path, capsys, monkeypatch):
+    import io
+
+    import numpy as np
+
+    from livekv.stream.source import write_video
+
+    video = tmp_path / "v.mp4"
+    write_video(video, np.random.default_rng(1).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8), fps=8)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is moving?\n\nAnything red?\n"))
+    main(["stream", str(video), "--model", "random", "--fps", "4", "--interactive", "--max-new-tokens", "2"])
+    out = capsys.readouterr().out
+    assert "What is moving?" in out and "Anything red?" in out and out.count("\nQ (t=") == 2

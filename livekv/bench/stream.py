@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import statistics
 import time
 
 import torch
@@ -63,8 +64,9 @@ def rss_bytes() -> int:
 
 
 def run(adapter, methods: list[str], checkpoints: list[int], clip_frames: int = 4, question_tokens: int = 16,
-        answer_tokens: int = 4) -> dict:
-    """Stream ``max(checkpoints)`` frames through each method; at each checkpoint ask the same question."""
+        answer_tokens: int = 4, repeats: int = 3) -> dict:
+    """Stream ``max(checkpoints)`` frames through each method; at each checkpoint ask the same question ``repeats``
+    times (the memory is unchanged by a question) and report the median time to its first answer token."""
     tpf = adapter.tokens_per_frame
     g = torch.Generator().manual_seed(0)
     size = adapter.image_size
@@ -89,14 +91,17 @@ def run(adapter, methods: list[str], checkpoints: list[int], clip_frames: int = 
             frames = (i + 1) * clip_frames
             if frames not in checkpoints:
                 continue
-            t0 = time.perf_counter()
-            answer = session.ask(question, max_new_tokens=answer_tokens)
-            next(answer)
-            ttft = time.perf_counter() - t0
-            mem = session.memory()  # while answering: the answer context is resident too
-            peak_rss = max(peak_rss, rss_bytes())
-            for _ in answer:
-                pass
+            ttfts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                answer = session.ask(question, max_new_tokens=answer_tokens)
+                next(answer)
+                ttfts.append(time.perf_counter() - t0)
+                mem = session.memory()  # while answering: the answer context is resident too
+                peak_rss = max(peak_rss, rss_bytes())
+                for _ in answer:
+                    pass
+            ttft = statistics.median(ttfts)
             record = dict(
                 method=name, frames=frames, tokens_per_frame=tpf, ttft_ms=ttft * 1e3,
                 ingest_fps=segment_frames / segment_s, fast_kv_bytes=mem["fast_kv_bytes"],
@@ -114,7 +119,7 @@ def run(adapter, methods: list[str], checkpoints: list[int], clip_frames: int = 
     lm = adapter.model.config.text_config
     shape = dict(text_layers=lm.num_hidden_layers, hidden=lm.hidden_size, heads=lm.num_attention_heads,
                  kv_heads=lm.num_key_value_heads, vocab=lm.vocab_size, image_size=adapter.image_size,
-                 tokens_per_frame=tpf, clip_frames=clip_frames, question_tokens=question_tokens,
+                 tokens_per_frame=tpf, clip_frames=clip_frames, question_tokens=question_tokens, ttft_repeats=repeats,
                  threads=torch.get_num_threads())
     return {"shape": shape, "results": results}
 
