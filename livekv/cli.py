@@ -1,6 +1,7 @@
 """The ``livekv`` console script.
 
-    livekv demo                                   the main job on the embedded model (a needle, dense vs quest)
+    livekv demo                                   the main job: a live synthetic video, questions answered while it plays
+    livekv demo --text                            a needle in 2k tokens on the embedded SmolLM2, dense vs quest
     livekv generate --prompt "..." --method quest --budget 256
     livekv chat --method quest --budget 512
     livekv eval needle --method dense,quest --budget 256 --context 2048,4096 --json out/needle.json
@@ -8,6 +9,8 @@
     livekv bench decode --methods dense,quest --context 4096,16384,32768 --json out/decode.json
     livekv stream VIDEO --model DIR --ask "What happened?" --ask-at 30:"What colour is the car?"
     livekv bench stream --methods full,rekv,livevlm --frames 16,64,256,512 --json out/stream.json
+    livekv eval stream-qa --methods full,livevlm,rekv,sink_window --minutes 2 --memory-tokens 64 --json out/qa.json
+    livekv train-vlm                              retrain the embedded VLM (about an hour on 2 CPU cores)
 """
 
 from __future__ import annotations
@@ -167,6 +170,15 @@ def cmd_chat(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    if not args.text:
+        import torch
+
+        from livekv.evals import stream_qa
+        from livekv.vlm import load_default_vlm
+
+        torch.set_num_threads(args.threads or 2)
+        stream_qa.demo(load_default_vlm(), method=args.method, minutes=args.minutes, speed=args.speed)
+        return
     from livekv.evals import needle
 
     model, tok = _load(args)
@@ -189,6 +201,31 @@ def cmd_eval(args) -> None:
 
         payload = fidelity.evaluate(model, tok, methods, contexts, target=args.target, seed=args.seed)
     _write_json(args.json, payload, args)
+
+
+def cmd_stream_qa(args) -> None:
+    import torch
+
+    from livekv.evals import stream_qa
+    from livekv.vlm import WEIGHTS, load_default_vlm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    adapter = load_default_vlm(args.model or WEIGHTS)
+    payload = stream_qa.evaluate(adapter, [m for m in args.method.split(",") if m], args.minutes, seed=args.seed,
+                                 n_questions=args.questions, memory_tokens=args.memory_tokens)
+    _write_json(args.json, payload, args)
+
+
+def cmd_train_vlm(args) -> None:
+    import torch
+
+    from livekv.vlm import WEIGHTS
+    from livekv.vlm.train import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train(args.out or WEIGHTS, steps=args.steps, batch=args.batch, max_seconds=args.max_seconds, seed=args.seed)
 
 
 def cmd_bench(args) -> None:
@@ -238,8 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="livekv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="the main job on the embedded model")
+    p = sub.add_parser("demo", help="the main job: questions about a live synthetic video stream, answered by the "
+                       "embedded VLM from livevlm's bounded memory (--text: a needle on the embedded SmolLM2)")
     _add_model_args(p)
+    p.add_argument("--text", action="store_true", help="the long-context text demo instead (needle, dense vs quest)")
+    p.add_argument("--method", default="livevlm", help="streaming method of the video demo")
+    p.add_argument("--minutes", type=float, default=2.0, help="length of the video demo's stream")
+    p.add_argument("--speed", type=float, default=0.0, help="pace the video demo at this many times real time (0: as fast as it runs)")
     p.set_defaults(func=cmd_demo)
 
     for name, func in (("generate", cmd_generate), ("chat", cmd_chat)):
@@ -255,16 +297,38 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (tokens)")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("eval", help="accuracy and fidelity on the real model")
-    p.add_argument("task", choices=["needle", "fidelity"])
-    _add_model_args(p)
-    _add_method_args(p, multi=True)
-    p.add_argument("--context", default="2048,4096", help="context lengths, comma-separated")
-    p.add_argument("--depths", type=int, default=5, help="needle: depths per length")
-    p.add_argument("--target", type=int, default=256, help="fidelity: tokens fed one by one after the context")
+    evals = sub.add_parser("eval", help="accuracy and fidelity").add_subparsers(dest="task", required=True)
+    for task, text in (("needle", "needle in a haystack on the real model"),
+                       ("fidelity", "fidelity to dense and perplexity on the real model")):
+        p = evals.add_parser(task, help=text)
+        _add_model_args(p)
+        _add_method_args(p, multi=True)
+        p.add_argument("--context", default="2048,4096", help="context lengths, comma-separated")
+        p.add_argument("--depths", type=int, default=5, help="needle: depths per length")
+        p.add_argument("--target", type=int, default=256, help="fidelity: tokens fed one by one after the context")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--json", help="write results here")
+        p.set_defaults(func=cmd_eval)
+    p = evals.add_parser("stream-qa", help="streaming video QA on the synthetic world, with the embedded VLM")
+    p.add_argument("--method", "--methods", dest="method", default="full,livevlm", help="streaming methods, comma-separated")
+    p.add_argument("--minutes", type=float, default=2.0, help="stream length")
+    p.add_argument("--questions", type=int, default=60)
+    p.add_argument("--memory-tokens", type=int, default=None,
+                   help="fast-tier memory of every bounded method, tokens per layer (default: each method's own)")
+    p.add_argument("--model", default=None, help="a checkpoint made by `livekv train-vlm` (default: the embedded one)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", help="write results here")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_stream_qa)
+
+    p = sub.add_parser("train-vlm", help="train the embedded default VLM from scratch on the synthetic world")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--max-seconds", type=float, default=130.0, help="longest training stream")
+    p.add_argument("--out", default=None, help="where to save (default: the package's weights folder)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_vlm)
 
     bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="task", required=True)
     p = bench.add_parser("decode", help="decode ms/token per method and context length")

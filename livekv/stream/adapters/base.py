@@ -51,13 +51,13 @@ def as_frames(frames) -> torch.Tensor:
         if isinstance(frames, (list, tuple)):
             if not frames:
                 raise ValueError("no frames given")
-            frames = [torch.as_tensor(np.asarray(f)) for f in frames]
+            frames = [torch.as_tensor(np.array(f)) for f in frames]
             shapes = {tuple(f.shape) for f in frames}
             if len(shapes) != 1:
                 raise ValueError(f"frames of different shapes in one clip: {sorted(shapes)}")
             frames = torch.stack(frames)
         elif not isinstance(frames, torch.Tensor):
-            frames = torch.as_tensor(np.asarray(frames))
+            frames = torch.as_tensor(np.array(frames))  # a copy: the caller's array may be read-only
     except TypeError as e:
         raise ValueError(f"frames must be [F, H, W, 3] uint8 RGB arrays, got {type(frames).__name__}") from e
     if frames.ndim == 3:

@@ -1,0 +1,70 @@
+"""The embedded default video-language model: a LLaVA-OneVision of toy size, trained from scratch on the
+synthetic world (``livekv.evals.world``) by ``livekv.vlm.train``.
+
+It is a plain ``LlavaOnevisionForConditionalGeneration`` (a SigLIP tower on 48 px frames, patch 8: a 6 x 6 patch
+grid pooled to 3 x 3 = 9 tokens per frame, one per cell of the world's grid; a Qwen2 decoder) with a word-level
+tokenizer over the world's vocabulary, so it runs behind the same adapter as the real LLaVA-OneVision and every
+streaming method works with it unchanged.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
+
+from livekv.evals import world
+from livekv.stream.adapters import LlavaOnevisionAdapter
+
+WEIGHTS = pathlib.Path(__file__).parent / "weights"
+SPECIALS = ["<pad>", "<unk>", "<eos>", "<image>", "<video>"]
+SYSTEM = "you watch a live video ."
+QUESTION_TEMPLATE = "question : {question} answer :"
+FRAME_SIZE = 48
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: the special tokens, the prompt words, then every word of the world's questions and answers."""
+    words = SPECIALS + sorted(set(SYSTEM.split() + QUESTION_TEMPLATE.replace("{question}", "").split() + world.vocabulary()))
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaOnevisionForConditionalGeneration:
+    """The untrained model (about 1.3M parameters)."""
+    vocab = len(tokenizer)
+    config = LlavaOnevisionConfig(
+        text_config=dict(model_type="qwen2", vocab_size=vocab, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=96, intermediate_size=384, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=FRAME_SIZE, patch_size=8, vision_use_head=False),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_select_strategy="full", vision_feature_layer=-1, image_grid_pinpoints=[[FRAME_SIZE, FRAME_SIZE]],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+class DefaultVLMAdapter(LlavaOnevisionAdapter):
+    """The LLaVA-OneVision adapter with the default model's prompt framing."""
+
+    system_template = "{system}"
+    question_template = QUESTION_TEMPLATE
+
+
+def load_default_vlm(path: str | pathlib.Path = WEIGHTS) -> DefaultVLMAdapter:
+    """The trained default model (shipped in the package) behind its adapter."""
+    path = pathlib.Path(path)
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no trained default VLM at {path}: train it with `livekv train-vlm`")
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    return DefaultVLMAdapter(model.eval(), tokenizer)
