@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write results here (and a PNG plot beside it)")
     p.set_defaults(func=cmd_bench, method="dense,quest", budget="256")
     p = bench.add_parser("stream", help="video streams: ingest frames/s, time to first answer token, memory vs frames")
-    p.add_argument("--methods", dest="method", default="full,rekv,livevlm", help="streaming methods, comma-separated")
+    p.add_argument("--methods", dest="method", default="full,rekv,livevlm",
+                   help="streaming methods, comma-separated; `offline`: the whole video prefilled when the question comes")
     p.add_argument("--frames", default="16,64,256,512", help="checkpoints: frames streamed, comma-separated")
     p.add_argument("--image-size", type=int, default=64, help="pixels per frame side: (size/16)^2 tokens per frame (224: 196)")
     p.add_argument("--layers", type=int, default=None, help="text layers (default: the 0.5B model's 24)")

@@ -69,9 +69,11 @@ def test_stream_rejects_a_corrupt_video(tmp_path):
 
 def test_bench_stream_writes_records_and_plot(tmp_path):
     out = tmp_path / "stream.json"
-    main(["bench", "stream", "--methods", "full,livevlm", "--frames", "4,8", "--layers", "1", "--json", str(out)])
+    main(["bench", "stream", "--methods", "full,livevlm,offline", "--frames", "4,8", "--layers", "1", "--json", str(out)])
     records = json.loads(out.read_text())["results"]
-    assert [(r["method"], r["frames"]) for r in records] == [("full", 4), ("full", 8), ("livevlm", 4), ("livevlm", 8)]
+    assert [(r["method"], r["frames"]) for r in records] == [
+        ("full", 4), ("full", 8), ("livevlm", 4), ("livevlm", 8), ("offline", 4), ("offline", 8)]
+    assert records[-1]["memory_tokens"] == records[1]["memory_tokens"] - 1  # one newline for the whole video
     for r in records:
         assert {"method", "frames", "ttft_ms", "ingest_fps", "fast_kv_bytes", "peak_rss_bytes"} <= set(r)
         assert r["ttft_ms"] > 0 and r["fast_kv_bytes"] > 0 and r["peak_rss_bytes"] > 0

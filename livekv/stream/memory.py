@@ -245,5 +245,7 @@ class StreamCache(Cache):
             f, h = layer.nbytes()
             fast, host = fast + f, host + h
         layer0 = self.layers[0]
-        tokens = layer0.ctx.length if layer0.is_initialized else 0
+        tokens = 0
+        if layer0.is_initialized:  # the memory's own tokens, not a question being answered in place
+            tokens = layer0._undo if layer0.answer is layer0.ctx else layer0.ctx.length
         return {"fast_kv_bytes": fast, "host_kv_bytes": host, "memory_tokens": tokens}
