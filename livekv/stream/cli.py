@@ -87,7 +87,7 @@ def stream(args) -> None:
     if args.interactive:
         threading.Thread(target=_stdin_questions, args=(typed,), daemon=True).start()
         print("type a question and Enter at any time; the video keeps playing", file=sys.stderr)
-    t = 0.0
+    t, stdin_open = 0.0, args.interactive
     for t, clip in clips(frames(args.video, fps=args.fps, realtime=args.realtime), per_clip):
         if len(clip) % adapter.frame_multiple:
             break  # a last partial clip this model cannot take
@@ -98,14 +98,16 @@ def stream(args) -> None:
             _answer(session, pending.pop(0)[1], t, args.max_new_tokens)
         while not typed.empty():
             question = typed.get()
-            if question is not None:
+            if question is None:  # stdin closed while the video played
+                stdin_open = False
+            else:
                 _answer(session, question, t, args.max_new_tokens)
     print(f"\r{_status(session, t)}  end of video", file=sys.stderr, flush=True)
     for _, question in pending:
         _answer(session, question, t, args.max_new_tokens)
     for question in args.ask:
         _answer(session, question, t, args.max_new_tokens)
-    if args.interactive:
+    if stdin_open:
         print("the video has ended; ask more, or Ctrl-D to quit", file=sys.stderr)
         while (question := typed.get()) is not None:
             _answer(session, question, t, args.max_new_tokens)
