@@ -225,7 +225,8 @@ def cmd_train_vlm(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    train(args.out or WEIGHTS, steps=args.steps, batch=args.batch, max_seconds=args.max_seconds, seed=args.seed)
+    train(args.out or WEIGHTS, steps=args.steps, batch=args.batch, lr=args.lr, max_seconds=args.max_seconds,
+          seed=args.seed, init=args.init)
 
 
 def cmd_bench(args) -> None:
@@ -326,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-seconds", type=float, default=130.0, help="longest training stream")
     p.add_argument("--out", default=None, help="where to save (default: the package's weights folder)")
+    p.add_argument("--init", default=None, help="go on training this checkpoint (fresh schedule, full-length streams)")
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_vlm)

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from livekv.evals import world
-from livekv.vlm.model import QUESTION_TEMPLATE, SYSTEM, WEIGHTS, DefaultVLMAdapter, build_model, build_tokenizer
+from livekv.vlm.model import (
+    QUESTION_TEMPLATE, SYSTEM, WEIGHTS, DefaultVLMAdapter, build_model, build_tokenizer, load_default_vlm,
+)
 
 logger = logging.getLogger("livekv")
 
@@ -121,12 +123,17 @@ def loss_and_accuracy(adapter: DefaultVLMAdapter, embeds, positions, labels, que
 
 
 def train(out: str | pathlib.Path = WEIGHTS, steps: int = 3000, batch: int = 16, lr: float = 2e-3,
-          max_seconds: float = 130.0, seed: int = 0, log_every: int = 50, held_out: int = 64) -> dict:
-    """Train from scratch and save model + tokenizer to ``out``. Returns the final held-out accuracy and timings."""
+          max_seconds: float = 130.0, seed: int = 0, log_every: int = 50, held_out: int = 64,
+          init: str | pathlib.Path | None = None) -> dict:
+    """Train from scratch (or go on from the checkpoint ``init``, with a fresh schedule and no curriculum) and save
+    model + tokenizer to ``out``. Returns the final held-out accuracy and timings."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    tokenizer = build_tokenizer()
-    adapter = DefaultVLMAdapter(build_model(tokenizer, seed), tokenizer)
+    if init is None:
+        tokenizer = build_tokenizer()
+        adapter = DefaultVLMAdapter(build_model(tokenizer, seed), tokenizer)
+    else:
+        adapter = load_default_vlm(init)
     model = adapter.model.train()
     held_out = [sample(np.random.default_rng(10_000 + i), max_seconds) for i in range(held_out)]  # ~8 questions each
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -137,7 +144,8 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 3000, batch: int = 16,
     for step in range(1, steps + 1):
         # streams of similar length in a batch (little padding); the longest allowed grows over the first 40% of
         # training (a curriculum: perception on short streams first, cheap steps)
-        longest = rng.uniform(12, 12 + (max_seconds - 12) * min(1.0, step / (0.4 * steps)))
+        grown = 1.0 if init is not None else min(1.0, step / (0.4 * steps))
+        longest = rng.uniform(12, 12 + (max_seconds - 12) * grown)
         batch_ = encode(adapter, [sample(rng, longest, 0.8 * longest) for _ in range(batch)], rng)
         loss, acc = loss_and_accuracy(adapter, *batch_)
         optimizer.zero_grad(set_to_none=True)
@@ -155,7 +163,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 3000, batch: int = 16,
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    result = {"steps": steps, "batch": batch, "lr": lr, "max_seconds": max_seconds, "seed": seed,
+    result = {"steps": steps, "batch": batch, "lr": lr, "max_seconds": max_seconds, "seed": seed, "init": str(init),
               "held_out_accuracy": held_acc, "train_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
     (out / "training.json").write_text(json.dumps(result, indent=1))
     logger.info("held-out answer accuracy (teacher-forced, whole stream) %.3f; saved to %s", held_acc, out)
