@@ -323,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stream_qa)
 
     p = sub.add_parser("train-vlm", help="train the embedded default VLM from scratch on the synthetic world")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-seconds", type=float, default=130.0, help="longest training stream")
     p.add_argument("--out", default=None, help="where to save (default: the package's weights folder)")
     p.add_argument("--init", default=None, help="go on training this checkpoint (fresh schedule, full-length streams)")

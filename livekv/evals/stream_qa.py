@@ -91,7 +91,7 @@ def evaluate(adapter, methods: list[str], minutes: float = 2.0, seed: int = 0, n
 
 
 def demo(adapter, method: str = "livevlm", minutes: float = 2.0, seed: int = 7, n_questions: int = 12,
-         memory_tokens: int = 64, speed: float = 0.0) -> None:
+         memory_tokens: int = 56, speed: float = 0.0) -> None:
     """The main job: a synthetic stream plays into ``method``'s memory, questions are asked during playback, and each
     answer is shown with its correctness and the live memory and latency. ``speed`` > 0 paces playback at that many
     times real time."""

@@ -2,7 +2,7 @@
 synthetic world (``livekv.evals.world``) by ``livekv.vlm.train``.
 
 It is a plain ``LlavaOnevisionForConditionalGeneration`` (a SigLIP tower on 48 px frames, patch 8: a 6 x 6 patch
-grid pooled to 3 x 3 = 9 tokens per frame, one per cell of the world's grid; a Qwen2 decoder) with a word-level
+grid pooled to 3 x 3 = 9 tokens per frame, one per cell of the world's grid; a 6-layer Qwen2 decoder, hidden 128) with a word-level
 tokenizer over the world's vocabulary, so it runs behind the same adapter as the real LLaVA-OneVision and every
 streaming method works with it unchanged.
 """
@@ -34,11 +34,19 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaOnevisionForConditionalGeneration:
-    """The untrained model (about 1.3M parameters)."""
+    """The untrained model (about 1.9M parameters).
+
+    Measured while choosing the shape (``livekv.vlm.train``, same steps and data): depth is what lets the decoder
+    bind a question's words to one object of a frame (on "what colour is the {shape} at the {cell} ?" over 3-frame
+    streams, 4 layers stayed at 50% on frames with two objects after 2000 steps, 6 layers reached 95% in 1000);
+    heads of 64 dims learn the temporal lookups faster than heads of 32; rope theta 1e6 (Qwen2's) and an init
+    scale of 0.05 (HF's 0.02 is tuned for wide models) speed up the first steps.
+    """
     vocab = len(tokenizer)
     config = LlavaOnevisionConfig(
-        text_config=dict(model_type="qwen2", vocab_size=vocab, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
+        text_config=dict(model_type="qwen2", vocab_size=vocab, hidden_size=128, intermediate_size=512, num_hidden_layers=6,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16384,
+                         rope_parameters=dict(rope_type="default", rope_theta=1_000_000.0), initializer_range=0.05,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True),
         vision_config=dict(model_type="siglip_vision_model", hidden_size=96, intermediate_size=384, num_hidden_layers=2,
                            num_attention_heads=4, image_size=FRAME_SIZE, patch_size=8, vision_use_head=False),

@@ -1,14 +1,26 @@
 """Training the embedded default VLM from scratch on the synthetic world: ``livekv train-vlm``.
 
-Every sample is a random world streamed at 0.5 fps for 10 s to ``max_seconds`` (a batch holds streams of similar
-length, and the longest allowed grows over the first 40% of training), framed exactly as a ``StreamSession``
-frames it (system prompt, then one clip per frame: 9 visual tokens + LLaVA-OneVision's newline), followed by up to
-8 questions, half asked after the last frame and half after a random one, their kinds drawn evenly. Each question
-sees only the stream up to its frame and itself (a block mask, positions right after that frame), so one stream
-trains 8 answers at little more than the cost of one. The loss is on the answer words and the end token. Half of
-the streams lose a random 50-95% of the visual tokens of all but their last two frames (positions closing up, as
-after compression), so the model learns to answer from a compressed memory. Deterministic given the seed and the
-number of steps.
+Every sample is a random world streamed at 0.5 fps, framed exactly as a ``StreamSession`` frames it (system prompt,
+then one clip per frame: 9 visual tokens + LLaVA-OneVision's newline), followed by its questions with their
+answers: ``questions`` per stream, asked after the last frame and after ``ask_frames - 1`` random earlier ones,
+their kinds drawn evenly. Each question sees only the stream up to its frame and itself (a block mask, positions
+right after that frame), so one stream trains many answers at little more than the cost of one.
+
+Two losses:
+
+* the answers: next-token cross-entropy on the answer words and the end token;
+* perception (training only): every visual token of a frame (one per grid cell) is scored against the decoder's
+  own word embeddings, and must name its object's colour and shape (softmax over the colour words and over the
+  shape words) and its cell (the cell's words, e.g. "top" and "left"); a linear probe, thrown away after
+  training, says whether the cell is occupied. This aligns what the tower sees with the words the questions use.
+  Without it the answers alone took thousands of steps to teach the tower anything.
+
+A curriculum keeps early steps cheap: streams of at most 30 s for the first half of training (where the skills
+are learnt: 3000 steps of such streams took ~10 minutes here), then the longest grows to ``max_seconds`` by three
+quarters (streams of a batch are of similar length: little padding). From 30% of training on, half the streams
+lose a random 50-95% of the visual tokens of all but their last two frames (positions closing up, as after
+compression), so that the model learns to answer from a compressed memory. Deterministic given the seed and
+the number of steps.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ import logging
 import math
 import pathlib
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,103 +43,234 @@ from livekv.vlm.model import (
 
 logger = logging.getLogger("livekv")
 
+CELL_WORDS = sorted({w for cell in world.CELLS for w in cell.split()})
 
-def sample(rng: np.random.Generator, max_seconds: float, min_seconds: float = 10.0, questions: int = 8, fps: float = 0.5):
-    """One training stream of ``min_seconds`` to ``max_seconds``: frames ``[F, 48, 48, 3]`` uint8 and up to
-    ``questions`` (frame index asked after, question, answer), half asked after the last frame, half after a random
-    one, their kinds drawn evenly."""
-    kinds = list(world.CHANCE)
+
+class Stream:
+    """One training stream: ``frames [F, 48, 48, 3]`` uint8, ``cells [F, 9, 2]`` (colour, shape) per cell (indices
+    into ``world.COLOURS`` / ``world.SHAPES``, -1: empty) and ``qas``: (frame asked after, question, answer, kind).
+    Derived: ``count [F]`` objects per frame; ``first [F, 9]``: the cell's shape is shown for the first time in
+    this frame (no earlier frame showed that shape)."""
+
+    def __init__(self, frames: np.ndarray, cells: np.ndarray, qas: list[tuple[int, str, str, str]]):
+        self.frames, self.cells, self.qas = frames, cells, qas
+        shapes = cells[..., 1]
+        self.count = (shapes >= 0).sum(-1)
+        shown = np.stack([(shapes == s).any(-1) for s in range(len(world.SHAPES))], -1)  # [F, shapes]
+        before = np.concatenate([np.zeros_like(shown[:1]), np.logical_or.accumulate(shown, 0)[:-1]])
+        self.first = (shapes >= 0) & ~np.take_along_axis(before, shapes.clip(min=0), -1)
+
+
+def sample(rng: np.random.Generator, max_seconds: float, min_seconds: float = 4.0, questions: int = 16,
+           ask_frames: int = 2, fps: float = 0.5) -> Stream:
+    """A random stream of ``min_seconds`` to ``max_seconds`` with up to ``questions`` questions, spread over the
+    last frame and ``ask_frames - 1`` random ones, their kinds drawn evenly."""
+    kinds, colours, shapes = list(world.CHANCE), list(world.COLOURS), list(world.SHAPES)
     while True:
         w = world.World(seed=int(rng.integers(2**31)), duration_s=float(rng.uniform(min_seconds, max_seconds)), fps=fps)
         n = len(w.frame_times)
+        asks = [n - 1] + [int(k) for k in rng.integers(n, size=ask_frames - 1)]
         qas = []
-        for j in range(questions):
-            k = n - 1 if j % 2 == 0 else int(rng.integers(n))
-            found = w.questions(w.frame_times[k], rng, n=1, kinds=[kinds[int(rng.integers(len(kinds)))]])
-            qas += [(k, q.text, q.answer) for q in found]
+        for i, k in enumerate(asks):
+            by_kind: dict[str, list] = {}
+            for q in w.candidates(w.frame_times[k]):
+                by_kind.setdefault(q.kind, []).append(q)
+            for j in range(questions // ask_frames + (i < questions % ask_frames)):
+                kind = kinds[int(rng.integers(len(kinds)))]
+                if by_kind.get(kind):
+                    q = by_kind[kind].pop(int(rng.integers(len(by_kind[kind]))))
+                    qas.append((k, q.text, q.answer, q.kind))
         if qas:
-            return np.stack([image for _, image in w.frames()]), qas
+            break
+    cells = np.full((n, len(world.CELLS), 2), -1, dtype=np.int64)
+    for i, t in enumerate(w.frame_times):
+        for it in w.state(t):
+            cells[i, world.CELLS.index(it.cell)] = (colours.index(it.colour), shapes.index(it.shape))
+    return Stream(np.stack([image for _, image in w.frames()]), cells, qas)
 
 
-def encode(adapter: DefaultVLMAdapter, samples, rng: np.random.Generator | None = None):
-    """Batch ``samples`` (streams with their questions) into ``inputs_embeds [B, L, hidden]``, ``position_ids
-    [B, L]``, ``labels [B, L]`` (-100 except answers and their end tokens), ``question [B, L]`` (which question a
-    label belongs to, -1: none) and a boolean attention mask ``[B, 1, L, L]``.
+def visual_tokens(adapter: DefaultVLMAdapter, frames: np.ndarray) -> torch.Tensor:
+    """Frames ``[N, 48, 48, 3]`` -> each frame's visual tokens as one clip, ``[N, tokens_per_frame + 1, hidden]``
+    (the last one is LLaVA-OneVision's newline)."""
+    model = adapter.model
+    pixels = adapter.pixel_values(torch.from_numpy(frames))[0, :, None]  # one clip per frame: [N, 1, 3, S, S]
+    config = model.config
+    return model.model.get_video_features(
+        pixel_values_videos=pixels, vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+    ).pooler_output
+
+
+@dataclass
+class Batch:
+    """A training batch: ``embeds [B, L, hidden]``, ``positions [B, L]``, ``labels [B, L]`` (-100 except answers and
+    their end tokens), ``question [B, L]`` (which question a label belongs to, -1: none), ``mask [B, 1, L, L]``
+    (bool), and the stream-state targets ``count [B, L]`` (objects in the frame, at each frame's newline token),
+    ``first [B, L]`` (1: the token's shape is shown for the first time, at every occupied cell token) and
+    ``frame [B, L, 9, 2]`` (the frame's (colour, shape) per cell, at its newline token, -1 empty); -100 elsewhere."""
+
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    labels: torch.Tensor
+    question: torch.Tensor
+    mask: torch.Tensor
+    count: torch.Tensor
+    first: torch.Tensor
+    frame: torch.Tensor
+
+
+def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tensor, rng: np.random.Generator | None = None) -> Batch:
+    """Batch ``streams`` with their ``visual`` tokens (``[sum F, tokens_per_frame + 1, hidden]``).
 
     A row is the stream (system prompt, then 9 visual tokens + a newline per frame) followed by its questions with
     their answers; each question attends to the stream up to its frame and to itself only, at the positions right
     after that frame, exactly what a session's answer sees. With ``rng``, half the streams lose a random 50-95% of
     the visual tokens of all but their last two frames (positions closing up, as after compression)."""
-    model, tokenizer = adapter.model, adapter.tokenizer
+    tokenizer = adapter.tokenizer
     embed = adapter.language_model.get_input_embeddings()
-    frames = torch.from_numpy(np.concatenate([f for f, _ in samples]))
-    pixels = adapter.pixel_values(frames)[0, :, None]  # one clip per frame: [N, 1, 3, S, S]
-    config = model.config
-    visual = model.model.get_video_features(
-        pixel_values_videos=pixels, vision_feature_layer=config.vision_feature_layer,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-    ).pooler_output  # [N, tokens_per_frame + 1, hidden]
     ids = lambda text: torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     system, eos = ids(SYSTEM), torch.tensor([tokenizer.eos_token_id])
     rows, first, n_questions = [], 0, 0
-    for frames_, qas in samples:
-        n = len(frames_)
+    for stream in streams:
+        n = len(stream.frames)
         clip_tokens = visual[first : first + n]
         first += n
         keep = torch.ones(clip_tokens.shape[:2], dtype=torch.bool)
         if rng is not None and n > 2 and rng.random() < 0.5:
             keep[: n - 2] = torch.from_numpy(rng.random((n - 2, keep.shape[1])) >= rng.uniform(0.5, 0.95))
+        keep[:, -1] = True  # the newline closes every frame
         frame_of = torch.cat([torch.full((len(system),), -1), torch.arange(n)[:, None].expand_as(keep)[keep]])
-        parts, positions, labels, question = [embed(system), clip_tokens[keep]], [torch.arange(len(frame_of))], [], []
+        none = torch.full((len(system),), -100)
+        count = torch.full(keep.shape, -100)
+        count[:, -1] = torch.from_numpy(stream.count)
+        flags = torch.full(keep.shape, -100)
+        flags[:, :-1] = torch.from_numpy(np.where(stream.cells[..., 1] >= 0, stream.first, -100))
+        parts, positions = [embed(system), clip_tokens[keep]], [torch.arange(len(frame_of))]
         S = len(frame_of)
-        labels.append(torch.full((S,), -100))
-        question.append(torch.full((S,), -1))
-        spans = []
-        for k, text, answer in qas:
+        labels, question, spans = [torch.full((S,), -100)], [torch.full((S,), -1)], []
+        counts, firsts = [none, count[keep]], [none, flags[keep]]
+        summary = torch.full((*keep.shape, *stream.cells.shape[1:]), -100)
+        summary[:, -1] = torch.from_numpy(stream.cells)
+        summaries = [torch.full((len(system), *stream.cells.shape[1:]), -100), summary[keep]]
+        for k, text, answer, _ in stream.qas:
             q, a = ids(QUESTION_TEMPLATE.format(question=text)), torch.cat([ids(answer), eos])
             visible = int((frame_of <= k).sum())
             parts.append(embed(torch.cat([q, a])))
             positions.append(visible + torch.arange(len(q) + len(a)))
             labels.append(torch.cat([torch.full((len(q),), -100), a]))
             question.append(torch.full((len(q) + len(a),), n_questions))
+            counts.append(torch.full((len(q) + len(a),), -100))
+            firsts.append(counts[-1])
+            summaries.append(torch.full((len(q) + len(a), *stream.cells.shape[1:]), -100))
             spans.append((visible, len(q) + len(a)))
             n_questions += 1
-        rows.append((torch.cat(parts), torch.cat(positions), torch.cat(labels), torch.cat(question), S, spans))
+        rows.append((torch.cat(parts), torch.cat(positions), torch.cat(labels), torch.cat(question),
+                     torch.cat(counts), torch.cat(firsts), torch.cat(summaries), S, spans))
     L = max(len(r[0]) for r in rows)
     mask = torch.eye(L, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding attends to itself (no empty rows)
-    for b, (_, _, _, _, S, spans) in enumerate(rows):
+    for b, (*_, S, spans) in enumerate(rows):
         mask[b, :S, :S] = torch.ones(S, S, dtype=torch.bool).tril()
         start = S
         for visible, length in spans:
             mask[b, start : start + length, :visible] = True
             mask[b, start : start + length, start : start + length] = torch.ones(length, length, dtype=torch.bool).tril()
             start += length
-    pad = lambda x, value: F.pad(x, (0, L - len(x)), value=value)  # noqa: E731
+    pad = lambda i, value: torch.stack([F.pad(r[i], (0, L - len(r[i])), value=value) for r in rows])  # noqa: E731
     embeds = torch.stack([F.pad(r[0], (0, 0, 0, L - len(r[0]))) for r in rows])
-    positions = torch.stack([pad(r[1], 0) for r in rows])
-    labels = torch.stack([pad(r[2], -100) for r in rows])
-    question = torch.stack([pad(r[3], -1) for r in rows])
-    return embeds, positions, labels, question, mask[:, None]
+    frame = torch.stack([F.pad(r[6], (0, 0, 0, 0, 0, L - len(r[6])), value=-100) for r in rows])
+    return Batch(embeds, pad(1, 0), pad(2, -100), pad(3, -1), mask[:, None], pad(4, -100), pad(5, -100), frame)
 
 
-def loss_and_accuracy(adapter: DefaultVLMAdapter, embeds, positions, labels, question, mask) -> tuple[torch.Tensor, float]:
-    """Next-token cross-entropy on the answers, and the share of questions whose every answer token is right."""
-    hidden = adapter.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask).last_hidden_state
-    logits = adapter.lm_head(hidden[:, :-1])
-    target, which = labels[:, 1:], question[:, 1:]
+def answer_loss(adapter: DefaultVLMAdapter, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy on the answers, per question whether every answer token is right ``[Q]``, and the
+    hidden states after the middle decoder layer ``[B, L, hidden]`` (for the stream-state loss)."""
+    out = adapter.language_model(inputs_embeds=batch.embeds, position_ids=batch.positions, attention_mask=batch.mask,
+                                 output_hidden_states=True)
+    logits = adapter.lm_head(out.last_hidden_state[:, :-1])
+    target, which = batch.labels[:, 1:], batch.question[:, 1:]
     loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100)
     answer = target != -100
     wrong = (logits.argmax(-1) != target) & answer
-    n = int(question.max()) + 1
+    n = int(batch.question.max()) + 1
     wrong_per_question = torch.zeros(n, dtype=torch.bool).index_put_((which[answer],), wrong[answer], accumulate=True)
-    return loss, 1.0 - wrong_per_question.float().mean().item()
+    return loss, ~wrong_per_question, out.hidden_states[len(out.hidden_states) // 2]
 
 
-def train(out: str | pathlib.Path = WEIGHTS, steps: int = 3000, batch: int = 16, lr: float = 2e-3,
-          max_seconds: float = 130.0, seed: int = 0, log_every: int = 50, held_out: int = 64,
+class StreamStateLoss(torch.nn.Module):
+    """Training only: linear probes on the middle layer's hidden states of the stream tokens must tell, at each
+    frame's newline token, how many objects the frame shows and the colour and shape in each cell (a summary of
+    the frame), and at each occupied cell token whether its shape is shown for the first time. A dense signal at
+    every frame, where the answers give one per question: it teaches the decoder, while it reads the stream, to
+    keep what the questions need."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        cells = len(world.CELLS)
+        self.count = torch.nn.Linear(hidden, cells + 1)
+        self.first = torch.nn.Linear(hidden, 1)
+        self.colour = torch.nn.Linear(hidden, cells * (len(world.COLOURS) + 1))  # + empty
+        self.shape = torch.nn.Linear(hidden, cells * (len(world.SHAPES) + 1))
+
+    def forward(self, states: torch.Tensor, batch: Batch) -> torch.Tensor:
+        loss = F.cross_entropy(self.count(states).transpose(1, 2), batch.count, ignore_index=-100)
+        at = batch.count != -100  # the newline tokens
+        frame = batch.frame[at]  # [n, 9, 2]
+        for probe, target in ((self.colour, frame[..., 0]), (self.shape, frame[..., 1])):
+            logits = probe(states[at]).view(*target.shape, -1)
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), (target + 1).flatten())  # -1 (empty) -> class 0
+        flagged = batch.first != -100
+        return loss + F.binary_cross_entropy_with_logits(self.first(states)[flagged][:, 0], batch.first[flagged].float())
+
+
+class PerceptionLoss(torch.nn.Module):
+    """The training-only perception loss: a frame's visual tokens ``[N, 9, hidden]`` against the decoder's word
+    embeddings (colour, shape and cell words) and a linear occupancy probe."""
+
+    def __init__(self, adapter: DefaultVLMAdapter):
+        super().__init__()
+        word = lambda words: torch.tensor(adapter.tokenizer.convert_tokens_to_ids(list(words)))  # noqa: E731
+        self.adapter = adapter
+        self.colour_ids, self.shape_ids, self.cell_ids = word(world.COLOURS), word(world.SHAPES), word(CELL_WORDS)
+        self.cell_words = torch.tensor([[float(w in cell.split()) for w in CELL_WORDS] for cell in world.CELLS])
+        self.occupied = torch.nn.Linear(adapter.model.config.text_config.hidden_size, 1)
+
+    def forward(self, tokens: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """tokens ``[N, 9, hidden]``, cells ``[N, 9, 2]`` (colour, shape; -1 empty) -> the loss."""
+        words = self.adapter.lm_head.weight
+        full = cells[..., 0] >= 0
+        loss = F.cross_entropy((tokens @ words[self.colour_ids].T)[full], cells[..., 0][full])
+        loss = loss + F.cross_entropy((tokens @ words[self.shape_ids].T)[full], cells[..., 1][full])
+        cell_logits = tokens @ words[self.cell_ids].T
+        loss = loss + F.binary_cross_entropy_with_logits(cell_logits, self.cell_words.expand_as(cell_logits))
+        return loss + F.binary_cross_entropy_with_logits(self.occupied(tokens)[..., 0], full.float())
+
+
+def batch_loss(adapter, probes: torch.nn.ModuleDict, streams: list[Stream], rng=None):
+    """(answer + perception + stream-state loss, per question right ``[Q]``) of a batch of streams."""
+    visual = visual_tokens(adapter, np.concatenate([s.frames for s in streams]))
+    batch = encode(adapter, streams, visual, rng)
+    loss, right, states = answer_loss(adapter, batch)
+    cells = torch.from_numpy(np.concatenate([s.cells for s in streams]))
+    return loss + probes["perception"](visual[:, : cells.shape[1]], cells) + probes["state"](states, batch), right
+
+
+def accuracy_by_kind(streams: list[Stream], right: torch.Tensor) -> dict[str, float]:
+    """Share of right answers per question kind (``right [Q]``: the questions of ``streams`` in order)."""
+    kinds = np.array([kind for s in streams for *_, kind in s.qas])
+    return {kind: float(right[torch.from_numpy(kinds == kind)].float().mean()) for kind in world.CHANCE if (kinds == kind).any()}
+
+
+def curriculum(progress: float, max_seconds: float, short: float = 30.0) -> float:
+    """The longest stream at ``progress`` (0..1) of training: ``short`` seconds for the first half, then growing
+    linearly to ``max_seconds`` at three quarters."""
+    return short + (max_seconds - short) * min(1.0, max(0.0, (progress - 0.5) / 0.25))
+
+
+def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, lr: float = 2e-3,
+          max_seconds: float = 130.0, seed: int = 0, log_every: int = 100, eval_every: int = 1000, held_out: int = 32,
           init: str | pathlib.Path | None = None) -> dict:
     """Train from scratch (or go on from the checkpoint ``init``, with a fresh schedule and no curriculum) and save
-    model + tokenizer to ``out``. Returns the final held-out accuracy and timings."""
+    model + tokenizer to ``out``. Returns the held-out answer accuracy (teacher-forced, per kind) and timings."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if init is None:
@@ -134,31 +278,35 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 3000, batch: int = 16,
         adapter = DefaultVLMAdapter(build_model(tokenizer, seed), tokenizer)
     else:
         adapter = load_default_vlm(init)
+        tokenizer = adapter.tokenizer
     model = adapter.model.train()
-    held_out = [sample(np.random.default_rng(10_000 + i), max_seconds) for i in range(held_out)]  # ~8 questions each
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    probes = torch.nn.ModuleDict({"perception": PerceptionLoss(adapter),
+                                  "state": StreamStateLoss(model.config.text_config.hidden_size)})
+    held = [sample(np.random.default_rng(10_000 + i), max_seconds, max_seconds / 2) for i in range(held_out)]
+    params = list(model.parameters()) + list(probes.parameters())  # the adapter is no module: only the probes
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        # streams of similar length in a batch (little padding); the longest allowed grows over the first 40% of
-        # training (a curriculum: perception on short streams first, cheap steps)
-        grown = 1.0 if init is not None else min(1.0, step / (0.4 * steps))
-        longest = rng.uniform(12, 12 + (max_seconds - 12) * grown)
-        batch_ = encode(adapter, [sample(rng, longest, 0.8 * longest) for _ in range(batch)], rng)
-        loss, acc = loss_and_accuracy(adapter, *batch_)
+        longest = rng.uniform(6, curriculum(step / steps, max_seconds) if init is None else max_seconds)
+        streams = [sample(rng, longest, 0.8 * longest) for _ in range(batch)]
+        compress = rng if init is not None or step > 0.3 * steps else None
+        loss, right = batch_loss(adapter, probes, streams, compress)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         if step % log_every == 0 or step == steps:
-            logger.info("step %d/%d  loss %.3f  batch answer accuracy %.2f  %.0f s", step, steps, loss.item(), acc,
-                        time.perf_counter() - t0)
+            logger.info("step %d/%d  streams <= %.0f s  loss %.3f  batch answer accuracy %.2f  %.0f s", step, steps,
+                        longest, loss.item(), right.float().mean(), time.perf_counter() - t0)
+        if step % eval_every == 0 or step == steps:
+            held_acc = evaluate_held_out(adapter, probes, held, batch)
+            logger.info("step %d: held-out answer accuracy (teacher-forced, streams of %g-%g s) %s", step,
+                        max_seconds / 2, max_seconds, {k: round(v, 3) for k, v in held_acc.items()})
     model.eval()
-    with torch.no_grad():
-        held_acc = loss_and_accuracy(adapter, *encode(adapter, held_out))[1]
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -166,5 +314,13 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 3000, batch: int = 16,
     result = {"steps": steps, "batch": batch, "lr": lr, "max_seconds": max_seconds, "seed": seed, "init": str(init),
               "held_out_accuracy": held_acc, "train_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
     (out / "training.json").write_text(json.dumps(result, indent=1))
-    logger.info("held-out answer accuracy (teacher-forced, whole stream) %.3f; saved to %s", held_acc, out)
+    logger.info("saved to %s", out)
     return result
+
+
+@torch.no_grad()
+def evaluate_held_out(adapter, probes: torch.nn.ModuleDict, held: list[Stream], batch: int) -> dict[str, float]:
+    adapter.model.eval()
+    right = torch.cat([batch_loss(adapter, probes, held[i : i + batch])[1] for i in range(0, len(held), batch)])
+    adapter.model.train()
+    return accuracy_by_kind(held, right)
