@@ -78,7 +78,7 @@ def assign_slots(held: torch.Tensor, wanted: torch.Tensor):
     """
     B, G, S = held.shape
     ids, order = held.sort(dim=-1)
-    pos = torch.searchsorted(ids, wanted).clamp(max=S - 1)
+    pos = torch.searchsorted(ids, wanted.contiguous()).clamp(max=S - 1)
     hit = ids.gather(-1, pos) == wanted
     keep = torch.zeros(B, G, S, dtype=torch.int8, device=held.device)
     keep.scatter_reduce_(-1, order.gather(-1, pos), hit.to(torch.int8), "amax")
