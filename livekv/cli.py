@@ -213,7 +213,7 @@ def cmd_stream_qa(args) -> None:
         torch.set_num_threads(args.threads)
     adapter = load_default_vlm(args.model or WEIGHTS)
     payload = stream_qa.evaluate(adapter, [m for m in args.method.split(",") if m], args.minutes, seed=args.seed,
-                                 n_questions=args.questions, memory_tokens=args.memory_tokens)
+                                 n_questions=args.questions, memory_tokens=args.memory_tokens, streams=args.streams)
     _write_json(args.json, payload, args)
 
 
@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = evals.add_parser("stream-qa", help="streaming video QA on the synthetic world, with the embedded VLM")
     p.add_argument("--method", "--methods", dest="method", default="full,livevlm", help="streaming methods, comma-separated")
     p.add_argument("--minutes", type=float, default=2.0, help="stream length")
-    p.add_argument("--questions", type=int, default=60)
+    p.add_argument("--questions", type=int, default=60, help="questions per stream")
+    p.add_argument("--streams", type=int, default=1, help="streams (seeds seed, seed+1, ...), questions pooled")
     p.add_argument("--memory-tokens", type=int, default=None,
                    help="fast-tier memory of every bounded method, tokens per layer (default: each method's own)")
     p.add_argument("--model", default=None, help="a checkpoint made by `livekv train-vlm` (default: the embedded one)")

@@ -34,7 +34,9 @@ def memory_knobs(method: str, memory_tokens: int | None, tokens_per_frame: float
     raise ValueError(f"no memory budget rule for method {method!r}")
 
 
-def run_method(adapter, method: str, knobs: dict, world, questions, system: str, max_new_tokens: int = 4) -> tuple[dict, list]:
+def run_method(adapter, method: str, knobs: dict, world, questions, system: str) -> tuple[list[dict], int, int]:
+    """Play ``world`` into a fresh session of ``method`` and ask ``questions`` during playback. Returns the cases,
+    the peak fast-tier KV bytes and the memory (tokens per layer) at the end."""
     session = StreamSession(adapter, method, system=system, **knobs)
     pending, cases, peak_fast = list(questions), [], 0
     for t, image in world.frames():
@@ -44,19 +46,23 @@ def run_method(adapter, method: str, knobs: dict, world, questions, system: str,
         peak_fast = max(peak_fast, session.memory()["fast_kv_bytes"])
     while pending:
         cases.append(_ask(session, pending.pop(0), world))
-    peak_fast = max([peak_fast] + [c["fast_kv_bytes"] for c in cases])
-    record = {"method": method, **knobs, "minutes": world.duration_s / 60, "questions": len(cases),
-              "accuracy": _mean(cases), "kv_bytes": peak_fast,
-              "memory_tokens": session.memory()["memory_tokens"],
-              "ttft_ms": statistics.median(c["ttft_ms"] for c in cases) if cases else None}
-    for key, field in (("bucket", "acc_"), ("kind", "acc_")):
-        for value in sorted({c[key] for c in cases}):
-            record[field + value] = _mean([c for c in cases if c[key] == value])
-    for kind in sorted({c["kind"] for c in cases}):
-        record["chance_" + kind] = world_mod.CHANCE[kind]
     for c in cases:
         c["method"] = method
-    return record, cases
+    return cases, max([peak_fast] + [c["fast_kv_bytes"] for c in cases]), session.memory()["memory_tokens"]
+
+
+def summarize(method: str, knobs: dict, minutes: float, streams: int, cases: list[dict], kv_bytes: int,
+              memory_tokens: int) -> dict:
+    """One method's record: accuracy overall, per age bucket and per kind (with chance), memory and median TTFT."""
+    record = {"method": method, **knobs, "minutes": minutes, "streams": streams, "questions": len(cases),
+              "accuracy": _mean(cases), "kv_bytes": kv_bytes, "memory_tokens": memory_tokens,
+              "ttft_ms": statistics.median(c["ttft_ms"] for c in cases) if cases else None}
+    for key in ("bucket", "kind"):
+        for value in sorted({c[key] for c in cases}):
+            record["acc_" + value] = _mean([c for c in cases if c[key] == value])
+    for kind in sorted({c["kind"] for c in cases}):
+        record["chance_" + kind] = world_mod.CHANCE[kind]
+    return record
 
 
 def _ask(session: StreamSession, question, world) -> dict:
@@ -73,21 +79,29 @@ def _mean(cases: list[dict]) -> float:
 
 
 def evaluate(adapter, methods: list[str], minutes: float = 2.0, seed: int = 0, n_questions: int = 60,
-             memory_tokens: int | None = None, system: str | None = None, fps: float = 0.5) -> dict:
+             memory_tokens: int | None = None, system: str | None = None, fps: float = 0.5, streams: int = 1) -> dict:
+    """Every method on ``streams`` worlds (seeds ``seed, seed + 1, ...``) of ``minutes`` each, ``n_questions``
+    per world; a method's record pools the questions of all its streams."""
     from livekv.vlm.model import SYSTEM
 
-    world, questions = world_mod.stream_qa(seed, minutes * 60, n_questions, fps)
+    worlds = [world_mod.stream_qa(seed + i, minutes * 60, n_questions, fps) for i in range(streams)]
     results, all_cases = [], []
     for method in methods:
         knobs = memory_knobs(method, memory_tokens, adapter.tokens_per_frame + 1)  # + LLaVA's newline per clip
-        record, cases = run_method(adapter, method, knobs, world, questions, system or SYSTEM)
+        cases, kv_bytes, tokens = [], 0, 0
+        for i, (world, questions) in enumerate(worlds):
+            stream_cases, peak, tokens = run_method(adapter, method, knobs, world, questions, system or SYSTEM)
+            cases += [{**c, "stream": seed + i} for c in stream_cases]
+            kv_bytes = max(kv_bytes, peak)
+        record = summarize(method, knobs, minutes, streams, cases, kv_bytes, tokens)
         buckets = "  ".join(f"{k[4:]} {v:.2f}" for k, v in record.items() if k.startswith("acc_"))
         print(f"{method:12s} accuracy {record['accuracy']:.3f} ({record['questions']} q) | {buckets} | "
               f"KV fast {record['kv_bytes'] / 1e6:.2f} MB | TTFT {record['ttft_ms']:.1f} ms", file=sys.stdout, flush=True)
         results.append(record)
         all_cases += cases
     chance = {kind: world_mod.CHANCE[kind] for kind in sorted({c["kind"] for c in all_cases})}
-    return {"minutes": minutes, "seed": seed, "chance": chance, "results": results, "cases": all_cases}
+    return {"minutes": minutes, "seed": seed, "streams": streams, "chance": chance, "results": results,
+            "cases": all_cases}
 
 
 def demo(adapter, method: str = "livevlm", minutes: float = 2.0, seed: int = 7, n_questions: int = 12,
