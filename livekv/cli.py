@@ -9,8 +9,8 @@
     livekv bench decode --methods dense,quest --context 4096,16384,32768 --json out/decode.json
     livekv stream VIDEO --model DIR --ask "What happened?" --ask-at 30:"What colour is the car?"
     livekv bench stream --methods full,rekv,livevlm --frames 16,64,256,512 --json out/stream.json
-    livekv eval stream-qa --methods full,livevlm,rekv,sink_window --minutes 2 --memory-tokens 64 --json out/qa.json
-    livekv train-vlm                              retrain the embedded VLM (about an hour on 2 CPU cores)
+    livekv eval stream-qa --methods full,livevlm,rekv,sink_window --minutes 2 --memory-tokens 56 --streams 8 --json out/qa.json
+    livekv train-vlm                              retrain the embedded VLM (the README lists the 3 runs)
 """
 
 from __future__ import annotations
