@@ -92,13 +92,7 @@ def sample(rng: np.random.Generator, max_seconds: float, min_seconds: float = 4.
 def visual_tokens(adapter: DefaultVLMAdapter, frames: np.ndarray) -> torch.Tensor:
     """Frames ``[N, 48, 48, 3]`` -> each frame's visual tokens as one clip, ``[N, tokens_per_frame + 1, hidden]``
     (the last one is LLaVA-OneVision's newline)."""
-    model = adapter.model
-    pixels = adapter.pixel_values(torch.from_numpy(frames))[0, :, None]  # one clip per frame: [N, 1, 3, S, S]
-    config = model.config
-    return model.model.get_video_features(
-        pixel_values_videos=pixels, vision_feature_layer=config.vision_feature_layer,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-    ).pooler_output
+    return adapter.clip_features(adapter.pixel_values(torch.from_numpy(frames))[0, :, None])  # one clip per frame
 
 
 @dataclass
@@ -148,10 +142,11 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
         parts, positions = [embed(system), clip_tokens[keep]], [torch.arange(len(frame_of))]
         S = len(frame_of)
         labels, question, spans = [torch.full((S,), -100)], [torch.full((S,), -1)], []
-        counts, firsts = [none, count[keep]], [none, flags[keep]]
         summary = torch.full((*keep.shape, *stream.cells.shape[1:]), -100)
         summary[:, -1] = torch.from_numpy(stream.cells)
-        summaries = [torch.full((len(system), *stream.cells.shape[1:]), -100), summary[keep]]
+        # stream-state targets exist on the stream only; the question tokens after it get -100 as padding does
+        counts, firsts = torch.cat([none, count[keep]]), torch.cat([none, flags[keep]])
+        summaries = torch.cat([torch.full((len(system), *stream.cells.shape[1:]), -100), summary[keep]])
         for k, text, answer, _ in stream.qas:
             q, a = ids(QUESTION_TEMPLATE.format(question=text)), torch.cat([ids(answer), eos])
             visible = int((frame_of <= k).sum())
@@ -159,13 +154,10 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
             positions.append(visible + torch.arange(len(q) + len(a)))
             labels.append(torch.cat([torch.full((len(q),), -100), a]))
             question.append(torch.full((len(q) + len(a),), n_questions))
-            counts.append(torch.full((len(q) + len(a),), -100))
-            firsts.append(counts[-1])
-            summaries.append(torch.full((len(q) + len(a), *stream.cells.shape[1:]), -100))
             spans.append((visible, len(q) + len(a)))
             n_questions += 1
         rows.append((torch.cat(parts), torch.cat(positions), torch.cat(labels), torch.cat(question),
-                     torch.cat(counts), torch.cat(firsts), torch.cat(summaries), S, spans))
+                     counts, firsts, summaries, S, spans))
     L = max(len(r[0]) for r in rows)
     mask = torch.eye(L, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding attends to itself (no empty rows)
     for b, (*_, S, spans) in enumerate(rows):

@@ -56,16 +56,21 @@ class LlavaOnevisionAdapter(ChatML, VideoLMAdapter):
         x = (x / 255 - self.image_mean.to(x.device)) / self.image_std.to(x.device)
         return x[None].to(self.model.dtype)
 
+    def clip_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``pixel_values_videos`` of C clips ``[C, F, 3, S, S]`` -> their visual tokens ``[C, F * tokens_per_frame
+        + 1, hidden]`` (each clip ends with LLaVA-OneVision's newline token)."""
+        config = self.model.config
+        return self.model.model.get_video_features(
+            pixel_values_videos=pixels,
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        ).pooler_output
+
     def video(self, frames: torch.Tensor) -> Segment:
         """The segment of one clip, frames ``[F, H, W, 3]`` uint8: ``F * tokens_per_frame + 1`` tokens at positions
         ``0 .. N-1``; the trailing newline token belongs to the last frame."""
         pixels = self.pixel_values(frames)
-        config = self.model.config
-        embeds = self.model.model.get_video_features(
-            pixel_values_videos=pixels,
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
-        ).pooler_output  # [1, F * tokens_per_frame + 1, hidden]
+        embeds = self.clip_features(pixels)  # [1, F * tokens_per_frame + 1, hidden]
         num_frames, n = pixels.shape[1], embeds.shape[1]
         frame = torch.arange(num_frames).repeat_interleave(self.tokens_per_frame)
         frame = torch.cat([frame, frame.new_tensor([num_frames - 1])])
