@@ -226,7 +226,22 @@ def cmd_train_vlm(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     train(args.out or WEIGHTS, steps=args.steps, batch=args.batch, lr=args.lr, max_seconds=args.max_seconds,
-          seed=args.seed, init=args.init)
+          seed=args.seed, init=args.init, kind_weights=_kind_weights(args.kind_weights))
+
+
+def _kind_weights(text: str | None) -> dict[str, float] | None:
+    """``"where_last=3,first_colour=3"`` -> ``{"where_last": 3.0, "first_colour": 3.0}``."""
+    if not text:
+        return None
+    from livekv.evals.world import CHANCE
+
+    weights = {}
+    for item in text.split(","):
+        kind, _, value = item.partition("=")
+        if kind not in CHANCE or not value:
+            raise SystemExit(f"--kind-weights: expected KIND=WEIGHT with KIND in {sorted(CHANCE)}, got {item!r}")
+        weights[kind] = float(value)
+    return weights
 
 
 def cmd_bench(args) -> None:
@@ -332,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kind-weights", default=None, metavar="KIND=W,...",
+                   help="oversample question kinds in training, e.g. where_last=3,first_colour=3 (others 1)")
     p.set_defaults(func=cmd_train_vlm)
 
     bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="task", required=True)

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from livekv import LiveKVCache
 from livekv.methods import make_method
-from livekv.methods.clusterkv import ClusterKVConfig, diagnostics, kmeans
+from livekv.methods.clusterkv import TWO_LEVEL_FROM, ClusterKVConfig, diagnostics, kmeans, two_level_kmeans
 from livekv.store import HostStore
 
 
@@ -114,6 +114,30 @@ def test_kmeans_invariants():
     assert torch.equal(kmeans(x, 7, iters=100)[0], assign)  # seeded: reproducible
 
 
+def test_two_level_kmeans_invariants():
+    x = torch.randn(2, 900, 16, generator=torch.Generator().manual_seed(1)) + 0.5
+    assign, centroids = two_level_kmeans(x, 100, iters=100)
+    assert assign.shape == (2, 900) and centroids.shape == (2, 100, 16)  # 10 coarse clusters of 10
+    for r in range(2):
+        for c in assign[r].unique():
+            torch.testing.assert_close(centroids[r, c], x[r, assign[r] == c].mean(0))
+    # converged within its coarse cluster: every key sits with the most similar of its coarse cluster's 10
+    cos = torch.nn.functional.normalize(x, dim=-1) @ torch.nn.functional.normalize(centroids, dim=-1).mT
+    siblings = (assign // 10)[..., None] * 10 + torch.arange(10)
+    assert torch.equal(assign, siblings.gather(-1, cos.gather(-1, siblings).argmax(-1, keepdim=True))[..., 0])
+    assert torch.equal(two_level_kmeans(x, 100, iters=100)[0], assign)
+    assert two_level_kmeans(x, 95)[1].shape[1] == 100  # rounded up to whole coarse clusters
+
+
+def test_selection_with_many_clusters_uses_the_two_level_index():
+    cfg = ClusterKVConfig(budget=128, sink=16, window=24, tokens_per_cluster=2)
+    sel, store = cfg.make_selector(2), _store(400)
+    idx = sel.select(torch.randn(2, 6, 8), store)
+    assert sel.sizes.shape[-1] >= (400 - 17) // 2 > TWO_LEVEL_FROM
+    _check_index(sel, 16)
+    assert idx.shape == (2, 2, 128) and all(len(set(row)) == 128 for row in idx.flatten(0, 1).tolist())
+
+
 @torch.no_grad()
 def test_sparse_steps_attend_exactly_the_selection_and_reuse_resident_tokens():
     model = tiny_model("llama")
@@ -146,7 +170,7 @@ def test_defaults_and_bad_configurations():
     assert (cfg.budget, cfg.sink, cfg.window, cfg.page_size, cfg.dense_layers) == (1024, 16, 320, 16, 2)
     assert (cfg.tokens_per_cluster, cfg.new_clusters, cfg.kmeans_iters) == (80, 4, 20)
     small = make_method("clusterkv", budget=256)
-    assert (small.window, small.tokens_per_cluster) == (80, 21)  # clusters shrink so that the budget holds ~12
+    assert (small.window, small.tokens_per_cluster) == (80, 3)  # clusters shrink so that the budget holds ~80
     with pytest.raises(ValueError, match="too small"):
         make_method("clusterkv", budget=100, window=84)
     with pytest.raises(ValueError, match="new_clusters"):

@@ -9,12 +9,15 @@ are then fed one by one (teacher forcing), once with a dense cache and once per 
   (mean, and the minimum over layers of the per-layer mean);
 * ``kl``: KL(dense || sparse) of the next-token distributions; ``agreement``: share of steps where the greedy
   next tokens agree;
-* ``ppl`` (sparse) next to ``ppl_dense`` on the target tokens.
+* ``ppl`` (sparse) next to ``ppl_dense`` on the target tokens;
+* ``prefill_s``, and for ``clusterkv`` ``cluster_s``: the seconds k-means took over the whole run (the prompt's
+  clustering, then the incremental ones).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 
 import torch
@@ -22,6 +25,8 @@ import torch
 from livekv.cache import LiveKVCache, RecallableLayer
 from livekv.evals.corpus import filler_token_ids
 from livekv.generation import feed, prefill
+from livekv.methods import clusterkv
+from livekv.methods.clusterkv import ClusterKVConfig
 
 
 class AttentionProbe:
@@ -54,11 +59,14 @@ class AttentionProbe:
         }
 
 
-def _teacher_forced_logprobs(model, cache: LiveKVCache, ids: torch.Tensor, context: int, chunk: int) -> torch.Tensor:
-    """Log-probabilities ``[target, V]`` of the next token at each target position."""
+def _teacher_forced_logprobs(model, cache: LiveKVCache, ids: torch.Tensor, context: int,
+                             chunk: int) -> tuple[torch.Tensor, float]:
+    """Log-probabilities ``[target, V]`` of the next token at each target position, and the prefill's seconds."""
+    t0 = time.perf_counter()
     last = prefill(model, cache, ids[:, :context], chunk)
+    prefill_s = time.perf_counter() - t0
     rest = feed(model, cache, ids[:, context:-1])
-    return torch.cat([last[:, None], rest], dim=1)[0].float().log_softmax(-1)
+    return torch.cat([last[:, None], rest], dim=1)[0].float().log_softmax(-1), prefill_s
 
 
 @torch.no_grad()
@@ -76,7 +84,7 @@ def evaluate(
     for context in contexts:
         ids = torch.tensor([filler_token_ids(tokenizer, context + target, seed=seed)])
         targets = ids[0, context:]
-        dense = _teacher_forced_logprobs(model, LiveKVCache(model.config, "dense"), ids, context, chunk)
+        dense, _ = _teacher_forced_logprobs(model, LiveKVCache(model.config, "dense"), ids, context, chunk)
         ppl_dense = math.exp(-dense.gather(-1, targets[:, None]).mean().item())
         log(f"fidelity dense        context={context:6d} ppl={ppl_dense:.3f}")
         for name, knobs in methods:
@@ -84,7 +92,7 @@ def evaluate(
             probe = AttentionProbe()
             for layer in cache.recallable_layers:
                 layer.observers.append(probe)
-            sparse = _teacher_forced_logprobs(model, cache, ids, context, chunk)
+            sparse, prefill_s = _teacher_forced_logprobs(model, cache, ids, context, chunk)
             ppl = math.exp(-sparse.gather(-1, targets[:, None]).mean().item())
             record = {
                 "method": name,
@@ -97,11 +105,15 @@ def evaluate(
                 "kl": (dense.exp() * (dense - sparse)).sum(-1).mean().item(),
                 "agreement": (dense.argmax(-1) == sparse.argmax(-1)).float().mean().item(),
                 **(probe.summary() if probe.mass else {}),
+                "prefill_s": prefill_s,
             }
+            if isinstance(cache.method, ClusterKVConfig):
+                record["cluster_s"] = clusterkv.diagnostics(cache)["cluster_s"]
             results.append(record)
             log(
                 f"fidelity {name:12s} budget={record['budget']!s:6s} context={context:6d} ppl={ppl:.3f} "
                 f"(x{record['ppl_ratio']:.4f} dense) kl={record['kl']:.4f} agreement={record['agreement']:.3f} "
-                f"mass_recall={record.get('mass_recall', 1.0):.3f} cosine={record.get('output_cosine', 1.0):.4f}"
+                f"mass_recall={record.get('mass_recall', 1.0):.3f} cosine={record.get('output_cosine', 1.0):.4f} "
+                f"prefill={prefill_s:.1f} s" + (f" k-means={record['cluster_s']:.1f} s" if "cluster_s" in record else "")
             )
     return {"results": results}

@@ -62,10 +62,15 @@ class Stream:
 
 
 def sample(rng: np.random.Generator, max_seconds: float, min_seconds: float = 4.0, questions: int = 16,
-           ask_frames: int = 2, fps: float = 0.5) -> Stream:
+           ask_frames: int = 2, fps: float = 0.5, kind_weights: dict[str, float] | None = None) -> Stream:
     """A random stream of ``min_seconds`` to ``max_seconds`` with up to ``questions`` questions, spread over the
-    last frame and ``ask_frames - 1`` random ones, their kinds drawn evenly."""
+    last frame and ``ask_frames - 1`` random ones, their kinds drawn evenly (or in proportion to ``kind_weights``,
+    1 for a kind it does not name)."""
     kinds, colours, shapes = list(world.CHANCE), list(world.COLOURS), list(world.SHAPES)
+    p = None
+    if kind_weights:
+        p = np.array([kind_weights.get(k, 1.0) for k in kinds], dtype=float)
+        p /= p.sum()
     while True:
         w = world.World(seed=int(rng.integers(2**31)), duration_s=float(rng.uniform(min_seconds, max_seconds)), fps=fps)
         n = len(w.frame_times)
@@ -76,7 +81,7 @@ def sample(rng: np.random.Generator, max_seconds: float, min_seconds: float = 4.
             for q in w.candidates(w.frame_times[k]):
                 by_kind.setdefault(q.kind, []).append(q)
             for j in range(questions // ask_frames + (i < questions % ask_frames)):
-                kind = kinds[int(rng.integers(len(kinds)))]
+                kind = kinds[int(rng.integers(len(kinds)) if p is None else rng.choice(len(kinds), p=p))]
                 if by_kind.get(kind):
                     q = by_kind[kind].pop(int(rng.integers(len(by_kind[kind]))))
                     qas.append((k, q.text, q.answer, q.kind))
@@ -260,9 +265,10 @@ def curriculum(progress: float, max_seconds: float, short: float = 30.0) -> floa
 
 def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, lr: float = 2e-3,
           max_seconds: float = 130.0, seed: int = 0, log_every: int = 100, eval_every: int = 1000, held_out: int = 32,
-          init: str | pathlib.Path | None = None) -> dict:
+          init: str | pathlib.Path | None = None, kind_weights: dict[str, float] | None = None) -> dict:
     """Train from scratch (or go on from the checkpoint ``init``, with a fresh schedule and no curriculum) and save
-    model + tokenizer to ``out``. Returns the held-out answer accuracy (teacher-forced, per kind) and timings."""
+    model + tokenizer to ``out``. ``kind_weights`` oversamples question kinds in training (held-out questions stay
+    even). Returns the held-out answer accuracy (teacher-forced, per kind) and timings."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if init is None:
@@ -283,7 +289,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         longest = rng.uniform(6, curriculum(step / steps, max_seconds) if init is None else max_seconds)
-        streams = [sample(rng, longest, 0.8 * longest) for _ in range(batch)]
+        streams = [sample(rng, longest, 0.8 * longest, kind_weights=kind_weights) for _ in range(batch)]
         compress = rng if init is not None or step > 0.3 * steps else None
         loss, right = batch_loss(adapter, probes, streams, compress)
         optimizer.zero_grad(set_to_none=True)
@@ -304,6 +310,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     result = {"steps": steps, "batch": batch, "lr": lr, "max_seconds": max_seconds, "seed": seed, "init": str(init),
+              "kind_weights": kind_weights,
               "held_out_accuracy": held_acc, "train_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
     (out / "training.json").write_text(json.dumps(result, indent=1))
     logger.info("saved to %s", out)
