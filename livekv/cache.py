@@ -104,6 +104,8 @@ class DenseLayer(_LiveKVLayer):
 class RecallableLayer(_LiveKVLayer):
     """Everything in the host tier; decode steps read ``selector``'s tokens, recalled into the fast tier."""
 
+    background = False  # whether the layer recalls on a worker thread, off the critical path
+
     def __init__(
         self,
         layer_idx: int,

@@ -260,7 +260,8 @@ def cmd_bench(args) -> None:
 
         methods = _method_grid(args)
         model, tok = _load(args)
-        payload = bench.run(model, tok, methods, _ints(args.context), steps=args.steps, rounds=args.rounds)
+        payload = bench.run(model, tok, methods, _ints(args.context), steps=args.steps, rounds=args.rounds,
+                            recall_core=args.recall_core)
     _write_json(args.json, payload, args)
     if args.json:
         png = os.path.splitext(args.json)[0] + ".png"
@@ -358,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", default="4096,16384,32768")
     p.add_argument("--steps", type=int, default=8, help="decode steps per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    p.add_argument("--recall-core", action="store_true",
+                   help="methods that recall in the background (freekv) compute on one thread fewer, leaving a core to the recall worker")
     p.add_argument("--json", help="write results here (and a PNG plot beside it)")
     p.set_defaults(func=cmd_bench, method="dense,quest", budget="256")
     p = bench.add_parser("stream", help="video streams: ingest frames/s, time to first answer token, memory vs frames")

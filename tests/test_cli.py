@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from livekv.cli import main
 
@@ -28,6 +29,17 @@ def test_bench_decode_writes_records_and_plot(tmp_path):
         assert {"method", "context", "budget", "ms_per_token", "traffic_limit_ms", "bytes_per_step"} <= set(r)
         assert r["ms_per_token"] > 0 and r["context"] == 300
     assert (tmp_path / "decode.png").stat().st_size > 1000
+
+
+def test_bench_decode_recall_core_leaves_a_core_to_background_recall(tmp_path):
+    out = tmp_path / "decode.json"
+    threads = torch.get_num_threads()
+    main(["bench", "decode", "--methods", "quest,freekv", "--budget", "64", "--context", "300", "--steps", "1",
+          "--rounds", "1", "--threads", "2", "--recall-core", "--json", str(out)])
+    records = json.loads(out.read_text())["results"]
+    assert [(r["method"], r["compute_threads"]) for r in records] == [("quest", 2), ("freekv", 1)]
+    assert torch.get_num_threads() == 2  # restored after each method's steps
+    torch.set_num_threads(threads)
 
 
 def test_fidelity_of_full_budget_is_perfect(tmp_path):

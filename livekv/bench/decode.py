@@ -10,6 +10,10 @@ interleaved rounds (so machine noise hits them alike) and the median ms/token pe
 * the memory-traffic limit: those bytes divided by this machine's measured memory bandwidth, and how far the
   measured time is from it.
 
+``recall_core``: methods that recall in the background run their model compute on one thread fewer, leaving a
+core to the recall worker (on a CPU that is how such a method should be deployed: with every core computing, the
+worker only competes with the compute threads). The other methods keep every thread.
+
 Filling: a real prefill of ``fill_tokens`` of natural text gives each layer real keys and values, which are then
 tiled up to the context length (an 8k prefill takes ~25 s here, 32k would take minutes; decode speed depends on
 the amount of KV, not on its content). SmolLM2's rotary positions past 8k are extrapolated: this measures speed,
@@ -47,8 +51,8 @@ def fill_cache(cache: LiveKVCache, layer_kv: list[tuple[torch.Tensor, torch.Tens
 
 
 def bytes_per_step(model, cache: LiveKVCache) -> int:
-    """Bytes a decode step must read: every weight once + the KV it reads (dense: all; sparse: digests + the
-    recalled tokens, read from the host tier and again by attention)."""
+    """Bytes a decode step must read: every weight once + the KV it reads (dense: all; sparse: digests or cluster
+    centroids + the recalled tokens, read from the host tier and again by attention)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     for layer in cache.layers:
         if isinstance(layer, DenseLayer):
@@ -58,20 +62,28 @@ def bytes_per_step(model, cache: LiveKVCache) -> int:
             s = layer.stats
             recalled = s.bytes_recalled / max(s.steps, 1)
             kmax, kmin = layer.host.digests()
-            total += kmax.nbytes + kmin.nbytes + 2 * int(recalled)
+            index = getattr(layer.selector, "select_nbytes", 0)  # what a selector of its own reads (centroids)
+            total += kmax.nbytes + kmin.nbytes + index + 2 * int(recalled)
     return total
 
 
+def recalls_in_background(cache: LiveKVCache) -> bool:
+    return any(layer.background for layer in cache.recallable_layers)
+
+
 @torch.no_grad()
-def _decode_round(model, caches: list[LiveKVCache], token: torch.Tensor, steps: int) -> list[float]:
-    """ms/token of each cache, one after the other."""
-    out = []
-    for cache in caches:
+def _decode_round(model, caches: list[LiveKVCache], token: torch.Tensor, steps: int,
+                  threads: list[int] | None = None) -> list[float]:
+    """ms/token of each cache, one after the other (with ``threads[i]`` torch threads for cache i)."""
+    out, default = [], torch.get_num_threads()
+    for i, cache in enumerate(caches):
+        torch.set_num_threads(threads[i] if threads else default)
         t0 = time.perf_counter()
         for _ in range(steps):
             model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache.wait()  # background recalls belong to this method's time
         out.append((time.perf_counter() - t0) / steps * 1000)
+    torch.set_num_threads(default)
     return out
 
 
@@ -84,6 +96,7 @@ def run(
     steps: int = 8,
     rounds: int = 3,
     fill_tokens: int = 1024,
+    recall_core: bool = False,
     log=print,
 ) -> dict:
     from livekv.evals.corpus import filler_token_ids
@@ -101,13 +114,15 @@ def run(
         for name, knobs in methods:
             caches.append(LiveKVCache(model.config, name, ignore_unknown=True, **knobs))
             fill_cache(caches[-1], layer_kv, context)
-        _decode_round(model, caches, token, 2)  # warm-up: allocations, first selections
-        rounds_ms = [_decode_round(model, caches, token, steps) for _ in range(rounds)]
+        total = torch.get_num_threads()
+        threads = [max(1, total - 1) if recall_core and recalls_in_background(c) else total for c in caches]
+        _decode_round(model, caches, token, 2, threads)  # warm-up: allocations, first selections
+        rounds_ms = [_decode_round(model, caches, token, steps, threads) for _ in range(rounds)]
         for cache in caches:
             cache.set_profile(True)
             for layer in cache.recallable_layers:
                 layer.stats = LayerStats()
-        profiled = _decode_round(model, caches, token, steps)
+        profiled = _decode_round(model, caches, token, steps, threads)
         for i, ((name, _), cache) in enumerate(zip(methods, caches)):
             ms = statistics.median(r[i] for r in rounds_ms)
             s = cache.stats()
@@ -117,6 +132,7 @@ def run(
                 "method": name,
                 "context": context,
                 "budget": getattr(cache.method, "budget", None),
+                "compute_threads": threads[i],
                 "ms_per_token": ms,
                 "tokens_per_s": 1000 / ms,
                 "select_share": s["select_s"] / steps / (profiled[i] / 1000),
@@ -133,7 +149,7 @@ def run(
             hidden = "" if s["recall_hidden"] is None else (
                 f"(background {record['recall_background_share']:5.1%}, {s['recall_hidden']:4.0%} hidden) ")
             log(
-                f"decode {name:12s} context={context:6d} budget={record['budget']!s:6s} {ms:8.1f} ms/token "
+                f"decode {name:12s} context={context:6d} budget={record['budget']!s:6s} threads={threads[i]} {ms:8.1f} ms/token "
                 f"select={record['select_share']:5.1%} recall={record['recall_share']:5.1%} {hidden}"
                 f"read={step_bytes / 1e6:7.1f} MB/step limit={limit_ms:6.1f} ms (x{record['x_traffic_limit']:.1f}) "
                 f"fast={record['fast_kv_bytes'] / 1e6:.0f} MB host={record['host_kv_bytes'] / 1e6:.0f} MB"

@@ -96,6 +96,8 @@ class FreeKVDiagnostics:
 class FreeKVLayer(RecallableLayer):
     """A recallable layer whose fast tier is page slots (``PageSlots``) filled speculatively in the background."""
 
+    background = True
+
     def __init__(self, layer_idx: int, cfg: FreeKVConfig):
         super().__init__(layer_idx, cfg.make_selector(layer_idx), cfg.page_size, host=cfg.host, host_dir=cfg.host_dir)
         self.cfg = cfg
