@@ -168,7 +168,7 @@ def test_sparse_steps_attend_exactly_the_selection_and_reuse_resident_tokens():
 def test_defaults_and_bad_configurations():
     cfg = make_method("clusterkv")
     assert (cfg.budget, cfg.sink, cfg.window, cfg.page_size, cfg.dense_layers) == (1024, 16, 320, 16, 2)
-    assert (cfg.tokens_per_cluster, cfg.new_clusters, cfg.kmeans_iters) == (80, 4, 20)
+    assert (cfg.tokens_per_cluster, cfg.new_clusters, cfg.kmeans_iters) == (80, 8, 20)
     small = make_method("clusterkv", budget=256)
     assert (small.window, small.tokens_per_cluster) == (80, 3)  # clusters shrink so that the budget holds ~80
     with pytest.raises(ValueError, match="too small"):
