@@ -68,16 +68,16 @@ def bytes_per_step(model, cache: LiveKVCache) -> int:
 
 
 def recalls_in_background(cache: LiveKVCache) -> bool:
+    """Whether a cache has layers that recall on a worker thread (freekv)."""
     return any(layer.background for layer in cache.recallable_layers)
 
 
 @torch.no_grad()
-def _decode_round(model, caches: list[LiveKVCache], token: torch.Tensor, steps: int,
-                  threads: list[int] | None = None) -> list[float]:
-    """ms/token of each cache, one after the other (with ``threads[i]`` torch threads for cache i)."""
+def _decode_round(model, caches: list[LiveKVCache], token: torch.Tensor, steps: int, threads: list[int]) -> list[float]:
+    """ms/token of each cache, one after the other, cache i with ``threads[i]`` torch threads."""
     out, default = [], torch.get_num_threads()
-    for i, cache in enumerate(caches):
-        torch.set_num_threads(threads[i] if threads else default)
+    for cache, n in zip(caches, threads):
+        torch.set_num_threads(n)
         t0 = time.perf_counter()
         for _ in range(steps):
             model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)

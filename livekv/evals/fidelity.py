@@ -26,7 +26,6 @@ from livekv.cache import LiveKVCache, RecallableLayer
 from livekv.evals.corpus import filler_token_ids
 from livekv.generation import feed, prefill
 from livekv.methods import clusterkv
-from livekv.methods.clusterkv import ClusterKVConfig
 
 
 class AttentionProbe:
@@ -107,7 +106,7 @@ def evaluate(
                 **(probe.summary() if probe.mass else {}),
                 "prefill_s": prefill_s,
             }
-            if isinstance(cache.method, ClusterKVConfig):
+            if isinstance(cache.method, clusterkv.ClusterKVConfig):
                 record["cluster_s"] = clusterkv.diagnostics(cache)["cluster_s"]
             results.append(record)
             log(

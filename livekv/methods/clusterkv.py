@@ -57,25 +57,9 @@ def kmeans(x: torch.Tensor, n_clusters: int, iters: int = 20, seed: int = 0) -> 
     A centroid is the mean of its members (not normalised); an empty cluster keeps its previous centroid. Stops
     after ``iters`` assignments or when the assignment no longer changes.
     """
-    R, N, D = x.shape
     x = x.float()
-    init = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:n_clusters].to(x.device)
-    centroids = x[:, init]
-    xn, flat_x = F.normalize(x, dim=-1), x.flatten(0, 1)
-    row_base = torch.arange(R, device=x.device)[:, None] * n_clusters
-    assign = None
-    for _ in range(iters):
-        cn = F.normalize(centroids, dim=-1).transpose(1, 2)
-        # nearest centroid by cosine, [R, N]; in chunks of tokens so the [R, N, C] similarities never all exist
-        new = torch.cat([(part @ cn).argmax(-1) for part in xn.split(4096, dim=1)], dim=1)
-        if assign is not None and torch.equal(new, assign):
-            break
-        assign = new
-        flat = (assign + row_base).flatten()  # cluster ids numbered across rows: one index_add for all rows
-        sums = torch.zeros(R * n_clusters, D, device=x.device).index_add_(0, flat, flat_x).view(R, n_clusters, D)
-        counts = torch.bincount(flat, minlength=R * n_clusters).view(R, n_clusters, 1)
-        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
-    return assign, centroids
+    init = torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(seed))[:n_clusters].to(x.device)
+    return _lloyd(x, x[:, init], iters)
 
 
 def two_level_kmeans(x: torch.Tensor, n_clusters: int, iters: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,27 +84,41 @@ def two_level_kmeans(x: torch.Tensor, n_clusters: int, iters: int = 20, seed: in
     valid = slot < sizes[..., None]  # [R, c, M]: a coarse cluster's members, padded to the largest
     member = order.gather(-1, (starts[..., None] + slot).clamp(max=N - 1).flatten(1)).view(R, c, M)
     gather = lambda ids: x.gather(1, ids.flatten(1)[..., None].expand(-1, -1, D))  # noqa: E731
-    xs = gather(member).view(R * c, M, D)
-    xn, flat_valid = F.normalize(xs, dim=-1), valid.view(R * c, M)
     init = (starts[..., None] + torch.arange(k, device=x.device) * sizes[..., None] // k).clamp(max=N - 1)
-    centroids = gather(order.gather(-1, init.flatten(1))).view(R * c, k, D)
-    base = torch.arange(R * c, device=x.device)[:, None] * k
-    members_x = xs[flat_valid]
-    assign = None
-    for _ in range(iters):
-        new = (xn @ F.normalize(centroids, dim=-1).transpose(1, 2)).argmax(-1)  # [R c, M]
-        if assign is not None and torch.equal(new[flat_valid], assign[flat_valid]):
-            break
-        assign = new
-        ids = (assign + base)[flat_valid]
-        sums = torch.zeros(R * c * k, D, device=x.device).index_add_(0, ids, members_x)
-        counts = torch.bincount(ids, minlength=R * c * k)[:, None]
-        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids.view(-1, D)).view(R * c, k, D)
-    fine = (assign + base).view(R, c, M) - torch.arange(R, device=x.device)[:, None, None] * (c * k)
+    # one row per coarse cluster: its members (padded) split into k
+    assign, centroids = _lloyd(gather(member).view(R * c, M, D), gather(order.gather(-1, init.flatten(1))).view(R * c, k, D),
+                               iters, valid.view(R * c, M))
+    fine = assign.view(R, c, M) + torch.arange(c, device=x.device)[:, None] * k  # cluster ids within the row
     out = torch.empty(R, N, dtype=torch.long, device=x.device)
     rows = torch.arange(R, device=x.device)[:, None, None].expand(R, c, M)
     out[rows[valid], member[valid]] = fine[valid]
     return out, centroids.view(R, c * k, D)
+
+
+def _lloyd(x: torch.Tensor, centroids: torch.Tensor, iters: int,
+           valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd iterations with cosine assignment: ``x [R, N, D]`` (float), initial ``centroids [R, C, D]`` ->
+    ``assign [R, N]``, ``centroids``. ``valid [R, N]`` (bool): the tokens that count; the others are padding,
+    assigned but never members."""
+    R, N, D = x.shape
+    C = centroids.shape[1]
+    xn = F.normalize(x, dim=-1)
+    members = x.flatten(0, 1) if valid is None else x[valid]
+    row_base = torch.arange(R, device=x.device)[:, None] * C
+    assign = None
+    for _ in range(iters):
+        cn = F.normalize(centroids, dim=-1).transpose(1, 2)
+        # nearest centroid by cosine, [R, N]; in chunks of tokens so the [R, N, C] similarities never all exist
+        new = torch.cat([(part @ cn).argmax(-1) for part in xn.split(4096, dim=1)], dim=1)
+        if assign is not None and (torch.equal(new, assign) if valid is None else torch.equal(new[valid], assign[valid])):
+            break
+        assign = new
+        flat = assign + row_base  # cluster ids numbered across rows: one index_add for all rows
+        flat = flat.flatten() if valid is None else flat[valid]
+        sums = torch.zeros(R * C, D, device=x.device).index_add_(0, flat, members).view(R, C, D)
+        counts = torch.bincount(flat, minlength=R * C).view(R, C, 1)
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+    return assign, centroids
 
 
 @dataclass(kw_only=True)
