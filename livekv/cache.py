@@ -45,7 +45,9 @@ class LayerStats:
 
     @property
     def recall_hidden(self) -> float | None:
-        """Share of the background recall time that overlapped compute (``None``: no background recall)."""
+        """Share of the background recall time the critical path did not wait for (``None``: no background
+        recall). It does not say the work was free: on a CPU whose cores all compute, the worker's time lengthens
+        the compute instead (measured: docs/results.md, "what background work costs")."""
         return max(0.0, 1 - self.waited_s / self.background_s) if self.background_s else None
 
 

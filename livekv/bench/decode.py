@@ -5,7 +5,8 @@ interleaved rounds (so machine noise hits them alike) and the median ms/token pe
 
 * the share of a step spent in selection and in recall on the critical path (from a separate profiled round:
   profiling synchronises); for methods that recall in the background (``freekv``) also the background recall
-  time as a share of the step and the share of it that was hidden behind compute;
+  time as a share of the step and the share of it the critical path did not wait for ("hidden"; on a CPU whose
+  cores all compute, hidden work still slows the compute threads: compare ms/token, not this share);
 * bytes read per step: weights + the KV that attention and selection actually touch;
 * the memory-traffic limit: those bytes divided by this machine's measured memory bandwidth, and how far the
   measured time is from it.
