@@ -376,8 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stream", help="stream a video into a video-language model and ask questions while it plays")
     p.add_argument("video", help="video file, stream URL, device:/dev/videoN, or a folder of images")
-    p.add_argument("--model", required=True, help="local LLaVA-OneVision or Qwen2-VL checkpoint directory, or "
-                   "'random' (a tiny random model: mechanics and speed only, its answers are meaningless)")
+    p.add_argument("--model", default="default", help="'default': the embedded video model (it knows only the "
+                   "synthetic world of `livekv eval stream-qa`); a local LLaVA-OneVision or Qwen2-VL checkpoint "
+                   "directory; or 'random' (a tiny random model: mechanics and speed only, its answers are meaningless)")
     p.add_argument("--method", default="livevlm", help="streaming method (see `livekv methods`)")
     p.add_argument("--ask", action="append", default=[], help="a question answered when the video ends (repeatable)")
     p.add_argument("--ask-at", action="append", default=[], metavar="SECONDS:QUESTION",
@@ -386,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=0.5, help="frames sampled per second of video")
     p.add_argument("--clip-frames", type=int, default=None, help="frames per clip (default: 1, or the model's multiple)")
     p.add_argument("--realtime", action="store_true", help="pace the stream at the video's own speed")
-    p.add_argument("--system", default="You are watching a live video. Answer questions about it briefly.")
+    p.add_argument("--system", default=None, help="system prompt (default: the embedded model's own; for a "
+                   "checkpoint, one asking for brief answers about a live video)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     for knob, kind, text in (("short-term", int, "tokens of the newest clips kept uncompressed"),
                              ("long-term", int, "livevlm: long-term memory budget M (tokens)"),

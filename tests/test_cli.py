@@ -72,6 +72,24 @@ def test_stream_answers_during_and_after_playback(tmp_path, capsys):
     assert "8 frames" in out.err and "end of video" in out.err
 
 
+def test_stream_runs_the_embedded_video_model_by_default(tmp_path, capsys):
+    from livekv.evals.world import NUMBERS, World
+
+    world = World(seed=0, duration_s=20)
+    video = tmp_path / "world.mp4"
+    world.write_video(video, fps=2)  # 40 frames; the stream samples them at the world's 0.5 fps
+    main(["stream", str(video), "--method", "full", "--ask", "how many objects are there now ?", "--max-new-tokens", "3"])
+    out = capsys.readouterr()
+    answer = out.out.split("\nA: ")[1].split("\n")[0].split()
+    assert answer[:1] == [NUMBERS[len(world.state(world.frame_times[-1])) - 1]]
+    assert "10 frames" in out.err and "end of video" in out.err
+
+
+def test_stream_names_a_missing_model_directory(tmp_path):
+    with pytest.raises(SystemExit, match="no model at .*nowhere"):
+        main(["stream", str(tmp_path / "v.mp4"), "--model", str(tmp_path / "nowhere")])
+
+
 def test_stream_rejects_a_corrupt_video(tmp_path):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"\x00not a video" * 100)

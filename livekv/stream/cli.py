@@ -12,6 +12,7 @@ from livekv.stream.session import StreamSession
 from livekv.stream.source import clips, frames
 
 KNOBS = ("short_term", "long_term", "retrieve", "top_frames")
+SYSTEM = "You are watching a live video. Answer questions about it briefly."  # for a checkpoint's own chat template
 
 
 def random_adapter():
@@ -73,14 +74,20 @@ def _answer(session: StreamSession, question: str, t: float, max_new_tokens: int
 def stream(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
+    system = args.system or SYSTEM
     if args.model == "random":
         adapter = random_adapter()
+    elif args.model == "default":
+        from livekv.vlm.model import SYSTEM as DEFAULT_SYSTEM
+        from livekv.vlm.model import load_default_vlm
+
+        adapter, system = load_default_vlm(), args.system or DEFAULT_SYSTEM
     else:
         from livekv.stream.adapters import load_adapter
 
         adapter = load_adapter(args.model)
     knobs = {k: getattr(args, k) for k in KNOBS}
-    session = StreamSession(adapter, args.method, system=args.system, **knobs)
+    session = StreamSession(adapter, args.method, system=system, **knobs)
     per_clip = args.clip_frames or adapter.frame_multiple
     pending = _questions_at(args.ask_at)
     typed: queue.Queue = queue.Queue()

@@ -33,6 +33,9 @@ def load_adapter(model_or_path, tokenizer=None) -> VideoLMAdapter:
     own). Raises ``ValueError`` for a model type without an adapter."""
     if isinstance(model_or_path, (str, os.PathLike)):
         path = pathlib.Path(model_or_path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no model at {path}: expected a local checkpoint directory with a config.json "
+                                    "(livekv never downloads a model)")
         model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
         if model_type not in ADAPTERS:
             raise ValueError(f"no video adapter for model type {model_type!r}; supported: {sorted(ADAPTERS)}")
