@@ -60,6 +60,7 @@ def inline(layer, q):
     from concurrent.futures import Future
 
     layer.q_prev = q
+    layer.slots.mark_read()
     layer.pending = Future()
     layer.pending.set_result(_timed(layer._speculate_job, q, layer.host.length + 1))
 

@@ -74,20 +74,19 @@ def _answer(session: StreamSession, question: str, t: float, max_new_tokens: int
 def stream(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    system = args.system or SYSTEM
+    system = SYSTEM
     if args.model == "random":
         adapter = random_adapter()
     elif args.model == "default":
-        from livekv.vlm.model import SYSTEM as DEFAULT_SYSTEM
-        from livekv.vlm.model import load_default_vlm
+        from livekv.vlm import model as default_vlm
 
-        adapter, system = load_default_vlm(), args.system or DEFAULT_SYSTEM
+        adapter, system = default_vlm.load_default_vlm(), default_vlm.SYSTEM
     else:
         from livekv.stream.adapters import load_adapter
 
         adapter = load_adapter(args.model)
     knobs = {k: getattr(args, k) for k in KNOBS}
-    session = StreamSession(adapter, args.method, system=system, **knobs)
+    session = StreamSession(adapter, args.method, system=args.system or system, **knobs)
     per_clip = args.clip_frames or adapter.frame_multiple
     pending = _questions_at(args.ask_at)
     typed: queue.Queue = queue.Queue()
