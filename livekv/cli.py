@@ -226,7 +226,8 @@ def cmd_train_vlm(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     train(args.out or WEIGHTS, steps=args.steps, batch=args.batch, lr=args.lr, max_seconds=args.max_seconds,
-          seed=args.seed, init=args.init, kind_weights=_kind_weights(args.kind_weights))
+          seed=args.seed, init=args.init, kind_weights=_kind_weights(args.kind_weights),
+          saliency=args.saliency)
 
 
 def _kind_weights(text: str | None) -> dict[str, float] | None:
@@ -350,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kind-weights", default=None, metavar="KIND=W,...",
                    help="oversample question kinds in training, e.g. where_last=3,first_colour=3 (others 1)")
+    p.add_argument("--saliency", type=float, default=0.0,
+                   help="weight of the saliency loss (a frame's attention ranks earlier objects above background)")
     p.set_defaults(func=cmd_train_vlm)
 
     bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="task", required=True)

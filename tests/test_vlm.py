@@ -1,18 +1,20 @@
 """The embedded default VLM: its training runs (a few steps here), and the shipped weights answer questions about
 a synthetic stream."""
 
+import numpy as np
 import pytest
 import torch
 
 from livekv.evals import stream_qa, world
 from livekv.stream.session import StreamSession
-from livekv.vlm.model import SYSTEM, WEIGHTS, load_default_vlm
-from livekv.vlm.train import train
+from livekv.vlm.model import SYSTEM, WEIGHTS, DefaultVLMAdapter, build_model, build_tokenizer, load_default_vlm
+from livekv.vlm.train import encode, sample, saliency_loss, train, visual_tokens
 
 
 def test_training_runs_and_saves_a_loadable_model(tmp_path):
-    result = train(tmp_path, steps=2, batch=2, max_seconds=12, log_every=1, held_out=2)
+    result = train(tmp_path, steps=2, batch=2, max_seconds=12, log_every=1, held_out=2, saliency=0.5)
     assert result["held_out_accuracy"] and all(0.0 <= a <= 1.0 for a in result["held_out_accuracy"].values())
+    assert result["saliency"] == 0.5
     adapter = load_default_vlm(tmp_path)
     session = StreamSession(adapter, "livevlm", system=SYSTEM, short_term=20, long_term=20, vsb_rows=8)
     w = world.World(seed=1, duration_s=20, fps=0.5)
@@ -29,3 +31,20 @@ def test_the_shipped_default_vlm_answers_a_one_minute_stream():
     (record,) = payload["results"]
     chance = max(payload["chance"].values())
     assert record["accuracy"] >= 0.6 > chance, record
+
+
+def test_saliency_loss_is_low_only_when_frames_attend_to_earlier_objects():
+    tokenizer = build_tokenizer()
+    adapter = DefaultVLMAdapter(build_model(tokenizer), tokenizer)
+    rng = np.random.default_rng(0)
+    streams = [sample(rng, 40, 30) for _ in range(2)]
+    with torch.no_grad():
+        batch = encode(adapter, streams, visual_tokens(adapter, np.concatenate([s.frames for s in streams])))
+    assert batch.occupied.any() and (batch.frame_of.max(-1).values > 2).all()
+    visible = batch.mask[:, 0].float()  # [B, L, L]
+    uniform = visible / visible.sum(-1, keepdim=True)
+    on_objects = visible * (1 + 1000 * batch.occupied[:, None, :].float())
+    on_objects = on_objects / on_objects.sum(-1, keepdim=True)
+    heads = lambda a: (torch.stack([a, a], 1),) * 3  # noqa: E731  3 layers of 2 heads
+    assert saliency_loss(heads(uniform), batch) > 1.0  # every object only as high as the background: softplus(1)
+    assert saliency_loss(heads(on_objects), batch) < 0.01

@@ -6,14 +6,19 @@ answers: ``questions`` per stream, asked after the last frame and after ``ask_fr
 their kinds drawn evenly. Each question sees only the stream up to its frame and itself (a block mask, positions
 right after that frame), so one stream trains many answers at little more than the cost of one.
 
-Two losses:
+The losses:
 
 * the answers: next-token cross-entropy on the answer words and the end token;
 * perception (training only): every visual token of a frame (one per grid cell) is scored against the decoder's
   own word embeddings, and must name its object's colour and shape (softmax over the colour words and over the
   shape words) and its cell (the cell's words, e.g. "top" and "left"); a linear probe, thrown away after
   training, says whether the cell is occupied. This aligns what the tower sees with the words the questions use.
-  Without it the answers alone took thousands of steps to teach the tower anything.
+  Without it the answers alone took thousands of steps to teach the tower anything;
+* stream state (training only): probes on the middle layer tell, at every frame, what it shows
+  (``StreamStateLoss``);
+* saliency (``saliency`` > 0, off by default): a frame's attention to the earlier frames ranks their object
+  tokens above the background (``saliency_loss``), so that attention-scored compression (Vision Sink
+  Bucketing) keeps objects; compressed training streams then also come as such a memory looks.
 
 A curriculum keeps early steps cheap: streams of at most 30 s for the first half of training (where the skills
 are learnt: 3000 steps of such streams took ~10 minutes here), then the longest grows to ``max_seconds`` by three
@@ -106,7 +111,9 @@ class Batch:
     their end tokens), ``question [B, L]`` (which question a label belongs to, -1: none), ``mask [B, 1, L, L]``
     (bool), and the stream-state targets ``count [B, L]`` (objects in the frame, at each frame's newline token),
     ``first [B, L]`` (1: the token's shape is shown for the first time, at every occupied cell token) and
-    ``frame [B, L, 9, 2]`` (the frame's (colour, shape) per cell, at its newline token, -1 empty); -100 elsewhere."""
+    ``frame [B, L, 9, 2]`` (the frame's (colour, shape) per cell, at its newline token, -1 empty); -100 elsewhere.
+    For the saliency loss: ``frame_of [B, L]`` (the stream frame of each token, -1: not a visual token or newline)
+    and ``occupied [B, L]`` (the token is a cell with an object)."""
 
     embeds: torch.Tensor
     positions: torch.Tensor
@@ -116,15 +123,20 @@ class Batch:
     count: torch.Tensor
     first: torch.Tensor
     frame: torch.Tensor
+    frame_of: torch.Tensor
+    occupied: torch.Tensor
 
 
-def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tensor, rng: np.random.Generator | None = None) -> Batch:
+def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tensor, rng: np.random.Generator | None = None,
+           salient: bool = False) -> Batch:
     """Batch ``streams`` with their ``visual`` tokens (``[sum F, tokens_per_frame + 1, hidden]``).
 
     A row is the stream (system prompt, then 9 visual tokens + a newline per frame) followed by its questions with
     their answers; each question attends to the stream up to its frame and to itself only, at the positions right
     after that frame, exactly what a session's answer sees. With ``rng``, half the streams lose a random 50-95% of
-    the visual tokens of all but their last two frames (positions closing up, as after compression)."""
+    the visual tokens of all but their last two frames (positions closing up, as after compression); with
+    ``salient``, half of those instead keep 60-100% of their object tokens and 0-10% of the rest, newlines
+    included (what Vision Sink Bucketing keeps of a model trained with the saliency loss)."""
     tokenizer = adapter.tokenizer
     embed = adapter.language_model.get_input_embeddings()
     ids = lambda text: torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
@@ -135,15 +147,23 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
         clip_tokens = visual[first : first + n]
         first += n
         keep = torch.ones(clip_tokens.shape[:2], dtype=torch.bool)
-        if rng is not None and n > 2 and rng.random() < 0.5:
+        compress = rng.random() if rng is not None and n > 2 else 1.0
+        if compress < (0.25 if salient else 0.5):  # any tokens lost; the newline closes every frame
             keep[: n - 2] = torch.from_numpy(rng.random((n - 2, keep.shape[1])) >= rng.uniform(0.5, 0.95))
-        keep[:, -1] = True  # the newline closes every frame
+            keep[:, -1] = True
+        elif compress < 0.5:  # mostly objects kept, newlines not: what an attention-scored memory keeps
+            objects = np.zeros(keep.shape, dtype=bool)
+            objects[:, :-1] = stream.cells[..., 1] >= 0
+            p = np.where(objects, rng.uniform(0.6, 1.0), rng.uniform(0.0, 0.1))[: n - 2]
+            keep[: n - 2] = torch.from_numpy(rng.random(p.shape) < p)
         frame_of = torch.cat([torch.full((len(system),), -1), torch.arange(n)[:, None].expand_as(keep)[keep]])
         none = torch.full((len(system),), -100)
         count = torch.full(keep.shape, -100)
         count[:, -1] = torch.from_numpy(stream.count)
         flags = torch.full(keep.shape, -100)
         flags[:, :-1] = torch.from_numpy(np.where(stream.cells[..., 1] >= 0, stream.first, -100))
+        occupied = torch.zeros(keep.shape, dtype=torch.bool)
+        occupied[:, :-1] = torch.from_numpy(stream.cells[..., 1] >= 0)
         parts, positions = [embed(system), clip_tokens[keep]], [torch.arange(len(frame_of))]
         S = len(frame_of)
         labels, question, spans = [torch.full((S,), -100)], [torch.full((S,), -1)], []
@@ -162,7 +182,8 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
             spans.append((visible, len(q) + len(a)))
             n_questions += 1
         rows.append((torch.cat(parts), torch.cat(positions), torch.cat(labels), torch.cat(question),
-                     counts, firsts, summaries, S, spans))
+                     counts, firsts, frame_of, torch.cat([torch.zeros(len(system), dtype=torch.bool), occupied[keep]]),
+                     summaries, S, spans))
     L = max(len(r[0]) for r in rows)
     mask = torch.eye(L, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding attends to itself (no empty rows)
     for b, (*_, S, spans) in enumerate(rows):
@@ -174,15 +195,19 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
             start += length
     pad = lambda i, value: torch.stack([F.pad(r[i], (0, L - len(r[i])), value=value) for r in rows])  # noqa: E731
     embeds = torch.stack([F.pad(r[0], (0, 0, 0, L - len(r[0]))) for r in rows])
-    frame = torch.stack([F.pad(r[6], (0, 0, 0, 0, 0, L - len(r[6])), value=-100) for r in rows])
-    return Batch(embeds, pad(1, 0), pad(2, -100), pad(3, -1), mask[:, None], pad(4, -100), pad(5, -100), frame)
+    frame = torch.stack([F.pad(r[8], (0, 0, 0, 0, 0, L - len(r[8])), value=-100) for r in rows])
+    return Batch(embeds, pad(1, 0), pad(2, -100), pad(3, -1), mask[:, None], pad(4, -100), pad(5, -100), frame,
+                 pad(6, -1), pad(7, False))
 
 
-def answer_loss(adapter: DefaultVLMAdapter, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy on the answers, per question whether every answer token is right ``[Q]``, and the
-    hidden states after the middle decoder layer ``[B, L, hidden]`` (for the stream-state loss)."""
-    out = adapter.language_model(inputs_embeds=batch.embeds, position_ids=batch.positions, attention_mask=batch.mask,
-                                 output_hidden_states=True)
+def answer_loss(adapter: DefaultVLMAdapter, batch: Batch, attentions: bool = False):
+    """Next-token cross-entropy on the answers, per question whether every answer token is right ``[Q]``, the
+    hidden states after the middle decoder layer ``[B, L, hidden]`` (for the stream-state loss) and, with
+    ``attentions`` (the model must run eager attention), every layer's attention ``[B, H, L, L]``."""
+    # additive, as eager attention (which ``attentions`` needs) reads it; sdpa takes it alike
+    mask = torch.zeros(batch.mask.shape).masked_fill_(~batch.mask, torch.finfo(torch.float32).min)
+    out = adapter.language_model(inputs_embeds=batch.embeds, position_ids=batch.positions, attention_mask=mask,
+                                 output_hidden_states=True, output_attentions=attentions)
     logits = adapter.lm_head(out.last_hidden_state[:, :-1])
     target, which = batch.labels[:, 1:], batch.question[:, 1:]
     loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100)
@@ -190,7 +215,29 @@ def answer_loss(adapter: DefaultVLMAdapter, batch: Batch) -> tuple[torch.Tensor,
     wrong = (logits.argmax(-1) != target) & answer
     n = int(batch.question.max()) + 1
     wrong_per_question = torch.zeros(n, dtype=torch.bool).index_put_((which[answer],), wrong[answer], accumulate=True)
-    return loss, ~wrong_per_question, out.hidden_states[len(out.hidden_states) // 2]
+    return loss, ~wrong_per_question, out.hidden_states[len(out.hidden_states) // 2], out.attentions
+
+
+def saliency_loss(attentions: tuple[torch.Tensor, ...], batch: Batch, margin: float = 1.0) -> torch.Tensor:
+    """Training only: in every layer, the attention a frame's tokens pay to the earlier frames (softmax per head
+    and row, mean over heads and the frame's rows: the score Vision Sink Bucketing keeps memory by) must rank each
+    earlier object token above every earlier background token (empty cell, newline) by a factor ``e ** margin``
+    (a hinge on the log scores against the best background token). Without it this small model spreads that
+    attention over the background, and an attention-scored memory keeps mostly empty cells.
+    ``attentions``: per layer ``[B, H, L, L]``."""
+    frames = torch.arange(int(batch.frame_of.max()) + 1)[None, :, None]
+    rows = (batch.frame_of[:, None, :] == frames).float()  # [B, F, L]: the frame's own tokens
+    rows = rows / rows.sum(-1, keepdim=True).clamp(min=1)
+    past = (batch.frame_of[:, None, :] >= 0) & (batch.frame_of[:, None, :] < frames)  # [B, F, L]
+    objects, background = past & batch.occupied[:, None, :], past & ~batch.occupied[:, None, :]
+    scored = objects.any(-1) & background.any(-1) & (rows.sum(-1) > 0)  # [B, F]: frames of the row's stream
+    loss = 0.0
+    for a in attentions:
+        score = (rows @ a.mean(1)).clamp(min=1e-9).log()  # [B, F, L]
+        best_background = score.masked_fill(~background, float("-inf")).amax(-1, keepdim=True)
+        hinge = F.softplus(best_background - score + margin) * objects
+        loss = loss + (hinge.sum(-1)[scored] / objects.sum(-1)[scored]).mean()
+    return loss / len(attentions)
 
 
 class StreamStateLoss(torch.nn.Module):
@@ -242,13 +289,17 @@ class PerceptionLoss(torch.nn.Module):
         return loss + F.binary_cross_entropy_with_logits(self.occupied(tokens)[..., 0], full.float())
 
 
-def batch_loss(adapter, probes: torch.nn.ModuleDict, streams: list[Stream], rng=None):
-    """(answer + perception + stream-state loss, per question right ``[Q]``) of a batch of streams."""
+def batch_loss(adapter, probes: torch.nn.ModuleDict, streams: list[Stream], rng=None, saliency: float = 0.0):
+    """(answer + perception + stream-state loss (+ ``saliency`` x the saliency loss), per question right ``[Q]``)
+    of a batch of streams."""
     visual = visual_tokens(adapter, np.concatenate([s.frames for s in streams]))
-    batch = encode(adapter, streams, visual, rng)
-    loss, right, states = answer_loss(adapter, batch)
+    batch = encode(adapter, streams, visual, rng, salient=saliency > 0)
+    loss, right, states, attentions = answer_loss(adapter, batch, attentions=saliency > 0)
     cells = torch.from_numpy(np.concatenate([s.cells for s in streams]))
-    return loss + probes["perception"](visual[:, : cells.shape[1]], cells) + probes["state"](states, batch), right
+    loss = loss + probes["perception"](visual[:, : cells.shape[1]], cells) + probes["state"](states, batch)
+    if saliency > 0:
+        loss = loss + saliency * saliency_loss(attentions, batch)
+    return loss, right
 
 
 def accuracy_by_kind(streams: list[Stream], right: torch.Tensor) -> dict[str, float]:
@@ -265,10 +316,12 @@ def curriculum(progress: float, max_seconds: float, short: float = 30.0) -> floa
 
 def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, lr: float = 2e-3,
           max_seconds: float = 130.0, seed: int = 0, log_every: int = 100, eval_every: int = 1000, held_out: int = 32,
-          init: str | pathlib.Path | None = None, kind_weights: dict[str, float] | None = None) -> dict:
+          init: str | pathlib.Path | None = None, kind_weights: dict[str, float] | None = None,
+          saliency: float = 0.0) -> dict:
     """Train from scratch (or go on from the checkpoint ``init``, with a fresh schedule and no curriculum) and save
     model + tokenizer to ``out``. ``kind_weights`` oversamples question kinds in training (held-out questions stay
-    even). Returns the held-out answer accuracy (teacher-forced, per kind) and timings."""
+    even); ``saliency`` > 0 adds that much of the saliency loss (eager attention while training). Returns the
+    held-out answer accuracy (teacher-forced, per kind) and timings."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if init is None:
@@ -278,6 +331,8 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
         adapter = load_default_vlm(init)
         tokenizer = adapter.tokenizer
     model = adapter.model.train()
+    if saliency > 0:
+        model.set_attn_implementation("eager")  # the loss needs the attention probabilities
     probes = torch.nn.ModuleDict({"perception": PerceptionLoss(adapter),
                                   "state": StreamStateLoss(model.config.text_config.hidden_size)})
     held = [sample(np.random.default_rng(10_000 + i), max_seconds, max_seconds / 2) for i in range(held_out)]
@@ -291,7 +346,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
         longest = rng.uniform(6, curriculum(step / steps, max_seconds) if init is None else max_seconds)
         streams = [sample(rng, longest, 0.8 * longest, kind_weights=kind_weights) for _ in range(batch)]
         compress = rng if init is not None or step > 0.3 * steps else None
-        loss, right = batch_loss(adapter, probes, streams, compress)
+        loss, right = batch_loss(adapter, probes, streams, compress, saliency)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -305,12 +360,13 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
             logger.info("step %d: held-out answer accuracy (teacher-forced, streams of %g-%g s) %s", step,
                         max_seconds / 2, max_seconds, {k: round(v, 3) for k, v in held_acc.items()})
     model.eval()
+    model.set_attn_implementation("sdpa")
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     result = {"steps": steps, "batch": batch, "lr": lr, "max_seconds": max_seconds, "seed": seed, "init": str(init),
-              "kind_weights": kind_weights,
+              "kind_weights": kind_weights, "saliency": saliency,
               "held_out_accuracy": held_acc, "train_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
     (out / "training.json").write_text(json.dumps(result, indent=1))
     logger.info("saved to %s", out)
