@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from livekv.stream.adapters.base import Segment, VideoLMAdapter
 from livekv.stream.memory import rotate
-from livekv.stream.methods.livevlm import vision_sink_buckets
+from livekv.stream.methods.livevlm import page_scores, vision_sink_buckets
 from livekv.stream.session import StreamSession
 
 TOKENS_PER_FRAME = 4
@@ -149,6 +149,19 @@ def test_vision_sink_buckets():
     assert kept.tolist() == [0, 1, 4, 7]
     assert vision_sink_buckets(scores, budget=8, sinks=2, bucket=1).tolist() == list(range(8))
     assert vision_sink_buckets(torch.rand(1000), 100, 25, 1).shape == (100,)
+
+
+def test_page_scores_are_the_attention_the_question_pays_to_each_page():
+    torch.manual_seed(0)
+    keys = torch.randn(2, 10, 8) * 0.1  # 2 KV heads, 10 tokens, pages of 4: 3 pages, the last of 2 tokens
+    direction = torch.nn.functional.normalize(torch.randn(8), dim=0)
+    queries = torch.randn(4, 3, 8) * 0.1 + direction  # 4 query heads (2 per KV head), 3 question tokens
+    keys[:, 9] = 10 * direction  # token 9 answers the question in every head
+    scores = page_scores(keys, queries, page=4, scaling=1.0)
+    assert scores.shape == (3,) and scores.argmax() == 2
+    assert torch.allclose(scores.sum(), torch.tensor(1.0))  # the attention mass, split by page
+    mass = torch.einsum("gkmd,gnd->gkmn", queries.view(2, 2, 3, 8), keys).softmax(-1).mean(dim=(0, 1, 2))
+    assert torch.allclose(scores, torch.stack([mass[:4].sum(), mass[4:8].sum(), mass[8:].sum()]))
 
 
 def test_livevlm_retrieval_reads_the_top_pages(adapter):

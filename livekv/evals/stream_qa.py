@@ -6,8 +6,9 @@ accuracy overall, per age bucket of the evidence (recent, middle, start of the s
 to its chance level; the fast-tier KV bytes (peak over the stream) and the time to the first answer token.
 
 ``memory_tokens`` gives every bounded method the same fast-tier memory, in tokens per layer: ``sink_window`` a
-window of that many; ``livevlm`` a quarter short-term and three quarters long-term memory; ``rekv`` half a window
-and half retrieved frames.
+window of that many; ``livevlm`` a quarter short-term and three quarters long-term memory, in one bucket (VSB
+keeps the best-scored tokens: at a long-term memory of a few frames, the paper's one-token buckets thin it
+evenly in time, mostly background, whatever the scores); ``rekv`` half a window and half retrieved frames.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def memory_knobs(method: str, memory_tokens: int | None, tokens_per_frame: float
         return {"short_term": memory_tokens}
     if method == "livevlm":
         short = max(1, memory_tokens // 4)
-        return {"short_term": short, "long_term": memory_tokens - short, "vsb_rows": min(32, short)}
+        long = memory_tokens - short
+        return {"short_term": short, "long_term": long, "bucket": long, "vsb_rows": min(32, short)}
     if method == "rekv":
         window = max(1, memory_tokens // 2)
         return {"short_term": window, "top_frames": max(1, int((memory_tokens - window) // tokens_per_frame))}

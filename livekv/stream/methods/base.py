@@ -60,7 +60,12 @@ def context(layer: StreamLayer, idx: torch.Tensor, insert: tuple[torch.Tensor, t
     return out
 
 
+def question_queries(layer: StreamLayer, query: torch.Tensor) -> torch.Tensor:
+    """The question's queries ``[1, H, m, D]`` without their rotary positions: ``[H, m, D]``."""
+    cos, sin = layer.cache.rope(-layer.cache.chunk_positions, query.dtype)
+    return rotate(query[0], cos, sin)
+
+
 def question_query(layer: StreamLayer, query: torch.Tensor) -> torch.Tensor:
     """The question's queries without their rotary positions, averaged over its tokens: ``[H, D]``."""
-    cos, sin = layer.cache.rope(-layer.cache.chunk_positions, query.dtype)
-    return rotate(query[0], cos, sin).mean(dim=1)
+    return question_queries(layer, query).mean(dim=1)

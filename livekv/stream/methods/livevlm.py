@@ -10,15 +10,19 @@ Vision Sink Bucketing, and position-agnostic retrieval when a question arrives.
   in descending score while their bucket has room, up to M tokens; survivors keep their temporal order. Once
   compressed, long-term memory is re-packed 1-D into the M positions right before short-term memory, so
   positions stay bounded.
-* Position-agnostic retrieval (PaR): long-term keys without their rotary positions, in pages of ``page`` (C)
-  tokens, are averaged per page and KV head; a page's score is the sum over query heads of the dot product of the
-  question's mean (un-rotated) query with its head's page mean. Each layer keeps its top ``retrieve`` share of
-  pages and answers over sink + those pages + short-term memory + the question. Positions re-applied: the
+* Position-agnostic retrieval (PaR): long-term memory in pages of ``page`` (C) tokens; a page's score is the
+  attention the question pays to it without rotary positions (softmax of each head's un-rotated question
+  queries over the un-rotated long-term keys, mean over heads and question tokens, summed over the page: the
+  same measure VSB scores tokens by). Each layer keeps its top ``retrieve`` share of pages and answers over
+  sink + those pages + short-term memory + the question. Positions re-applied: the
   retrieved tokens keep the slots they hold in memory (their keys are stored rotated to them), so the question
   sits right after short-term memory whatever was retrieved.
 
 Paper defaults: M = 12k tokens, B = 1, C = 16, 40% of pages. Ours where the paper is silent: r = 32 (the last
-queries of a clip), R = M / 4, short-term memory 4096 tokens (~20 frames of 196 tokens).
+queries of a clip), R = M / 4, short-term memory 4096 tokens (~20 frames of 196 tokens), the page score
+(measured on the embedded VLM, 2-minute streams, 56 tokens of memory: 0.692 / 0.688 answered on two sets of
+480 questions, against 0.677 / 0.669 scoring pages by the dot product of the mean question query with the mean
+page key).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from livekv.stream.methods.base import StreamMethod, context, question_query
+from livekv.stream.methods.base import StreamMethod, context, question_queries
 
 
 def vision_sink_buckets(scores: torch.Tensor, budget: int, sinks: int, bucket: int) -> torch.Tensor:
@@ -48,6 +52,17 @@ def vision_sink_buckets(scores: torch.Tensor, budget: int, sinks: int, bucket: i
     eligible = rest[by_bucket.indices[rank < room[by_bucket.values]]]
     eligible = eligible[scores[eligible].argsort(descending=True, stable=True)][: budget - len(top)]
     return torch.cat([top, eligible]).sort().values
+
+
+def page_scores(keys: torch.Tensor, queries: torch.Tensor, page: int, scaling: float) -> torch.Tensor:
+    """PaR's page scores ``[ceil(n / page)]``: the attention un-rotated question queries ``[H, m, D]`` pay to
+    un-rotated keys ``[G, n, D]`` (softmax per head and query, mean over heads and queries), summed per page."""
+    G, n, D = keys.shape
+    H, m, _ = queries.shape
+    logits = torch.einsum("gkmd,gnd->gkmn", queries.view(G, H // G, m, D), keys).float() * scaling
+    received = logits.softmax(-1).mean(dim=(0, 1, 2))  # [n]
+    page_of = torch.arange(n, device=keys.device) // page
+    return torch.zeros(-(-n // page), device=keys.device).index_add_(0, page_of, received)
 
 
 @dataclass(kw_only=True)
@@ -96,15 +111,8 @@ class LiveVLM(StreamMethod):
         S, n, C = layer.n_sink, layer.n_long, self.page
         if n == 0 or self.retrieve >= 1:
             return None
-        keys = layer.unrotated(S, S + n)[0]  # [G, n, D]
-        G, _, D = keys.shape
-        n_pages = math.ceil(n / C)
-        page_of = torch.arange(n) // C
-        means = torch.zeros(G, n_pages, D, dtype=keys.dtype, device=keys.device).index_add_(1, page_of, keys)
-        means /= torch.bincount(page_of, minlength=n_pages).to(keys)[:, None]
-        q = question_query(layer, query)  # [H, D]
-        scores = torch.einsum("gpd,ghd->p", means, q.view(G, -1, D))
-        top = scores.topk(math.ceil(self.retrieve * n_pages)).indices
-        chosen = torch.isin(page_of, top)
+        scores = page_scores(layer.unrotated(S, S + n)[0], question_queries(layer, query), C, scaling)
+        top = scores.topk(math.ceil(self.retrieve * len(scores))).indices
+        chosen = torch.isin(torch.arange(n, device=top.device) // C, top)
         N = layer.ctx.length
         return context(layer, torch.cat([torch.arange(S), S + chosen.nonzero()[:, 0], torch.arange(S + n, N)]))
