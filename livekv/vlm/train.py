@@ -18,7 +18,9 @@ The losses:
   (``StreamStateLoss``);
 * saliency (``saliency`` > 0, off by default): a frame's attention to the earlier frames ranks their object
   tokens above the background (``saliency_loss``), so that attention-scored compression (Vision Sink
-  Bucketing) keeps objects; compressed training streams then also come as such a memory looks.
+  Bucketing) keeps objects; compressed training streams then also come as such a memory looks;
+* evidence (``evidence`` > 0, off by default): a question's last token attends to the token showing the asked
+  object (``evidence_loss``).
 
 A curriculum keeps early steps cheap: streams of at most 30 s for the first half of training (where the skills
 are learnt: 3000 steps of such streams took ~10 minutes here), then the longest grows to ``max_seconds`` by three
@@ -53,11 +55,12 @@ CELL_WORDS = sorted({w for cell in world.CELLS for w in cell.split()})
 
 class Stream:
     """One training stream: ``frames [F, 48, 48, 3]`` uint8, ``cells [F, 9, 2]`` (colour, shape) per cell (indices
-    into ``world.COLOURS`` / ``world.SHAPES``, -1: empty) and ``qas``: (frame asked after, question, answer, kind).
+    into ``world.COLOURS`` / ``world.SHAPES``, -1: empty) and ``qas``: (frame asked after, question, answer, kind,
+    evidence: the index ``frame * 10 + cell`` of the visual token showing the asked object, -1: none).
     Derived: ``count [F]`` objects per frame; ``first [F, 9]``: the cell's shape is shown for the first time in
     this frame (no earlier frame showed that shape)."""
 
-    def __init__(self, frames: np.ndarray, cells: np.ndarray, qas: list[tuple[int, str, str, str]]):
+    def __init__(self, frames: np.ndarray, cells: np.ndarray, qas: list[tuple[int, str, str, str, int]]):
         self.frames, self.cells, self.qas = frames, cells, qas
         shapes = cells[..., 1]
         self.count = (shapes >= 0).sum(-1)
@@ -89,7 +92,7 @@ def sample(rng: np.random.Generator, max_seconds: float, min_seconds: float = 4.
                 kind = kinds[int(rng.integers(len(kinds)) if p is None else rng.choice(len(kinds), p=p))]
                 if by_kind.get(kind):
                     q = by_kind[kind].pop(int(rng.integers(len(by_kind[kind]))))
-                    qas.append((k, q.text, q.answer, q.kind))
+                    qas.append((k, q.text, q.answer, q.kind, evidence_token(w, q)))
         if qas:
             break
     cells = np.full((n, len(world.CELLS), 2), -1, dtype=np.int64)
@@ -97,6 +100,18 @@ def sample(rng: np.random.Generator, max_seconds: float, min_seconds: float = 4.
         for it in w.state(t):
             cells[i, world.CELLS.index(it.cell)] = (colours.index(it.colour), shapes.index(it.shape))
     return Stream(np.stack([image for _, image in w.frames()]), cells, qas)
+
+
+def evidence_token(w: world.World, q: world.Question) -> int:
+    """The stream index (``frame * 10 + cell``) of the visual token showing the object ``q`` asks about, in its
+    evidence frame; -1 when it asks about no one object (how many). The object is the one whose colour and shape
+    are among the question's and answer's words: visible objects never share both."""
+    words = set(q.text.split()) | {q.answer}
+    frame = int(np.argmin(np.abs(np.asarray(w.frame_times) - q.evidence_time)))
+    for item in w.state(w.frame_times[frame]):
+        if item.colour in words and item.shape in words:
+            return frame * (len(world.CELLS) + 1) + world.CELLS.index(item.cell)
+    return -1
 
 
 def visual_tokens(adapter: DefaultVLMAdapter, frames: np.ndarray) -> torch.Tensor:
@@ -113,7 +128,9 @@ class Batch:
     ``first [B, L]`` (1: the token's shape is shown for the first time, at every occupied cell token) and
     ``frame [B, L, 9, 2]`` (the frame's (colour, shape) per cell, at its newline token, -1 empty); -100 elsewhere.
     For the saliency loss: ``frame_of [B, L]`` (the stream frame of each token, -1: not a visual token or newline)
-    and ``occupied [B, L]`` (the token is a cell with an object)."""
+    and ``occupied [B, L]`` (the token is a cell with an object). For the evidence loss: ``evidence [Q, 3]``, per
+    question its row, the position of its last token (the one that predicts the answer) and that of the visual
+    token showing the asked object (-1: none, or compressed away)."""
 
     embeds: torch.Tensor
     positions: torch.Tensor
@@ -125,6 +142,7 @@ class Batch:
     frame: torch.Tensor
     frame_of: torch.Tensor
     occupied: torch.Tensor
+    evidence: torch.Tensor
 
 
 def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tensor, rng: np.random.Generator | None = None,
@@ -141,7 +159,7 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
     embed = adapter.language_model.get_input_embeddings()
     ids = lambda text: torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     system, eos = ids(SYSTEM), torch.tensor([tokenizer.eos_token_id])
-    rows, first, n_questions = [], 0, 0
+    rows, first, n_questions, evidence_at = [], 0, 0, []
     for stream in streams:
         n = len(stream.frames)
         clip_tokens = visual[first : first + n]
@@ -172,7 +190,8 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
         # stream-state targets exist on the stream only; the question tokens after it get -100 as padding does
         counts, firsts = torch.cat([none, count[keep]]), torch.cat([none, flags[keep]])
         summaries = torch.cat([torch.full((len(system), *stream.cells.shape[1:]), -100), summary[keep]])
-        for k, text, answer, _ in stream.qas:
+        at = torch.full(keep.shape, -1).masked_scatter_(keep, torch.arange(int(keep.sum()))) + len(system)
+        for k, text, answer, _, evidence in stream.qas:
             q, a = ids(QUESTION_TEMPLATE.format(question=text)), torch.cat([ids(answer), eos])
             visible = int((frame_of <= k).sum())
             parts.append(embed(torch.cat([q, a])))
@@ -180,6 +199,9 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
             labels.append(torch.cat([torch.full((len(q),), -100), a]))
             question.append(torch.full((len(q) + len(a),), n_questions))
             spans.append((visible, len(q) + len(a)))
+            seen = evidence >= 0 and bool(keep.view(-1)[evidence])
+            evidence_at.append((len(rows), S + sum(length for _, length in spans[:-1]) + len(q) - 1,
+                                int(at.view(-1)[evidence]) if seen else -1))
             n_questions += 1
         rows.append((torch.cat(parts), torch.cat(positions), torch.cat(labels), torch.cat(question),
                      counts, firsts, frame_of, torch.cat([torch.zeros(len(system), dtype=torch.bool), occupied[keep]]),
@@ -197,7 +219,7 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
     embeds = torch.stack([F.pad(r[0], (0, 0, 0, L - len(r[0]))) for r in rows])
     frame = torch.stack([F.pad(r[8], (0, 0, 0, 0, 0, L - len(r[8])), value=-100) for r in rows])
     return Batch(embeds, pad(1, 0), pad(2, -100), pad(3, -1), mask[:, None], pad(4, -100), pad(5, -100), frame,
-                 pad(6, -1), pad(7, False))
+                 pad(6, -1), pad(7, False), torch.tensor(evidence_at, dtype=torch.long).view(-1, 3))
 
 
 def answer_loss(adapter: DefaultVLMAdapter, batch: Batch, attentions: bool = False):
@@ -289,22 +311,38 @@ class PerceptionLoss(torch.nn.Module):
         return loss + F.binary_cross_entropy_with_logits(self.occupied(tokens)[..., 0], full.float())
 
 
-def batch_loss(adapter, probes: torch.nn.ModuleDict, streams: list[Stream], rng=None, saliency: float = 0.0):
-    """(answer + perception + stream-state loss (+ ``saliency`` x the saliency loss), per question right ``[Q]``)
-    of a batch of streams."""
+def evidence_loss(attentions: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
+    """Training only: for each question about one object, the attention its last token (the one that predicts the
+    answer) pays to the visual token showing that object, in the best head of the upper half of the layers, must
+    be high (negative log of it). It teaches the lookup the answers need (which object, bound by colour and
+    shape) directly, where the answer loss teaches it only through the words. ``attentions``: per layer
+    ``[B, H, L, L]``."""
+    b, query, key = batch.evidence[batch.evidence[:, 2] >= 0].unbind(-1)
+    if len(b) == 0:
+        return torch.zeros(())
+    upper = torch.stack([a[b, :, query, key] for a in attentions[len(attentions) // 2 :]], -1)  # [Q, H, layers]
+    return -upper.flatten(1).amax(-1).clamp(min=1e-6).log().mean()
+
+
+def batch_loss(adapter, probes: torch.nn.ModuleDict, streams: list[Stream], rng=None, saliency: float = 0.0,
+               evidence: float = 0.0):
+    """(answer + perception + stream-state loss (+ ``saliency`` x the saliency loss + ``evidence`` x the evidence
+    loss), per question right ``[Q]``) of a batch of streams."""
     visual = visual_tokens(adapter, np.concatenate([s.frames for s in streams]))
     batch = encode(adapter, streams, visual, rng, salient=saliency > 0)
-    loss, right, states, attentions = answer_loss(adapter, batch, attentions=saliency > 0)
+    loss, right, states, attentions = answer_loss(adapter, batch, attentions=saliency > 0 or evidence > 0)
     cells = torch.from_numpy(np.concatenate([s.cells for s in streams]))
     loss = loss + probes["perception"](visual[:, : cells.shape[1]], cells) + probes["state"](states, batch)
     if saliency > 0:
         loss = loss + saliency * saliency_loss(attentions, batch)
+    if evidence > 0:
+        loss = loss + evidence * evidence_loss(attentions, batch)
     return loss, right
 
 
 def accuracy_by_kind(streams: list[Stream], right: torch.Tensor) -> dict[str, float]:
     """Share of right answers per question kind (``right [Q]``: the questions of ``streams`` in order)."""
-    kinds = np.array([kind for s in streams for *_, kind in s.qas])
+    kinds = np.array([qa[3] for s in streams for qa in s.qas])
     return {kind: float(right[torch.from_numpy(kinds == kind)].float().mean()) for kind in world.CHANCE if (kinds == kind).any()}
 
 
@@ -317,11 +355,11 @@ def curriculum(progress: float, max_seconds: float, short: float = 30.0) -> floa
 def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, lr: float = 2e-3,
           max_seconds: float = 130.0, seed: int = 0, log_every: int = 100, eval_every: int = 1000, held_out: int = 32,
           init: str | pathlib.Path | None = None, kind_weights: dict[str, float] | None = None,
-          saliency: float = 0.0) -> dict:
+          saliency: float = 0.0, evidence: float = 0.0) -> dict:
     """Train from scratch (or go on from the checkpoint ``init``, with a fresh schedule and no curriculum) and save
     model + tokenizer to ``out``. ``kind_weights`` oversamples question kinds in training (held-out questions stay
-    even); ``saliency`` > 0 adds that much of the saliency loss (eager attention while training). Returns the
-    held-out answer accuracy (teacher-forced, per kind) and timings."""
+    even); ``saliency`` / ``evidence`` > 0 add that much of the saliency / evidence loss (eager attention while
+    training). Returns the held-out answer accuracy (teacher-forced, per kind) and timings."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if init is None:
@@ -331,7 +369,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
         adapter = load_default_vlm(init)
         tokenizer = adapter.tokenizer
     model = adapter.model.train()
-    if saliency > 0:
+    if saliency > 0 or evidence > 0:
         model.set_attn_implementation("eager")  # the loss needs the attention probabilities
     probes = torch.nn.ModuleDict({"perception": PerceptionLoss(adapter),
                                   "state": StreamStateLoss(model.config.text_config.hidden_size)})
@@ -346,7 +384,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
         longest = rng.uniform(6, curriculum(step / steps, max_seconds) if init is None else max_seconds)
         streams = [sample(rng, longest, 0.8 * longest, kind_weights=kind_weights) for _ in range(batch)]
         compress = rng if init is not None or step > 0.3 * steps else None
-        loss, right = batch_loss(adapter, probes, streams, compress, saliency)
+        loss, right = batch_loss(adapter, probes, streams, compress, saliency, evidence)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -366,7 +404,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     result = {"steps": steps, "batch": batch, "lr": lr, "max_seconds": max_seconds, "seed": seed, "init": str(init),
-              "kind_weights": kind_weights, "saliency": saliency,
+              "kind_weights": kind_weights, "saliency": saliency, "evidence": evidence,
               "held_out_accuracy": held_acc, "train_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
     (out / "training.json").write_text(json.dumps(result, indent=1))
     logger.info("saved to %s", out)
