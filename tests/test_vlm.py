@@ -8,13 +8,13 @@ import torch
 from livekv.evals import stream_qa, world
 from livekv.stream.session import StreamSession
 from livekv.vlm.model import SYSTEM, WEIGHTS, DefaultVLMAdapter, build_model, build_tokenizer, load_default_vlm
-from livekv.vlm.train import encode, sample, saliency_loss, train, visual_tokens
+from livekv.vlm.train import encode, evidence_loss, evidence_token, sample, saliency_loss, train, visual_tokens
 
 
 def test_training_runs_and_saves_a_loadable_model(tmp_path):
-    result = train(tmp_path, steps=2, batch=2, max_seconds=12, log_every=1, held_out=2, saliency=0.5)
+    result = train(tmp_path, steps=2, batch=2, max_seconds=12, log_every=1, held_out=2, saliency=0.5, evidence=0.5)
     assert result["held_out_accuracy"] and all(0.0 <= a <= 1.0 for a in result["held_out_accuracy"].values())
-    assert result["saliency"] == 0.5
+    assert result["saliency"] == result["evidence"] == 0.5
     adapter = load_default_vlm(tmp_path)
     session = StreamSession(adapter, "livevlm", system=SYSTEM, short_term=20, long_term=20, vsb_rows=8)
     w = world.World(seed=1, duration_s=20, fps=0.5)
@@ -48,3 +48,28 @@ def test_saliency_loss_is_low_only_when_frames_attend_to_earlier_objects():
     heads = lambda a: (torch.stack([a, a], 1),) * 3  # noqa: E731  3 layers of 2 heads
     assert saliency_loss(heads(uniform), batch) > 1.0  # every object only as high as the background: softplus(1)
     assert saliency_loss(heads(on_objects), batch) < 0.01
+
+
+def test_evidence_points_at_the_asked_object_and_its_loss_at_attention_there():
+    w = world.World(seed=2, duration_s=60)
+    questions = w.candidates(w.frame_times[-1])
+    for q in questions:
+        index = evidence_token(w, q)
+        if q.kind == "count_now":
+            assert index == -1
+            continue
+        frame, cell = divmod(index, len(world.CELLS) + 1)
+        assert w.frame_times[frame] == q.evidence_time
+        (item,) = [it for it in w.state(q.evidence_time) if it.cell == world.CELLS[cell]]
+        assert {item.colour, item.shape, item.cell} >= {q.answer} and item.shape in q.text
+    tokenizer = build_tokenizer()
+    adapter = DefaultVLMAdapter(build_model(tokenizer), tokenizer)
+    streams = [sample(np.random.default_rng(3), 40, 30) for _ in range(2)]
+    with torch.no_grad():
+        batch = encode(adapter, streams, visual_tokens(adapter, np.concatenate([s.frames for s in streams])))
+    row, query, key = batch.evidence[batch.evidence[:, 2] >= 0].T
+    assert len(row) and batch.occupied[row, key].all() and (batch.labels[row, query + 1] != -100).all()
+    attention = torch.full((2, 2, *batch.mask.shape[-2:]), 1e-3)
+    assert evidence_loss((attention,) * 4, batch) > 6
+    attention[row, 1, query, key] = 1.0  # one head of the upper layers reads the object
+    assert evidence_loss((attention,) * 4, batch) < 1e-6
