@@ -20,9 +20,9 @@ Vision Sink Bucketing, and position-agnostic retrieval when a question arrives.
 
 Paper defaults: M = 12k tokens, B = 1, C = 16, 40% of pages. Ours where the paper is silent: r = 32 (the last
 queries of a clip), R = M / 4, short-term memory 4096 tokens (~20 frames of 196 tokens), the page score
-(measured on the embedded VLM, 2-minute streams, 56 tokens of memory: 0.692 / 0.688 answered on two sets of
-480 questions, against 0.677 / 0.669 scoring pages by the dot product of the mean question query with the mean
-page key).
+(measured on intermediate weights of the embedded VLM, 2-minute streams, 56 tokens of memory: 0.692 / 0.688
+answered on two sets of 480 questions, against 0.677 / 0.669 scoring pages by the dot product of the mean
+question query with the mean page key; ``docs/results.md``).
 """
 
 from __future__ import annotations
