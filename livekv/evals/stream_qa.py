@@ -81,21 +81,24 @@ def _mean(cases: list[dict]) -> float:
 
 
 def evaluate(adapter, methods: list[str], minutes: float = 2.0, seed: int = 0, n_questions: int = 60,
-             memory_tokens: int | None = None, system: str | None = None, fps: float = 0.5, streams: int = 1) -> dict:
+             memory_tokens: int | None = None, system: str | None = None, fps: float = 0.5, streams: int = 1,
+             knobs: dict | None = None) -> dict:
     """Every method on ``streams`` worlds (seeds ``seed, seed + 1, ...``) of ``minutes`` each, ``n_questions``
-    per world; a method's record pools the questions of all its streams."""
+    per world; a method's record pools the questions of all its streams. ``knobs`` change those the memory rule
+    gives (every method's)."""
     from livekv.vlm.model import SYSTEM
 
     worlds = [world_mod.stream_qa(seed + i, minutes * 60, n_questions, fps) for i in range(streams)]
     results, all_cases = [], []
     for method in methods:
-        knobs = memory_knobs(method, memory_tokens, adapter.tokens_per_frame + 1)  # + LLaVA's newline per clip
+        # + LLaVA's newline per clip
+        method_knobs = {**memory_knobs(method, memory_tokens, adapter.tokens_per_frame + 1), **(knobs or {})}
         cases, kv_bytes, tokens = [], 0, 0
         for i, (world, questions) in enumerate(worlds):
-            stream_cases, peak, tokens = run_method(adapter, method, knobs, world, questions, system or SYSTEM)
+            stream_cases, peak, tokens = run_method(adapter, method, method_knobs, world, questions, system or SYSTEM)
             cases += [{**c, "stream": seed + i} for c in stream_cases]
             kv_bytes = max(kv_bytes, peak)
-        record = summarize(method, knobs, minutes, streams, cases, kv_bytes, tokens)
+        record = summarize(method, method_knobs, minutes, streams, cases, kv_bytes, tokens)
         buckets = "  ".join(f"{k[4:]} {v:.2f}" for k, v in record.items() if k.startswith("acc_"))
         print(f"{method:12s} accuracy {record['accuracy']:.3f} ({record['questions']} q) | {buckets} | "
               f"KV fast {record['kv_bytes'] / 1e6:.2f} MB | TTFT {record['ttft_ms']:.1f} ms", file=sys.stdout, flush=True)

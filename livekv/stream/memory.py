@@ -39,6 +39,19 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotate_half(x) * sin
 
 
+def received_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float,
+                       seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean attention ``[N]`` keys ``[G, N, D]`` receive from queries ``[H, r, D]`` (softmax per head and
+    query, then the mean over all of them). ``seen [H / G * r]``: how many keys each query of a KV head's group
+    sees (the first ones; ``None``: all)."""
+    H, r, D = queries.shape
+    G, N = keys.shape[0], keys.shape[1]
+    logits = (queries.reshape(G, H // G * r, D) @ keys.transpose(1, 2)).float() * scaling  # [G, H/G * r, N]
+    if seen is not None:
+        logits.masked_fill_(torch.arange(N, device=keys.device) >= seen[:, None], float("-inf"))
+    return logits.softmax(-1).mean(dim=(0, 1))
+
+
 class StreamLayer(_LiveKVLayer):
     """One layer's stream memory. ``ctx`` keys/values ``[1, G, N, D]`` (fast tier), ``pos [P, N]`` their positions,
     ``frame [N]`` the stream frame of each token (-1: text). ``n_sink`` and ``n_long`` count the first two regions
@@ -105,11 +118,8 @@ class StreamLayer(_LiveKVLayer):
         row, causal, then the mean over heads and rows): Vision Sink Bucketing's token scores."""
         _, H, n, D = query.shape
         G, N = keys.shape[1], keys.shape[2]
-        q = query[0, :, rows].reshape(G, H // G * len(rows), D)
-        logits = (q @ keys[0].transpose(1, 2)).float() * scaling  # [G, H/G * r, N]
         seen = (N - n + rows + 1).repeat(H // G)  # each row sees the keys before it and itself
-        logits.masked_fill_(torch.arange(N) >= seen[:, None], float("-inf"))
-        return logits.softmax(-1).mean(dim=(0, 1))
+        return received_attention(query[0, :, rows], keys[0], scaling, seen)
 
     # --- the stream side: called by the cache -----------------------------------------------------------------
     def rollback(self) -> None:

@@ -165,23 +165,21 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
         clip_tokens = visual[first : first + n]
         first += n
         keep = torch.ones(clip_tokens.shape[:2], dtype=torch.bool)
+        occupied = torch.zeros(keep.shape, dtype=torch.bool)  # cells with an object (the newline: no)
+        occupied[:, :-1] = torch.from_numpy(stream.cells[..., 1] >= 0)
         compress = rng.random() if rng is not None and n > 2 else 1.0
         if compress < (0.25 if salient else 0.5):  # any tokens lost; the newline closes every frame
             keep[: n - 2] = torch.from_numpy(rng.random((n - 2, keep.shape[1])) >= rng.uniform(0.5, 0.95))
             keep[:, -1] = True
         elif compress < 0.5:  # mostly objects kept, newlines not: what an attention-scored memory keeps
-            objects = np.zeros(keep.shape, dtype=bool)
-            objects[:, :-1] = stream.cells[..., 1] >= 0
-            p = np.where(objects, rng.uniform(0.6, 1.0), rng.uniform(0.0, 0.1))[: n - 2]
+            p = np.where(occupied.numpy(), rng.uniform(0.6, 1.0), rng.uniform(0.0, 0.1))[: n - 2]
             keep[: n - 2] = torch.from_numpy(rng.random(p.shape) < p)
         frame_of = torch.cat([torch.full((len(system),), -1), torch.arange(n)[:, None].expand_as(keep)[keep]])
         none = torch.full((len(system),), -100)
         count = torch.full(keep.shape, -100)
         count[:, -1] = torch.from_numpy(stream.count)
         flags = torch.full(keep.shape, -100)
-        flags[:, :-1] = torch.from_numpy(np.where(stream.cells[..., 1] >= 0, stream.first, -100))
-        occupied = torch.zeros(keep.shape, dtype=torch.bool)
-        occupied[:, :-1] = torch.from_numpy(stream.cells[..., 1] >= 0)
+        flags[:, :-1] = torch.from_numpy(np.where(occupied[:, :-1].numpy(), stream.first, -100))
         parts, positions = [embed(system), clip_tokens[keep]], [torch.arange(len(frame_of))]
         S = len(frame_of)
         labels, question, spans = [torch.full((S,), -100)], [torch.full((S,), -1)], []
@@ -190,7 +188,8 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
         # stream-state targets exist on the stream only; the question tokens after it get -100 as padding does
         counts, firsts = torch.cat([none, count[keep]]), torch.cat([none, flags[keep]])
         summaries = torch.cat([torch.full((len(system), *stream.cells.shape[1:]), -100), summary[keep]])
-        at = torch.full(keep.shape, -1).masked_scatter_(keep, torch.arange(int(keep.sum()))) + len(system)
+        at = len(system) + keep.view(-1).cumsum(0) - 1  # a kept token's position in the row
+        start = S  # where the next question's tokens begin
         for k, text, answer, _, evidence in stream.qas:
             q, a = ids(QUESTION_TEMPLATE.format(question=text)), torch.cat([ids(answer), eos])
             visible = int((frame_of <= k).sum())
@@ -200,8 +199,8 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
             question.append(torch.full((len(q) + len(a),), n_questions))
             spans.append((visible, len(q) + len(a)))
             seen = evidence >= 0 and bool(keep.view(-1)[evidence])
-            evidence_at.append((len(rows), S + sum(length for _, length in spans[:-1]) + len(q) - 1,
-                                int(at.view(-1)[evidence]) if seen else -1))
+            evidence_at.append((len(rows), start + len(q) - 1, int(at[evidence]) if seen else -1))
+            start += len(q) + len(a)
             n_questions += 1
         rows.append((torch.cat(parts), torch.cat(positions), torch.cat(labels), torch.cat(question),
                      counts, firsts, frame_of, torch.cat([torch.zeros(len(system), dtype=torch.bool), occupied[keep]]),

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from livekv.stream.memory import received_attention
 from livekv.stream.methods.base import StreamMethod, context, question_queries
 
 
@@ -57,10 +58,8 @@ def vision_sink_buckets(scores: torch.Tensor, budget: int, sinks: int, bucket: i
 def page_scores(keys: torch.Tensor, queries: torch.Tensor, page: int, scaling: float) -> torch.Tensor:
     """PaR's page scores ``[ceil(n / page)]``: the attention un-rotated question queries ``[H, m, D]`` pay to
     un-rotated keys ``[G, n, D]`` (softmax per head and query, mean over heads and queries), summed per page."""
-    G, n, D = keys.shape
-    H, m, _ = queries.shape
-    logits = torch.einsum("gkmd,gnd->gkmn", queries.view(G, H // G, m, D), keys).float() * scaling
-    received = logits.softmax(-1).mean(dim=(0, 1, 2))  # [n]
+    n = keys.shape[1]
+    received = received_attention(queries, keys, scaling)  # [n]
     page_of = torch.arange(n, device=keys.device) // page
     return torch.zeros(-(-n // page), device=keys.device).index_add_(0, page_of, received)
 
