@@ -227,8 +227,7 @@ def cmd_train_vlm(args) -> None:
         torch.set_num_threads(args.threads)
     train(args.out or WEIGHTS, steps=args.steps, batch=args.batch, lr=args.lr, max_seconds=args.max_seconds,
           seed=args.seed, init=args.init, kind_weights=_kind_weights(args.kind_weights),
-          saliency=args.saliency, evidence=args.evidence, readout=args.readout,
-          agreement=args.agreement)
+          saliency=args.saliency, evidence=args.evidence)
 
 
 def _kind_weights(text: str | None) -> dict[str, float] | None:
@@ -356,10 +355,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the saliency loss (a frame's attention ranks earlier objects above background)")
     p.add_argument("--evidence", type=float, default=0.0,
                    help="weight of the evidence loss (a question attends to the token showing its object)")
-    p.add_argument("--readout", type=float, default=0.0,
-                   help="weight of the readout loss (the head reading that token names the answer by its direct effect)")
-    p.add_argument("--agreement", type=float, default=0.0,
-                   help="weight of the agreement loss (no upper head's direct effect favours a wrong word)")
     p.set_defaults(func=cmd_train_vlm)
 
     bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="task", required=True)

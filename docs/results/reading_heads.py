@@ -1,15 +1,19 @@
 """Does the answer use the lookup? On held-out training streams (teacher-forced, full memory), per question about
 one object: how much the head of the upper layers that attends most to the token showing the object attends
-there, whether that head's direct effect on the answer's logits (``livekv.vlm.train.direct_logits``) names the
+there, whether that head's direct effect on the answer's logits names the
 answer's first word, and whether the model's answer does; then the answers again with that head's output made
-``--gain`` times larger at the answer's position (the head picked with the ground truth: a diagnostic, not
+``gain`` times larger at the answer's position (the head picked with the ground truth: a diagnostic, not
 shipped code).
+
+A head's direct effect: its output alone through its slice of the output projection, the final norm's weight
+and the word head, scaled as the final norm scales the whole residual stream there.
 
     python docs/results/reading_heads.py [WEIGHTS ...] > docs/results/reading_heads.json
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -18,6 +22,29 @@ import torch
 
 from livekv.vlm import train
 from livekv.vlm.model import WEIGHTS, load_default_vlm
+
+
+@contextlib.contextmanager
+def inputs_of(modules):
+    """While open, the list holds each module's input of the last forward pass."""
+    seen = [None] * len(modules)
+    keep = lambda i: lambda _module, args: seen.__setitem__(i, args[0])  # noqa: E731
+    handles = [m.register_forward_pre_hook(keep(i)) for i, m in enumerate(modules)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def direct_logits(lm, word_head, head_in, residual, layer, head) -> torch.Tensor:
+    """The direct effect on the word logits ``[vocab]`` of head ``head`` of ``layer``, from its output ``head_in``
+    (the output projection's input, ``[heads * head_dim]``) and the residual stream entering the final norm."""
+    dim = lm.config.hidden_size // lm.config.num_attention_heads
+    alone = torch.zeros_like(head_in)
+    alone[head * dim : (head + 1) * dim] = head_in[head * dim : (head + 1) * dim]
+    scale = torch.rsqrt(residual.pow(2).mean() + lm.norm.variance_epsilon)
+    return word_head(lm.norm.weight * lm.layers[layer].self_attn.o_proj(alone) * scale)
 
 
 @torch.no_grad()
@@ -32,17 +59,25 @@ def measure(path, streams: int = 32, batch: int = 8, gain: float = 4.0) -> dict:
     for i in range(0, streams, batch):
         part = held[i : i + batch]
         b = train.encode(adapter, part, train.visual_tokens(adapter, np.concatenate([s.frames for s in part])))
-        with train.head_outputs(adapter) as outputs:
+        with inputs_of([layer.self_attn.o_proj for layer in lm.layers] + [lm.norm]) as outputs:
             _, right, _, attentions = train.answer_loss(adapter, b, attentions=True)
         about_one = b.evidence[:, 2] >= 0
         kinds = np.array([qa[3] for s in part for qa in s.qas])[about_one.numpy()]
-        row, query, reads = train.evidence_reads(attentions, b)
-        upper = n_layers - reads.shape[1]
+        row, query, key = b.evidence[about_one].unbind(-1)
+        upper = n_layers // 2
+        reads = torch.stack([a[row, :, query, key] for a in attentions[upper:]], 1)  # [Q, layers, heads]
         best = reads.flatten(1).argmax(-1)
         layer, head = best // n_heads, best % n_heads
-        logits = train.direct_logits(adapter, outputs, row, query, range(upper, n_layers))
         answer = b.labels[row, query + 1]
-        head_right = logits[torch.arange(len(row)), layer, head].argmax(-1) == answer
+        reader = torch.stack([
+            direct_logits(lm, adapter.lm_head, outputs[upper + int(l)][r, q], outputs[-1][r, q], upper + int(l), int(h))
+            for r, q, l, h in zip(row, query, layer, head)
+        ])  # [Q, vocab]
+        head_right = reader.argmax(-1) == answer
+        final = adapter.lm_head(lm.norm(outputs[-1][row, query]))  # the model's own logits, the sum of all parts
+        said = final.argmax(-1)
+        margin = lambda logits: logits.gather(-1, said[:, None])[:, 0] - logits.gather(-1, answer[:, None])[:, 0]  # noqa: E731
+        reader_margin, rest_margin = margin(reader), margin(final) - margin(reader)  # toward the word said, over the answer
 
         def louder(l):  # the reading head's output, ``gain`` times larger at the answer's position
             def hook(_module, args):
@@ -58,16 +93,22 @@ def measure(path, streams: int = 32, batch: int = 8, gain: float = 4.0) -> dict:
             h.remove()
         for j in range(len(row)):
             tallies.setdefault(str(kinds[j]), []).append(
-                (float(reads[j].max()), bool(head_right[j]), bool(right[about_one][j]), bool(loud_right[about_one][j])))
+                (float(reads[j].max()), bool(head_right[j]), bool(right[about_one][j]), bool(loud_right[about_one][j]),
+                 float(reader_margin[j]), float(rest_margin[j])))
     out = {}
     for kind, rows in sorted(tallies.items()):
-        att, head_ok, answer_ok, loud_ok = (np.array(x) for x in zip(*rows))
+        att, head_ok, answer_ok, loud_ok, reader_m, rest_m = (np.array(x) for x in zip(*rows))
+        wrong = ~answer_ok
         out[kind] = {"questions": len(rows), "attention_to_object": round(float(att.mean()), 3),
                      "head_names_answer": round(float(head_ok.mean()), 3), "answer_right": round(float(answer_ok.mean()), 3),
-                     f"answer_right_head_x{gain:g}": round(float(loud_ok.mean()), 3)}
+                     f"answer_right_head_x{gain:g}": round(float(loud_ok.mean()), 3),
+                     # in the wrong answers: how far the reading head / the rest of the model favour the word said
+                     "wrong_reader_margin": round(float(reader_m[wrong].mean()), 2) if wrong.any() else None,
+                     "wrong_rest_margin": round(float(rest_m[wrong].mean()), 2) if wrong.any() else None}
         print(f"{path}  {kind:13s} {len(rows):4d} questions  attention to the object {att.mean():.2f}  head names the "
               f"answer {head_ok.mean():.2f}  answer right {answer_ok.mean():.2f}  with the head x{gain:g} "
-              f"{loud_ok.mean():.2f}", file=sys.stderr)
+              f"{loud_ok.mean():.2f}  in wrong answers the head / the rest favour the word said by "
+              f"{out[kind]['wrong_reader_margin']} / {out[kind]['wrong_rest_margin']} logits", file=sys.stderr)
     return out
 
 

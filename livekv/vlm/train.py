@@ -20,11 +20,7 @@ The losses:
   tokens above the background (``saliency_loss``), so that attention-scored compression (Vision Sink
   Bucketing) keeps objects; compressed training streams then also come as such a memory looks;
 * evidence (``evidence`` > 0, off by default): a question's last token attends to the token showing the asked
-  object (``evidence_loss``);
-* readout (``readout`` > 0, off by default): the head that attends there most must, by its own direct effect on
-  the answer's logits, name the answer's first word (``readout_loss``);
-* agreement (``agreement`` > 0, off by default): no head of the upper layers may, by its direct effect, favour
-  another word over the answer (``agreement_loss``).
+  object (``evidence_loss``).
 
 A curriculum keeps early steps cheap: streams of at most 30 s for the first half of training (where the skills
 are learnt: 3000 steps of such streams took ~10 minutes here), then the longest grows to ``max_seconds`` by three
@@ -36,7 +32,6 @@ the number of steps.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -315,119 +310,32 @@ class PerceptionLoss(torch.nn.Module):
         return loss + F.binary_cross_entropy_with_logits(self.occupied(tokens)[..., 0], full.float())
 
 
-def evidence_reads(attentions: tuple[torch.Tensor, ...], batch: Batch) -> tuple[torch.Tensor, ...]:
-    """Per question with a visible evidence token: its row and query position ``[Q']`` and the attention every head
-    of the upper half of the layers pays from the query to the evidence token ``[Q', layers, H]``."""
-    b, query, key = batch.evidence[batch.evidence[:, 2] >= 0].unbind(-1)
-    upper = attentions[len(attentions) // 2 :]
-    reads = torch.stack([a[b, :, query, key] for a in upper], 1) if len(b) else torch.zeros(0, len(upper), 1)
-    return b, query, reads
-
-
 def evidence_loss(attentions: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
     """Training only: for each question about one object, the attention its last token (the one that predicts the
     answer) pays to the visual token showing that object, in the best head of the upper half of the layers, must
     be high (negative log of it). It teaches the lookup the answers need (which object, bound by colour and
     shape) directly, where the answer loss teaches it only through the words. ``attentions``: per layer
     ``[B, H, L, L]``."""
-    _, _, reads = evidence_reads(attentions, batch)
-    if len(reads) == 0:
-        return torch.zeros(())
-    return -reads.flatten(1).amax(-1).clamp(min=1e-6).log().mean()
-
-
-@contextlib.contextmanager
-def head_outputs(adapter: DefaultVLMAdapter):
-    """While open, the list holds, for the last forward pass, every decoder layer's attention output before its
-    output projection (``[B, L, heads * head_dim]``, in layer order) and then the residual stream entering the
-    final norm (``[B, L, hidden]``)."""
-    lm = adapter.language_model
-    modules = [layer.self_attn.o_proj for layer in lm.layers] + [lm.norm]
-    outputs: list[torch.Tensor] = [None] * len(modules)
-
-    def keep(i):
-        def hook(_module, args):
-            outputs[i] = args[0]
-        return hook
-
-    handles = [module.register_forward_pre_hook(keep(i)) for i, module in enumerate(modules)]
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def direct_logits(adapter: DefaultVLMAdapter, outputs: list[torch.Tensor], b: torch.Tensor, query: torch.Tensor,
-                  layers: range) -> torch.Tensor:
-    """The direct effect of each head of ``layers`` on the word logits at positions ``(b, query)`` ``[Q]``: its
-    output alone through its slice of the output projection, the final norm's weight and the word head, scaled as the
-    final norm scales the whole residual stream there (the scale held fixed): ``[Q, layers, H, vocab]``.
-    ``outputs``: ``head_outputs``."""
-    lm = adapter.language_model
-    heads = torch.stack([outputs[l][b, query] for l in layers], 1)  # [Q, layers, H * D]
-    heads = heads.unflatten(-1, (lm.config.num_attention_heads, -1))  # [Q, layers, H, D]
-    weights = torch.stack([lm.layers[l].self_attn.o_proj.weight for l in layers])  # [layers, hidden, H * D]
-    direct = torch.einsum("qlhd,lkhd->qlhk", heads, weights.unflatten(-1, heads.shape[-2:]))  # [Q, layers, H, hidden]
-    residual = outputs[-1][b, query].detach()
-    scale = torch.rsqrt(residual.pow(2).mean(-1) + lm.norm.variance_epsilon)[:, None, None, None]
-    return adapter.lm_head(lm.norm.weight * direct * scale)
-
-
-def readout_loss(adapter: DefaultVLMAdapter, outputs: list[torch.Tensor], attentions: tuple[torch.Tensor, ...],
-                 batch: Batch) -> torch.Tensor:
-    """Training only: per question about one object, the head that attends most to the token showing it
-    (``evidence_reads``) must by its direct effect on the answer's logits name the answer's first word
-    (cross-entropy of the word head on that head's output through its slice of the output projection, scaled as
-    the final norm scales the whole residual stream there, the scale held fixed). So the answer has to come from
-    the lookup. Measured on held-out streams with the run-6 weights: that head attends ~1.0 to the object in
-    first_colour questions and its output names the colour 74% of the time, the answer only 56%; made 4 times
-    larger at the answer's position (knowing from the ground truth which head it is), 48 of 48 such answers came
-    out right (where_last: 69% -> 74%). ``outputs``: ``head_outputs``."""
-    b, query, reads = evidence_reads(attentions, batch)
+    b, query, key = batch.evidence[batch.evidence[:, 2] >= 0].unbind(-1)
     if len(b) == 0:
         return torch.zeros(())
-    n_layers = len(adapter.language_model.layers)
-    logits = direct_logits(adapter, outputs, b, query, range(n_layers - reads.shape[1], n_layers))
-    best = reads.flatten(1).argmax(-1)  # the head that attends most, per question
-    reader = logits[torch.arange(len(b)), best // reads.shape[-1], best % reads.shape[-1]]  # [Q, vocab]
-    return F.cross_entropy(reader, batch.labels[b, query + 1])
-
-
-def agreement_loss(adapter: DefaultVLMAdapter, outputs: list[torch.Tensor], batch: Batch) -> torch.Tensor:
-    """Training only: at every question's answer position, no head of the upper half of the layers may, by its direct
-    effect (``direct_logits``), favour any other word over the answer's first word (a hinge on the best other
-    word's logit minus the answer's; a head that writes nothing costs nothing). Measured on held-out streams with
-    the run-6 weights: in the wrong first_colour answers the head reading the asked object pushed the answer up by
-    3.7 logits and the other heads together pushed a wrong colour up by 4.0: the lookup was outvoted."""
-    b, query = batch.evidence[:, 0], batch.evidence[:, 1]
-    n_layers = len(adapter.language_model.layers)
-    logits = direct_logits(adapter, outputs, b, query, range(n_layers // 2, n_layers))  # [Q, layers, H, vocab]
-    answer = batch.labels[b, query + 1]
-    right = logits.gather(-1, answer[:, None, None, None].expand(*logits.shape[:-1], 1))
-    others = logits.scatter(-1, answer[:, None, None, None].expand(*logits.shape[:-1], 1), float("-inf"))
-    return F.relu(others.amax(-1, keepdim=True) - right).mean()
+    upper = torch.stack([a[b, :, query, key] for a in attentions[len(attentions) // 2 :]], -1)  # [Q, H, layers]
+    return -upper.flatten(1).amax(-1).clamp(min=1e-6).log().mean()
 
 
 def batch_loss(adapter, probes: torch.nn.ModuleDict, streams: list[Stream], rng=None, saliency: float = 0.0,
-               evidence: float = 0.0, readout: float = 0.0, agreement: float = 0.0):
+               evidence: float = 0.0):
     """(answer + perception + stream-state loss (+ ``saliency`` x the saliency loss + ``evidence`` x the evidence
-    loss + ``readout`` x the readout loss + ``agreement`` x the agreement loss), per question right ``[Q]``) of a
-    batch of streams."""
+    loss), per question right ``[Q]``) of a batch of streams."""
     visual = visual_tokens(adapter, np.concatenate([s.frames for s in streams]))
     batch = encode(adapter, streams, visual, rng, salient=saliency > 0)
-    with head_outputs(adapter) as outputs:
-        loss, right, states, attentions = answer_loss(adapter, batch, attentions=saliency > 0 or evidence > 0 or readout > 0)
+    loss, right, states, attentions = answer_loss(adapter, batch, attentions=saliency > 0 or evidence > 0)
     cells = torch.from_numpy(np.concatenate([s.cells for s in streams]))
     loss = loss + probes["perception"](visual[:, : cells.shape[1]], cells) + probes["state"](states, batch)
     if saliency > 0:
         loss = loss + saliency * saliency_loss(attentions, batch)
     if evidence > 0:
         loss = loss + evidence * evidence_loss(attentions, batch)
-    if readout > 0:
-        loss = loss + readout * readout_loss(adapter, outputs, attentions, batch)
-    if agreement > 0:
-        loss = loss + agreement * agreement_loss(adapter, outputs, batch)
     return loss, right
 
 
@@ -446,11 +354,11 @@ def curriculum(progress: float, max_seconds: float, short: float = 30.0) -> floa
 def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, lr: float = 2e-3,
           max_seconds: float = 130.0, seed: int = 0, log_every: int = 100, eval_every: int = 1000, held_out: int = 32,
           init: str | pathlib.Path | None = None, kind_weights: dict[str, float] | None = None,
-          saliency: float = 0.0, evidence: float = 0.0, readout: float = 0.0, agreement: float = 0.0) -> dict:
+          saliency: float = 0.0, evidence: float = 0.0) -> dict:
     """Train from scratch (or go on from the checkpoint ``init``, with a fresh schedule and no curriculum) and save
     model + tokenizer to ``out``. ``kind_weights`` oversamples question kinds in training (held-out questions stay
-    even); ``saliency`` / ``evidence`` / ``readout`` / ``agreement`` > 0 add that much of the saliency / evidence /
-    readout / agreement loss (the first three need eager attention while training). Returns the held-out answer accuracy (teacher-forced, per kind) and timings."""
+    even); ``saliency`` / ``evidence`` > 0 add that much of the saliency / evidence loss (eager attention while
+    training). Returns the held-out answer accuracy (teacher-forced, per kind) and timings."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if init is None:
@@ -460,7 +368,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
         adapter = load_default_vlm(init)
         tokenizer = adapter.tokenizer
     model = adapter.model.train()
-    if saliency > 0 or evidence > 0 or readout > 0:
+    if saliency > 0 or evidence > 0:
         model.set_attn_implementation("eager")  # the loss needs the attention probabilities
     probes = torch.nn.ModuleDict({"perception": PerceptionLoss(adapter),
                                   "state": StreamStateLoss(model.config.text_config.hidden_size)})
@@ -475,7 +383,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
         longest = rng.uniform(6, curriculum(step / steps, max_seconds) if init is None else max_seconds)
         streams = [sample(rng, longest, 0.8 * longest, kind_weights=kind_weights) for _ in range(batch)]
         compress = rng if init is not None or step > 0.3 * steps else None
-        loss, right = batch_loss(adapter, probes, streams, compress, saliency, evidence, readout, agreement)
+        loss, right = batch_loss(adapter, probes, streams, compress, saliency, evidence)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -495,8 +403,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     result = {"steps": steps, "batch": batch, "lr": lr, "max_seconds": max_seconds, "seed": seed, "init": str(init),
-              "kind_weights": kind_weights, "saliency": saliency, "evidence": evidence, "readout": readout,
-              "agreement": agreement,
+              "kind_weights": kind_weights, "saliency": saliency, "evidence": evidence,
               "held_out_accuracy": held_acc, "train_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
     (out / "training.json").write_text(json.dumps(result, indent=1))
     logger.info("saved to %s", out)
