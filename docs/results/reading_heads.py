@@ -78,6 +78,12 @@ def measure(path, streams: int = 32, batch: int = 8, gain: float = 4.0) -> dict:
         said = final.argmax(-1)
         margin = lambda logits: logits.gather(-1, said[:, None])[:, 0] - logits.gather(-1, answer[:, None])[:, 0]  # noqa: E731
         reader_margin, rest_margin = margin(reader), margin(final) - margin(reader)  # toward the word said, over the answer
+        every_head = torch.stack([  # the sum of every head's direct effect, all layers
+            sum(direct_logits(lm, adapter.lm_head, outputs[l][r, q], outputs[-1][r, q], l, h)
+                for l in range(n_layers) for h in range(n_heads))
+            for r, q in zip(row, query)
+        ])
+        heads_margin = margin(every_head) - reader_margin  # the other heads; the rest is MLPs and the input embedding
 
         def louder(l):  # the reading head's output, ``gain`` times larger at the answer's position
             def hook(_module, args):
@@ -94,21 +100,23 @@ def measure(path, streams: int = 32, batch: int = 8, gain: float = 4.0) -> dict:
         for j in range(len(row)):
             tallies.setdefault(str(kinds[j]), []).append(
                 (float(reads[j].max()), bool(head_right[j]), bool(right[about_one][j]), bool(loud_right[about_one][j]),
-                 float(reader_margin[j]), float(rest_margin[j])))
+                 float(reader_margin[j]), float(rest_margin[j]), float(heads_margin[j])))
     out = {}
     for kind, rows in sorted(tallies.items()):
-        att, head_ok, answer_ok, loud_ok, reader_m, rest_m = (np.array(x) for x in zip(*rows))
+        att, head_ok, answer_ok, loud_ok, reader_m, rest_m, heads_m = (np.array(x) for x in zip(*rows))
         wrong = ~answer_ok
         out[kind] = {"questions": len(rows), "attention_to_object": round(float(att.mean()), 3),
                      "head_names_answer": round(float(head_ok.mean()), 3), "answer_right": round(float(answer_ok.mean()), 3),
                      f"answer_right_head_x{gain:g}": round(float(loud_ok.mean()), 3),
                      # in the wrong answers: how far the reading head / the rest of the model favour the word said
                      "wrong_reader_margin": round(float(reader_m[wrong].mean()), 2) if wrong.any() else None,
-                     "wrong_rest_margin": round(float(rest_m[wrong].mean()), 2) if wrong.any() else None}
+                     "wrong_rest_margin": round(float(rest_m[wrong].mean()), 2) if wrong.any() else None,
+                     "wrong_other_heads_margin": round(float(heads_m[wrong].mean()), 2) if wrong.any() else None}
         print(f"{path}  {kind:13s} {len(rows):4d} questions  attention to the object {att.mean():.2f}  head names the "
               f"answer {head_ok.mean():.2f}  answer right {answer_ok.mean():.2f}  with the head x{gain:g} "
               f"{loud_ok.mean():.2f}  in wrong answers the head / the rest favour the word said by "
-              f"{out[kind]['wrong_reader_margin']} / {out[kind]['wrong_rest_margin']} logits", file=sys.stderr)
+              f"{out[kind]['wrong_reader_margin']} / {out[kind]['wrong_rest_margin']} logits (other heads "
+              f"{out[kind]['wrong_other_heads_margin']})", file=sys.stderr)
     return out
 
 
