@@ -1,9 +1,10 @@
 """Does the answer use the lookup? On held-out training streams (teacher-forced, full memory), per question about
 one object: how much the head of the upper layers that attends most to the token showing the object attends
-there, whether that head's direct effect on the answer's logits names the
-answer's first word, and whether the model's answer does; then the answers again with that head's output made
-``gain`` times larger at the answer's position (the head picked with the ground truth: a diagnostic, not
-shipped code).
+there, whether that head's direct effect on the answer's logits names the answer's first word, and whether the
+model's answer does; then the answers again with that head's output made ``gain`` times larger at the answer's
+position (the head picked with the ground truth: a diagnostic, not shipped code). In the answers whose first
+word is wrong: by how many logits the reading head, the other heads and the rest of the model favour that word
+over the right one.
 
 A head's direct effect: its output alone through its slice of the output projection, the final norm's weight
 and the word head, scaled as the final norm scales the whole residual stream there.
@@ -69,21 +70,18 @@ def measure(path, streams: int = 32, batch: int = 8, gain: float = 4.0) -> dict:
         best = reads.flatten(1).argmax(-1)
         layer, head = best // n_heads, best % n_heads
         answer = b.labels[row, query + 1]
-        reader = torch.stack([
-            direct_logits(lm, adapter.lm_head, outputs[upper + int(l)][r, q], outputs[-1][r, q], upper + int(l), int(h))
-            for r, q, l, h in zip(row, query, layer, head)
-        ])  # [Q, vocab]
+        per_head = torch.stack([  # [Q, layers, heads, vocab]
+            torch.stack([torch.stack([direct_logits(lm, adapter.lm_head, outputs[l][r, q], outputs[-1][r, q], l, h)
+                                      for h in range(n_heads)]) for l in range(n_layers)])
+            for r, q in zip(row, query)
+        ])
+        reader = per_head[torch.arange(len(row)), upper + layer, head]  # [Q, vocab]
         head_right = reader.argmax(-1) == answer
         final = adapter.lm_head(lm.norm(outputs[-1][row, query]))  # the model's own logits, the sum of all parts
         said = final.argmax(-1)
         margin = lambda logits: logits.gather(-1, said[:, None])[:, 0] - logits.gather(-1, answer[:, None])[:, 0]  # noqa: E731
-        reader_margin, rest_margin = margin(reader), margin(final) - margin(reader)  # toward the word said, over the answer
-        every_head = torch.stack([  # the sum of every head's direct effect, all layers
-            sum(direct_logits(lm, adapter.lm_head, outputs[l][r, q], outputs[-1][r, q], l, h)
-                for l in range(n_layers) for h in range(n_heads))
-            for r, q in zip(row, query)
-        ])
-        heads_margin = margin(every_head) - reader_margin  # the other heads; the rest is MLPs and the input embedding
+        reader_margin, heads_margin = margin(reader), margin(per_head.sum((1, 2))) - margin(reader)
+        rest_margin = margin(final) - margin(reader)  # the other heads, the MLPs and the input embedding
 
         def louder(l):  # the reading head's output, ``gain`` times larger at the answer's position
             def hook(_module, args):
@@ -100,21 +98,20 @@ def measure(path, streams: int = 32, batch: int = 8, gain: float = 4.0) -> dict:
         for j in range(len(row)):
             tallies.setdefault(str(kinds[j]), []).append(
                 (float(reads[j].max()), bool(head_right[j]), bool(right[about_one][j]), bool(loud_right[about_one][j]),
-                 float(reader_margin[j]), float(rest_margin[j]), float(heads_margin[j])))
+                 bool(said[j] != answer[j]), float(reader_margin[j]), float(rest_margin[j]), float(heads_margin[j])))
     out = {}
     for kind, rows in sorted(tallies.items()):
-        att, head_ok, answer_ok, loud_ok, reader_m, rest_m, heads_m = (np.array(x) for x in zip(*rows))
-        wrong = ~answer_ok
+        att, head_ok, answer_ok, loud_ok, wrong, reader_m, rest_m, heads_m = (np.array(x) for x in zip(*rows))
         out[kind] = {"questions": len(rows), "attention_to_object": round(float(att.mean()), 3),
                      "head_names_answer": round(float(head_ok.mean()), 3), "answer_right": round(float(answer_ok.mean()), 3),
                      f"answer_right_head_x{gain:g}": round(float(loud_ok.mean()), 3),
-                     # in the wrong answers: how far the reading head / the rest of the model favour the word said
+                     # where the first word said is wrong: how far the reading head / the rest / the other heads favour it
                      "wrong_reader_margin": round(float(reader_m[wrong].mean()), 2) if wrong.any() else None,
                      "wrong_rest_margin": round(float(rest_m[wrong].mean()), 2) if wrong.any() else None,
                      "wrong_other_heads_margin": round(float(heads_m[wrong].mean()), 2) if wrong.any() else None}
         print(f"{path}  {kind:13s} {len(rows):4d} questions  attention to the object {att.mean():.2f}  head names the "
               f"answer {head_ok.mean():.2f}  answer right {answer_ok.mean():.2f}  with the head x{gain:g} "
-              f"{loud_ok.mean():.2f}  in wrong answers the head / the rest favour the word said by "
+              f"{loud_ok.mean():.2f}  where the first word said is wrong, the head / the rest favour it by "
               f"{out[kind]['wrong_reader_margin']} / {out[kind]['wrong_rest_margin']} logits (other heads "
               f"{out[kind]['wrong_other_heads_margin']})", file=sys.stderr)
     return out
