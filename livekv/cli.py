@@ -227,7 +227,7 @@ def cmd_train_vlm(args) -> None:
         torch.set_num_threads(args.threads)
     train(args.out or WEIGHTS, steps=args.steps, batch=args.batch, lr=args.lr, max_seconds=args.max_seconds,
           seed=args.seed, init=args.init, kind_weights=_kind_weights(args.kind_weights),
-          saliency=args.saliency, evidence=args.evidence, grow=args.grow)
+          saliency=args.saliency, evidence=args.evidence)
 
 
 def _kind_weights(text: str | None) -> dict[str, float] | None:
@@ -355,8 +355,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the saliency loss (a frame's attention ranks earlier objects above background)")
     p.add_argument("--evidence", type=float, default=0.0,
                    help="weight of the evidence loss (a question attends to the token showing its object)")
-    p.add_argument("--grow", type=int, default=0,
-                   help="with --init: add this many decoder layers on top, starting as the identity")
     p.set_defaults(func=cmd_train_vlm)
 
     bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="task", required=True)

@@ -8,9 +8,7 @@ import torch
 from livekv.evals import stream_qa, world
 from livekv.stream.session import StreamSession
 from livekv.vlm.model import SYSTEM, WEIGHTS, DefaultVLMAdapter, build_model, build_tokenizer, load_default_vlm
-from livekv.vlm.train import (
-    add_layers, answer_loss, encode, evidence_loss, evidence_token, sample, saliency_loss, train, visual_tokens,
-)
+from livekv.vlm.train import encode, evidence_loss, evidence_token, sample, saliency_loss, train, visual_tokens
 
 
 def test_training_runs_and_saves_a_loadable_model(tmp_path):
@@ -75,19 +73,3 @@ def test_evidence_points_at_the_asked_object_and_its_loss_at_attention_there():
     assert evidence_loss((attention,) * 4, batch) > 6
     attention[row, 1, query, key] = 1.0  # one head of the upper layers reads the object
     assert evidence_loss((attention,) * 4, batch) < 1e-6
-
-
-def test_added_layers_start_as_the_identity_and_are_saved(tmp_path):
-    tokenizer = build_tokenizer()
-    adapter = DefaultVLMAdapter(build_model(tokenizer), tokenizer)
-    streams = [sample(np.random.default_rng(6), 20, 10) for _ in range(2)]
-    with torch.no_grad():
-        batch = encode(adapter, streams, visual_tokens(adapter, np.concatenate([s.frames for s in streams])))
-        before = answer_loss(adapter, batch)[0]
-        add_layers(adapter, 2, seed=0)
-        assert torch.allclose(answer_loss(adapter, batch)[0], before, atol=1e-6)
-    new = adapter.language_model.layers[-1]
-    assert new.self_attn.q_proj.weight.std() > 0 and not new.self_attn.o_proj.weight.any()
-    adapter.model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    assert len(load_default_vlm(tmp_path).language_model.layers) == 8

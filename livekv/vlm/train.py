@@ -345,29 +345,6 @@ def accuracy_by_kind(streams: list[Stream], right: torch.Tensor) -> dict[str, fl
     return {kind: float(right[torch.from_numpy(kinds == kind)].float().mean()) for kind in world.CHANCE if (kinds == kind).any()}
 
 
-def add_layers(adapter: DefaultVLMAdapter, n: int, seed: int) -> None:
-    """Append ``n`` decoder layers on top of the language model, each starting as the identity (its attention and
-    MLP output projections zero), so the grown model answers exactly as before and training can give the new
-    layers a use (depth is what the lookups lacked, ``build_model``)."""
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
-
-    lm = adapter.language_model
-    config = lm.config
-    torch.manual_seed(seed)
-    config.num_hidden_layers = len(lm.layers) + n
-    config.layer_types = [config.layer_types[0]] * config.num_hidden_layers
-    for _ in range(n):
-        layer = Qwen2DecoderLayer(config, layer_idx=len(lm.layers))
-        for module in layer.modules():  # as ``build_model`` initialises (its norms start at one)
-            if isinstance(module, torch.nn.Linear):
-                torch.nn.init.normal_(module.weight, std=config.initializer_range)
-                if module.bias is not None:
-                    torch.nn.init.zeros_(module.bias)
-        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
-        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
-        lm.layers.append(layer)
-
-
 def curriculum(progress: float, max_seconds: float, short: float = 30.0) -> float:
     """The longest stream at ``progress`` (0..1) of training: ``short`` seconds for the first half, then growing
     linearly to ``max_seconds`` at three quarters."""
@@ -377,14 +354,11 @@ def curriculum(progress: float, max_seconds: float, short: float = 30.0) -> floa
 def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, lr: float = 2e-3,
           max_seconds: float = 130.0, seed: int = 0, log_every: int = 100, eval_every: int = 1000, held_out: int = 32,
           init: str | pathlib.Path | None = None, kind_weights: dict[str, float] | None = None,
-          saliency: float = 0.0, evidence: float = 0.0, grow: int = 0) -> dict:
+          saliency: float = 0.0, evidence: float = 0.0) -> dict:
     """Train from scratch (or go on from the checkpoint ``init``, with a fresh schedule and no curriculum) and save
     model + tokenizer to ``out``. ``kind_weights`` oversamples question kinds in training (held-out questions stay
     even); ``saliency`` / ``evidence`` > 0 add that much of the saliency / evidence loss (eager attention while
-    training); ``grow`` adds that many decoder layers to ``init`` first (``add_layers``). Returns the held-out
-    answer accuracy (teacher-forced, per kind) and timings."""
-    if grow and init is None:
-        raise ValueError("grow adds layers to a trained checkpoint: give init")
+    training). Returns the held-out answer accuracy (teacher-forced, per kind) and timings."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if init is None:
@@ -393,7 +367,6 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
     else:
         adapter = load_default_vlm(init)
         tokenizer = adapter.tokenizer
-        add_layers(adapter, grow, seed)
     model = adapter.model.train()
     if saliency > 0 or evidence > 0:
         model.set_attn_implementation("eager")  # the loss needs the attention probabilities
@@ -430,7 +403,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     result = {"steps": steps, "batch": batch, "lr": lr, "max_seconds": max_seconds, "seed": seed, "init": str(init),
-              "kind_weights": kind_weights, "saliency": saliency, "evidence": evidence, "grow": grow,
+              "kind_weights": kind_weights, "saliency": saliency, "evidence": evidence,
               "held_out_accuracy": held_acc, "train_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
     (out / "training.json").write_text(json.dumps(result, indent=1))
     logger.info("saved to %s", out)
