@@ -64,9 +64,8 @@ def measure(path, streams: int = 32, batch: int = 8, gain: float = 4.0) -> dict:
             _, right, _, attentions = train.answer_loss(adapter, b, attentions=True)
         about_one = b.evidence[:, 2] >= 0
         kinds = np.array([qa[3] for s in part for qa in s.qas])[about_one.numpy()]
-        row, query, key = b.evidence[about_one].unbind(-1)
-        upper = n_layers // 2
-        reads = torch.stack([a[row, :, query, key] for a in attentions[upper:]], 1)  # [Q, layers, heads]
+        row, query, reads = train.evidence_attention(attentions, b)  # reads [Q, upper layers, heads]
+        upper = n_layers - reads.shape[1]
         best = reads.flatten(1).argmax(-1)
         layer, head = best // n_heads, best % n_heads
         answer = b.labels[row, query + 1]

@@ -316,11 +316,21 @@ def evidence_loss(attentions: tuple[torch.Tensor, ...], batch: Batch) -> torch.T
     be high (negative log of it). It teaches the lookup the answers need (which object, bound by colour and
     shape) directly, where the answer loss teaches it only through the words. ``attentions``: per layer
     ``[B, H, L, L]``."""
-    b, query, key = batch.evidence[batch.evidence[:, 2] >= 0].unbind(-1)
-    if len(b) == 0:
+    reads = evidence_attention(attentions, batch)[2]
+    if len(reads) == 0:
         return torch.zeros(())
-    upper = torch.stack([a[b, :, query, key] for a in attentions[len(attentions) // 2 :]], -1)  # [Q, H, layers]
-    return -upper.flatten(1).amax(-1).clamp(min=1e-6).log().mean()
+    return -reads.flatten(1).amax(-1).clamp(min=1e-6).log().mean()
+
+
+def evidence_attention(attentions: tuple[torch.Tensor, ...], batch: Batch) -> tuple[torch.Tensor, ...]:
+    """For the questions whose evidence token is in the batch: their row and last-token position ``[Q]`` and the
+    attention every head of the upper half of the layers pays from there to the evidence token
+    ``[Q, layers, H]``."""
+    b, query, key = batch.evidence[batch.evidence[:, 2] >= 0].unbind(-1)
+    upper = attentions[len(attentions) // 2 :]
+    if len(b) == 0:
+        return b, query, torch.zeros(0, len(upper), 0)
+    return b, query, torch.stack([a[b, :, query, key] for a in upper], 1)
 
 
 def batch_loss(adapter, probes: torch.nn.ModuleDict, streams: list[Stream], rng=None, saliency: float = 0.0,
