@@ -7,8 +7,15 @@ import torch
 
 from livekv.evals import stream_qa, world
 from livekv.stream.session import StreamSession
-from livekv.vlm.model import SYSTEM, WEIGHTS, DefaultVLMAdapter, build_model, build_tokenizer, load_default_vlm
-from livekv.vlm.train import encode, evidence_loss, evidence_token, sample, saliency_loss, train, visual_tokens
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from livekv.vlm.model import (
+    SYSTEM, WEIGHTS, DefaultVLMAdapter, build_model, build_tokenizer, load_default_vlm, object_words,
+)
+from livekv.vlm.train import (
+    add_object_words, encode, evidence_loss, evidence_token, sample, saliency_loss, train, visual_tokens,
+)
 
 
 def test_training_runs_and_saves_a_loadable_model(tmp_path):
@@ -73,3 +80,21 @@ def test_evidence_points_at_the_asked_object_and_its_loss_at_attention_there():
     assert evidence_loss((attention,) * 4, batch) > 6
     attention[row, 1, query, key] = 1.0  # one head of the upper layers reads the object
     assert evidence_loss((attention,) * 4, batch) < 1e-6
+
+
+def test_object_descriptions_are_one_token_and_older_checkpoints_gain_them():
+    tokenizer = build_tokenizer()
+    assert tokenizer.tokenize("where was the red circle last seen ?")[3] == "red_circle"
+    assert "first_cross" in tokenizer.tokenize("what colour was the first cross you saw ?")
+    assert tokenizer.decode(tokenizer("top left", add_special_tokens=False)["input_ids"]) == "top left"
+    # a checkpoint from before the two-word tokens: its vocabulary is the same minus them
+    vocab = {w: i for w, i in tokenizer.get_vocab().items() if w not in object_words()}
+    old = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    old.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    old = PreTrainedTokenizerFast(tokenizer_object=old, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    adapter = add_object_words(DefaultVLMAdapter(build_model(old), old), tokenizer)
+    embed = adapter.language_model.get_input_embeddings().weight
+    assert embed.shape[0] == len(tokenizer) == adapter.model.config.text_config.vocab_size
+    assert adapter.lm_head.weight is embed
+    red, circle, red_circle = tokenizer.convert_tokens_to_ids(["red", "circle", "red_circle"])
+    torch.testing.assert_close(embed[red_circle], (embed[red] + embed[circle]) / 2)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from livekv.evals import world
 from livekv.vlm.model import (
-    QUESTION_TEMPLATE, SYSTEM, WEIGHTS, DefaultVLMAdapter, build_model, build_tokenizer, load_default_vlm,
+    QUESTION_TEMPLATE, SYSTEM, WEIGHTS, DefaultVLMAdapter, build_model, build_tokenizer, load_default_vlm, object_words,
 )
 
 logger = logging.getLogger("livekv")
@@ -125,7 +125,7 @@ class Batch:
     """A training batch: ``embeds [B, L, hidden]``, ``positions [B, L]``, ``labels [B, L]`` (-100 except answers and
     their end tokens), ``question [B, L]`` (which question a label belongs to, -1: none), ``mask [B, 1, L, L]``
     (bool), and the stream-state targets ``count [B, L]`` (objects in the frame, at each frame's newline token),
-    ``first [B, L]`` (1: the token's shape is shown for the first time, at every occupied cell token) and
+    ``first [B, L]`` (at every occupied cell token: 1 + its shape if the shape is shown for the first time, else 0) and
     ``frame [B, L, 9, 2]`` (the frame's (colour, shape) per cell, at its newline token, -1 empty); -100 elsewhere.
     For the saliency loss: ``frame_of [B, L]`` (the stream frame of each token, -1: not a visual token or newline)
     and ``occupied [B, L]`` (the token is a cell with an object). For the evidence loss: ``evidence [Q, 3]``, per
@@ -179,7 +179,7 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
         count = torch.full(keep.shape, -100)
         count[:, -1] = torch.from_numpy(stream.count)
         flags = torch.full(keep.shape, -100)
-        flags[:, :-1] = torch.from_numpy(np.where(occupied[:, :-1].numpy(), stream.first, -100))
+        flags[:, :-1] = torch.from_numpy(np.where(occupied[:, :-1].numpy(), stream.first * (stream.cells[..., 1] + 1), -100))
         parts, positions = [embed(system), clip_tokens[keep]], [torch.arange(len(frame_of))]
         S = len(frame_of)
         labels, question, spans = [torch.full((S,), -100)], [torch.full((S,), -1)], []
@@ -246,33 +246,44 @@ def saliency_loss(attentions: tuple[torch.Tensor, ...], batch: Batch, margin: fl
     (a hinge on the log scores against the best background token). Without it this small model spreads that
     attention over the background, and an attention-scored memory keeps mostly empty cells.
     ``attentions``: per layer ``[B, H, L, L]``."""
+    return ranking_loss(attentions, batch, batch.occupied, (batch.frame_of >= 0) & ~batch.occupied, margin)
+
+
+def ranking_loss(attentions: tuple[torch.Tensor, ...], batch: Batch, high: torch.Tensor, low: torch.Tensor,
+                 margin: float) -> torch.Tensor:
+    """Per layer, the attention each frame pays to the earlier frames' tokens (mean over heads and the frame's
+    rows) must put every earlier ``high`` token ``[B, L]`` above the best earlier ``low`` one by ``margin`` in
+    log score (a softplus hinge), averaged over the frames that have both."""
     frames = torch.arange(int(batch.frame_of.max()) + 1)[None, :, None]
     rows = (batch.frame_of[:, None, :] == frames).float()  # [B, F, L]: the frame's own tokens
     rows = rows / rows.sum(-1, keepdim=True).clamp(min=1)
     past = (batch.frame_of[:, None, :] >= 0) & (batch.frame_of[:, None, :] < frames)  # [B, F, L]
-    objects, background = past & batch.occupied[:, None, :], past & ~batch.occupied[:, None, :]
-    scored = objects.any(-1) & background.any(-1) & (rows.sum(-1) > 0)  # [B, F]: frames of the row's stream
+    high, low = past & high[:, None, :], past & low[:, None, :]
+    scored = high.any(-1) & low.any(-1) & (rows.sum(-1) > 0)  # [B, F]: frames of the row's stream
     loss = 0.0
     for a in attentions:
         score = (rows @ a.mean(1)).clamp(min=1e-9).log()  # [B, F, L]
-        best_background = score.masked_fill(~background, float("-inf")).amax(-1, keepdim=True)
-        hinge = F.softplus(best_background - score + margin) * objects
-        loss = loss + (hinge.sum(-1)[scored] / objects.sum(-1)[scored]).mean()
+        best_low = score.masked_fill(~low, float("-inf")).amax(-1, keepdim=True)
+        hinge = F.softplus(best_low - score + margin) * high
+        loss = loss + (hinge.sum(-1)[scored] / high.sum(-1)[scored]).mean()
     return loss / len(attentions)
 
 
 class StreamStateLoss(torch.nn.Module):
     """Training only: linear probes on the middle layer's hidden states of the stream tokens must tell, at each
     frame's newline token, how many objects the frame shows and the colour and shape in each cell (a summary of
-    the frame), and at each occupied cell token whether its shape is shown for the first time. A dense signal at
-    every frame, where the answers give one per question: it teaches the decoder, while it reads the stream, to
-    keep what the questions need."""
+    the frame), and at each occupied cell token whether its shape is shown for the first time: scored against the
+    word embeddings of the "first {shape}" tokens (and a linear "not first"), so that such a token carries the word
+    first_colour asks by. A dense signal at every frame, where the answers give one per question: it teaches the
+    decoder, while it reads the stream, to keep what the questions need."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, adapter: DefaultVLMAdapter):
         super().__init__()
-        cells = len(world.CELLS)
+        cells, hidden = len(world.CELLS), adapter.model.config.text_config.hidden_size
+        self.adapter = adapter
+        self.first_ids = torch.tensor(adapter.tokenizer.convert_tokens_to_ids([f"first_{s}" for s in world.SHAPES]))
         self.count = torch.nn.Linear(hidden, cells + 1)
-        self.first = torch.nn.Linear(hidden, 1)
+        self.not_first = torch.nn.Linear(hidden, 1)
         self.colour = torch.nn.Linear(hidden, cells * (len(world.COLOURS) + 1))  # + empty
         self.shape = torch.nn.Linear(hidden, cells * (len(world.SHAPES) + 1))
 
@@ -283,19 +294,21 @@ class StreamStateLoss(torch.nn.Module):
         for probe, target in ((self.colour, frame[..., 0]), (self.shape, frame[..., 1])):
             logits = probe(states[at]).view(*target.shape, -1)
             loss = loss + F.cross_entropy(logits.flatten(0, 1), (target + 1).flatten())  # -1 (empty) -> class 0
-        flagged = batch.first != -100
-        return loss + F.binary_cross_entropy_with_logits(self.first(states)[flagged][:, 0], batch.first[flagged].float())
+        flagged = states[batch.first != -100]
+        logits = torch.cat([self.not_first(flagged), flagged @ self.adapter.lm_head.weight[self.first_ids].T], -1)
+        return loss + F.cross_entropy(logits, batch.first[batch.first != -100])
 
 
 class PerceptionLoss(torch.nn.Module):
     """The training-only perception loss: a frame's visual tokens ``[N, 9, hidden]`` against the decoder's word
-    embeddings (colour, shape and cell words) and a linear occupancy probe."""
+    embeddings (colour, shape, "{colour} {shape}" and cell words) and a linear occupancy probe."""
 
     def __init__(self, adapter: DefaultVLMAdapter):
         super().__init__()
         word = lambda words: torch.tensor(adapter.tokenizer.convert_tokens_to_ids(list(words)))  # noqa: E731
         self.adapter = adapter
         self.colour_ids, self.shape_ids, self.cell_ids = word(world.COLOURS), word(world.SHAPES), word(CELL_WORDS)
+        self.object_ids = word(f"{c}_{s}" for c in world.COLOURS for s in world.SHAPES)
         self.cell_words = torch.tensor([[float(w in cell.split()) for w in CELL_WORDS] for cell in world.CELLS])
         self.occupied = torch.nn.Linear(adapter.model.config.text_config.hidden_size, 1)
 
@@ -305,6 +318,8 @@ class PerceptionLoss(torch.nn.Module):
         full = cells[..., 0] >= 0
         loss = F.cross_entropy((tokens @ words[self.colour_ids].T)[full], cells[..., 0][full])
         loss = loss + F.cross_entropy((tokens @ words[self.shape_ids].T)[full], cells[..., 1][full])
+        objects = cells[..., 0] * len(world.SHAPES) + cells[..., 1]
+        loss = loss + F.cross_entropy((tokens @ words[self.object_ids].T)[full], objects[full])
         cell_logits = tokens @ words[self.cell_ids].T
         loss = loss + F.binary_cross_entropy_with_logits(cell_logits, self.cell_words.expand_as(cell_logits))
         return loss + F.binary_cross_entropy_with_logits(self.occupied(tokens)[..., 0], full.float())
@@ -361,6 +376,21 @@ def curriculum(progress: float, max_seconds: float, short: float = 30.0) -> floa
     return short + (max_seconds - short) * min(1.0, max(0.0, (progress - 0.5) / 0.25))
 
 
+def add_object_words(adapter: DefaultVLMAdapter, tokenizer) -> DefaultVLMAdapter:
+    """A checkpoint whose tokenizer predates ``object_words`` (its vocabulary a prefix of ``tokenizer``'s) with the
+    new words' embeddings (tied to the output) set to the mean of their two words', behind ``tokenizer``."""
+    old = adapter.tokenizer.get_vocab()
+    if any(tokenizer.convert_tokens_to_ids(w) != i for w, i in old.items()):
+        raise ValueError("the checkpoint's vocabulary is not a prefix of the current tokenizer's")
+    model = adapter.model
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        for word, (a, b) in object_words().items():
+            weight[tokenizer.convert_tokens_to_ids(word)] = (weight[old[a]] + weight[old[b]]) / 2
+    return DefaultVLMAdapter(model, tokenizer)
+
+
 def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, lr: float = 2e-3,
           max_seconds: float = 130.0, seed: int = 0, log_every: int = 100, eval_every: int = 1000, held_out: int = 32,
           init: str | pathlib.Path | None = None, kind_weights: dict[str, float] | None = None,
@@ -376,12 +406,14 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
         adapter = DefaultVLMAdapter(build_model(tokenizer, seed), tokenizer)
     else:
         adapter = load_default_vlm(init)
-        tokenizer = adapter.tokenizer
+        tokenizer = build_tokenizer()
+        if len(tokenizer) > len(adapter.tokenizer):
+            adapter = add_object_words(adapter, tokenizer)
     model = adapter.model.train()
     if saliency > 0 or evidence > 0:
         model.set_attn_implementation("eager")  # the loss needs the attention probabilities
     probes = torch.nn.ModuleDict({"perception": PerceptionLoss(adapter),
-                                  "state": StreamStateLoss(model.config.text_config.hidden_size)})
+                                  "state": StreamStateLoss(adapter)})
     held = [sample(np.random.default_rng(10_000 + i), max_seconds, max_seconds / 2) for i in range(held_out)]
     params = list(model.parameters()) + list(probes.parameters())  # the adapter is no module: only the probes
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
