@@ -227,7 +227,7 @@ def cmd_train_vlm(args) -> None:
         torch.set_num_threads(args.threads)
     train(args.out or WEIGHTS, steps=args.steps, batch=args.batch, lr=args.lr, max_seconds=args.max_seconds,
           seed=args.seed, init=args.init, kind_weights=_kind_weights(args.kind_weights),
-          saliency=args.saliency, evidence=args.evidence)
+          saliency=args.saliency, evidence=args.evidence, first_saliency=args.first_saliency)
 
 
 def _kind_weights(text: str | None) -> dict[str, float] | None:
@@ -355,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the saliency loss (a frame's attention ranks earlier objects above background)")
     p.add_argument("--evidence", type=float, default=0.0,
                    help="weight of the evidence loss (a question attends to the token showing its object)")
+    p.add_argument("--first-saliency", type=float, default=0.0,
+                   help="weight of the first-shown saliency loss (upper layers rank first-of-a-shape tokens above other objects)")
     p.set_defaults(func=cmd_train_vlm)
 
     bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="task", required=True)

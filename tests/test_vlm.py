@@ -14,7 +14,8 @@ from livekv.vlm.model import (
     SYSTEM, WEIGHTS, DefaultVLMAdapter, build_model, build_tokenizer, load_default_vlm, object_words,
 )
 from livekv.vlm.train import (
-    add_object_words, encode, evidence_loss, evidence_token, sample, saliency_loss, train, visual_tokens,
+    add_object_words, encode, evidence_loss, evidence_token, first_saliency_loss, sample, saliency_loss, train,
+    visual_tokens,
 )
 
 
@@ -55,6 +56,11 @@ def test_saliency_loss_is_low_only_when_frames_attend_to_earlier_objects():
     heads = lambda a: (torch.stack([a, a], 1),) * 3  # noqa: E731  3 layers of 2 heads
     assert saliency_loss(heads(uniform), batch) > 1.0  # every object only as high as the background: softplus(1)
     assert saliency_loss(heads(on_objects), batch) < 0.01
+    assert first_saliency_loss(heads(on_objects), batch) > 1.0  # first-shown objects no higher than the others
+    on_firsts = visible * (1 + 1000 * batch.occupied[:, None, :].float() + 1e6 * (batch.first > 0)[:, None, :].float())
+    on_firsts = on_firsts / on_firsts.sum(-1, keepdim=True)
+    assert first_saliency_loss(heads(on_firsts), batch) < 0.01 and saliency_loss(heads(on_firsts), batch) < 0.01
+    assert (batch.object[batch.occupied] >= 0).all() and (batch.object[~batch.occupied] == -100).all()
 
 
 def test_evidence_points_at_the_asked_object_and_its_loss_at_attention_there():

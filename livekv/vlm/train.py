@@ -18,7 +18,9 @@ The losses:
   (``StreamStateLoss``);
 * saliency (``saliency`` > 0, off by default): a frame's attention to the earlier frames ranks their object
   tokens above the background (``saliency_loss``), so that attention-scored compression (Vision Sink
-  Bucketing) keeps objects; compressed training streams then also come as such a memory looks;
+  Bucketing) keeps objects; compressed training streams then also come as such a memory looks; with
+  ``first_saliency`` > 0 (off by default), the upper layers also rank the tokens showing a shape for the first
+  time above the other objects (``first_saliency_loss``);
 * evidence (``evidence`` > 0, off by default): a question's last token attends to the token showing the asked
   object (``evidence_loss``).
 
@@ -130,7 +132,8 @@ class Batch:
     For the saliency loss: ``frame_of [B, L]`` (the stream frame of each token, -1: not a visual token or newline)
     and ``occupied [B, L]`` (the token is a cell with an object). For the evidence loss: ``evidence [Q, 3]``, per
     question its row, the position of its last token (the one that predicts the answer) and that of the visual
-    token showing the asked object (-1: none, or compressed away)."""
+    token showing the asked object (-1: none, or compressed away). ``object [B, L]``: at every occupied cell token,
+    its object (``colour * len(world.SHAPES) + shape``, the order of ``object_words``), -100 elsewhere."""
 
     embeds: torch.Tensor
     positions: torch.Tensor
@@ -143,6 +146,7 @@ class Batch:
     frame_of: torch.Tensor
     occupied: torch.Tensor
     evidence: torch.Tensor
+    object: torch.Tensor
 
 
 def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tensor, rng: np.random.Generator | None = None,
@@ -187,6 +191,9 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
         summary[:, -1] = torch.from_numpy(stream.cells)
         # stream-state targets exist on the stream only; the question tokens after it get -100 as padding does
         counts, firsts = torch.cat([none, count[keep]]), torch.cat([none, flags[keep]])
+        objects = torch.full(keep.shape, -100)
+        objects[:, :-1] = torch.from_numpy(np.where(occupied[:, :-1].numpy(), stream.cells[..., 0] * len(world.SHAPES) + stream.cells[..., 1], -100))
+        objects = torch.cat([none, objects[keep]])
         summaries = torch.cat([torch.full((len(system), *stream.cells.shape[1:]), -100), summary[keep]])
         at = len(system) + keep.view(-1).cumsum(0) - 1  # a kept token's position in the row
         start = S  # where the next question's tokens begin
@@ -204,7 +211,7 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
             n_questions += 1
         rows.append((torch.cat(parts), torch.cat(positions), torch.cat(labels), torch.cat(question),
                      counts, firsts, frame_of, torch.cat([torch.zeros(len(system), dtype=torch.bool), occupied[keep]]),
-                     summaries, S, spans))
+                     summaries, objects, S, spans))
     L = max(len(r[0]) for r in rows)
     mask = torch.eye(L, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding attends to itself (no empty rows)
     for b, (*_, S, spans) in enumerate(rows):
@@ -218,7 +225,7 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
     embeds = torch.stack([F.pad(r[0], (0, 0, 0, L - len(r[0]))) for r in rows])
     frame = torch.stack([F.pad(r[8], (0, 0, 0, 0, 0, L - len(r[8])), value=-100) for r in rows])
     return Batch(embeds, pad(1, 0), pad(2, -100), pad(3, -1), mask[:, None], pad(4, -100), pad(5, -100), frame,
-                 pad(6, -1), pad(7, False), torch.tensor(evidence_at, dtype=torch.long).view(-1, 3))
+                 pad(6, -1), pad(7, False), torch.tensor(evidence_at, dtype=torch.long).view(-1, 3), pad(9, -100))
 
 
 def answer_loss(adapter: DefaultVLMAdapter, batch: Batch, attentions: bool = False):
@@ -249,6 +256,14 @@ def saliency_loss(attentions: tuple[torch.Tensor, ...], batch: Batch, margin: fl
     return ranking_loss(attentions, batch, batch.occupied, (batch.frame_of >= 0) & ~batch.occupied, margin)
 
 
+def first_saliency_loss(attentions: tuple[torch.Tensor, ...], batch: Batch, margin: float = 1.0) -> torch.Tensor:
+    """Training only: as ``saliency_loss``, in the upper half of the layers (where the questions' lookups read),
+    each earlier token showing a shape for the first time above every other earlier object token, so that an
+    attention-scored memory keeps what first_colour asks for."""
+    firsts, others = batch.first > 0, batch.first == 0
+    return ranking_loss(attentions[len(attentions) // 2 :], batch, firsts, others, margin)
+
+
 def ranking_loss(attentions: tuple[torch.Tensor, ...], batch: Batch, high: torch.Tensor, low: torch.Tensor,
                  margin: float) -> torch.Tensor:
     """Per layer, the attention each frame pays to the earlier frames' tokens (mean over heads and the frame's
@@ -272,16 +287,18 @@ def ranking_loss(attentions: tuple[torch.Tensor, ...], batch: Batch, high: torch
 class StreamStateLoss(torch.nn.Module):
     """Training only: linear probes on the middle layer's hidden states of the stream tokens must tell, at each
     frame's newline token, how many objects the frame shows and the colour and shape in each cell (a summary of
-    the frame), and at each occupied cell token whether its shape is shown for the first time: scored against the
-    word embeddings of the "first {shape}" tokens (and a linear "not first"), so that such a token carries the word
-    first_colour asks by. A dense signal at every frame, where the answers give one per question: it teaches the
+    the frame), and at each occupied cell token its object and whether its shape is shown for the first time:
+    scored against the word embeddings of the "{colour} {shape}" and "first {shape}" tokens (and a linear "not
+    first"), so that such a token carries the words where_last and first_colour ask by. A dense signal at every frame, where the answers give one per question: it teaches the
     decoder, while it reads the stream, to keep what the questions need."""
 
     def __init__(self, adapter: DefaultVLMAdapter):
         super().__init__()
         cells, hidden = len(world.CELLS), adapter.model.config.text_config.hidden_size
         self.adapter = adapter
-        self.first_ids = torch.tensor(adapter.tokenizer.convert_tokens_to_ids([f"first_{s}" for s in world.SHAPES]))
+        word = lambda words: torch.tensor(adapter.tokenizer.convert_tokens_to_ids(list(words)))  # noqa: E731
+        self.first_ids = word(f"first_{s}" for s in world.SHAPES)
+        self.object_ids = word(f"{c}_{s}" for c in world.COLOURS for s in world.SHAPES)
         self.count = torch.nn.Linear(hidden, cells + 1)
         self.not_first = torch.nn.Linear(hidden, 1)
         self.colour = torch.nn.Linear(hidden, cells * (len(world.COLOURS) + 1))  # + empty
@@ -294,9 +311,12 @@ class StreamStateLoss(torch.nn.Module):
         for probe, target in ((self.colour, frame[..., 0]), (self.shape, frame[..., 1])):
             logits = probe(states[at]).view(*target.shape, -1)
             loss = loss + F.cross_entropy(logits.flatten(0, 1), (target + 1).flatten())  # -1 (empty) -> class 0
-        flagged = states[batch.first != -100]
-        logits = torch.cat([self.not_first(flagged), flagged @ self.adapter.lm_head.weight[self.first_ids].T], -1)
-        return loss + F.cross_entropy(logits, batch.first[batch.first != -100])
+        words = self.adapter.lm_head.weight
+        occupied = batch.first != -100
+        flagged = states[occupied]
+        loss = loss + F.cross_entropy(flagged @ words[self.object_ids].T, batch.object[occupied])
+        logits = torch.cat([self.not_first(flagged), flagged @ words[self.first_ids].T], -1)
+        return loss + F.cross_entropy(logits, batch.first[occupied])
 
 
 class PerceptionLoss(torch.nn.Module):
@@ -349,16 +369,19 @@ def evidence_attention(attentions: tuple[torch.Tensor, ...], batch: Batch) -> tu
 
 
 def batch_loss(adapter, probes: torch.nn.ModuleDict, streams: list[Stream], rng=None, saliency: float = 0.0,
-               evidence: float = 0.0):
-    """(answer + perception + stream-state loss (+ ``saliency`` x the saliency loss + ``evidence`` x the evidence
-    loss), per question right ``[Q]``) of a batch of streams."""
+               evidence: float = 0.0, first_saliency: float = 0.0):
+    """(answer + perception + stream-state loss (+ ``saliency`` x the saliency loss + ``first_saliency`` x the
+    first-shown saliency loss + ``evidence`` x the evidence loss), per question right ``[Q]``) of a batch of
+    streams."""
     visual = visual_tokens(adapter, np.concatenate([s.frames for s in streams]))
     batch = encode(adapter, streams, visual, rng, salient=saliency > 0)
-    loss, right, states, attentions = answer_loss(adapter, batch, attentions=saliency > 0 or evidence > 0)
+    loss, right, states, attentions = answer_loss(adapter, batch, attentions=max(saliency, evidence, first_saliency) > 0)
     cells = torch.from_numpy(np.concatenate([s.cells for s in streams]))
     loss = loss + probes["perception"](visual[:, : cells.shape[1]], cells) + probes["state"](states, batch)
     if saliency > 0:
         loss = loss + saliency * saliency_loss(attentions, batch)
+    if first_saliency > 0:
+        loss = loss + first_saliency * first_saliency_loss(attentions, batch)
     if evidence > 0:
         loss = loss + evidence * evidence_loss(attentions, batch)
     return loss, right
@@ -394,11 +417,11 @@ def add_object_words(adapter: DefaultVLMAdapter, tokenizer) -> DefaultVLMAdapter
 def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, lr: float = 2e-3,
           max_seconds: float = 130.0, seed: int = 0, log_every: int = 100, eval_every: int = 1000, held_out: int = 32,
           init: str | pathlib.Path | None = None, kind_weights: dict[str, float] | None = None,
-          saliency: float = 0.0, evidence: float = 0.0) -> dict:
+          saliency: float = 0.0, evidence: float = 0.0, first_saliency: float = 0.0) -> dict:
     """Train from scratch (or go on from the checkpoint ``init``, with a fresh schedule and no curriculum) and save
     model + tokenizer to ``out``. ``kind_weights`` oversamples question kinds in training (held-out questions stay
-    even); ``saliency`` / ``evidence`` > 0 add that much of the saliency / evidence loss (eager attention while
-    training). Returns the held-out answer accuracy (teacher-forced, per kind) and timings."""
+    even); ``saliency`` / ``first_saliency`` / ``evidence`` > 0 add that much of those losses (eager attention
+    while training). Returns the held-out answer accuracy (teacher-forced, per kind) and timings."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if init is None:
@@ -410,7 +433,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
         if len(tokenizer) > len(adapter.tokenizer):
             adapter = add_object_words(adapter, tokenizer)
     model = adapter.model.train()
-    if saliency > 0 or evidence > 0:
+    if max(saliency, evidence, first_saliency) > 0:
         model.set_attn_implementation("eager")  # the loss needs the attention probabilities
     probes = torch.nn.ModuleDict({"perception": PerceptionLoss(adapter),
                                   "state": StreamStateLoss(adapter)})
@@ -425,7 +448,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
         longest = rng.uniform(6, curriculum(step / steps, max_seconds) if init is None else max_seconds)
         streams = [sample(rng, longest, 0.8 * longest, kind_weights=kind_weights) for _ in range(batch)]
         compress = rng if init is not None or step > 0.3 * steps else None
-        loss, right = batch_loss(adapter, probes, streams, compress, saliency, evidence)
+        loss, right = batch_loss(adapter, probes, streams, compress, saliency, evidence, first_saliency)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -445,7 +468,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     result = {"steps": steps, "batch": batch, "lr": lr, "max_seconds": max_seconds, "seed": seed, "init": str(init),
-              "kind_weights": kind_weights, "saliency": saliency, "evidence": evidence,
+              "kind_weights": kind_weights, "saliency": saliency, "evidence": evidence, "first_saliency": first_saliency,
               "held_out_accuracy": held_acc, "train_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
     (out / "training.json").write_text(json.dumps(result, indent=1))
     logger.info("saved to %s", out)
