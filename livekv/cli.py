@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evidence", type=float, default=0.0,
                    help="weight of the evidence loss (a question attends to the token showing its object)")
     p.add_argument("--first-saliency", type=float, default=0.0,
-                   help="weight of the first-shown saliency loss (upper layers rank first-of-a-shape tokens above other objects)")
+                   help="weight of the first-shown saliency loss (a frame's attention ranks first-of-a-shape tokens above other objects)")
     p.set_defaults(func=cmd_train_vlm)
 
     bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="task", required=True)

@@ -19,8 +19,8 @@ The losses:
 * saliency (``saliency`` > 0, off by default): a frame's attention to the earlier frames ranks their object
   tokens above the background (``saliency_loss``), so that attention-scored compression (Vision Sink
   Bucketing) keeps objects; compressed training streams then also come as such a memory looks; with
-  ``first_saliency`` > 0 (off by default), the upper layers also rank the tokens showing a shape for the first
-  time above the other objects (``first_saliency_loss``);
+  ``first_saliency`` > 0 (off by default), the tokens showing a shape for the first time also rank above the
+  other objects (``first_saliency_loss``);
 * evidence (``evidence`` > 0, off by default): a question's last token attends to the token showing the asked
   object (``evidence_loss``).
 
@@ -53,6 +53,13 @@ from livekv.vlm.model import (
 logger = logging.getLogger("livekv")
 
 CELL_WORDS = sorted({w for cell in world.CELLS for w in cell.split()})
+OBJECTS = [f"{c}_{s}" for c in world.COLOURS for s in world.SHAPES]  # object index colour * len(SHAPES) + shape
+FIRSTS = [f"first_{s}" for s in world.SHAPES]
+
+
+def word_ids(adapter: DefaultVLMAdapter, words) -> torch.Tensor:
+    """The token ids ``[n]`` of single-token ``words``."""
+    return torch.tensor(adapter.tokenizer.convert_tokens_to_ids(list(words)))
 
 
 class Stream:
@@ -133,7 +140,7 @@ class Batch:
     and ``occupied [B, L]`` (the token is a cell with an object). For the evidence loss: ``evidence [Q, 3]``, per
     question its row, the position of its last token (the one that predicts the answer) and that of the visual
     token showing the asked object (-1: none, or compressed away). ``object [B, L]``: at every occupied cell token,
-    its object (``colour * len(world.SHAPES) + shape``, the order of ``object_words``), -100 elsewhere."""
+    its object (``colour * len(world.SHAPES) + shape``, the order of ``OBJECTS``), -100 elsewhere."""
 
     embeds: torch.Tensor
     positions: torch.Tensor
@@ -257,11 +264,11 @@ def saliency_loss(attentions: tuple[torch.Tensor, ...], batch: Batch, margin: fl
 
 
 def first_saliency_loss(attentions: tuple[torch.Tensor, ...], batch: Batch, margin: float = 1.0) -> torch.Tensor:
-    """Training only: as ``saliency_loss``, in the upper half of the layers (where the questions' lookups read),
-    each earlier token showing a shape for the first time above every other earlier object token, so that an
-    attention-scored memory keeps what first_colour asks for."""
-    firsts, others = batch.first > 0, batch.first == 0
-    return ranking_loss(attentions[len(attentions) // 2 :], batch, firsts, others, margin)
+    """Training only: as ``saliency_loss``, each earlier token showing a shape for the first time above every
+    other earlier object token, so that an attention-scored memory keeps what first_colour asks for. In every
+    layer: a later token tells whether it is the first of its shape from what the lower layers' memory still
+    holds."""
+    return ranking_loss(attentions, batch, batch.first > 0, batch.first == 0, margin)
 
 
 def ranking_loss(attentions: tuple[torch.Tensor, ...], batch: Batch, high: torch.Tensor, low: torch.Tensor,
@@ -296,9 +303,7 @@ class StreamStateLoss(torch.nn.Module):
         super().__init__()
         cells, hidden = len(world.CELLS), adapter.model.config.text_config.hidden_size
         self.adapter = adapter
-        word = lambda words: torch.tensor(adapter.tokenizer.convert_tokens_to_ids(list(words)))  # noqa: E731
-        self.first_ids = word(f"first_{s}" for s in world.SHAPES)
-        self.object_ids = word(f"{c}_{s}" for c in world.COLOURS for s in world.SHAPES)
+        self.first_ids, self.object_ids = word_ids(adapter, FIRSTS), word_ids(adapter, OBJECTS)
         self.count = torch.nn.Linear(hidden, cells + 1)
         self.not_first = torch.nn.Linear(hidden, 1)
         self.colour = torch.nn.Linear(hidden, cells * (len(world.COLOURS) + 1))  # + empty
@@ -325,10 +330,9 @@ class PerceptionLoss(torch.nn.Module):
 
     def __init__(self, adapter: DefaultVLMAdapter):
         super().__init__()
-        word = lambda words: torch.tensor(adapter.tokenizer.convert_tokens_to_ids(list(words)))  # noqa: E731
         self.adapter = adapter
-        self.colour_ids, self.shape_ids, self.cell_ids = word(world.COLOURS), word(world.SHAPES), word(CELL_WORDS)
-        self.object_ids = word(f"{c}_{s}" for c in world.COLOURS for s in world.SHAPES)
+        self.colour_ids, self.shape_ids = word_ids(adapter, world.COLOURS), word_ids(adapter, world.SHAPES)
+        self.cell_ids, self.object_ids = word_ids(adapter, CELL_WORDS), word_ids(adapter, OBJECTS)
         self.cell_words = torch.tensor([[float(w in cell.split()) for w in CELL_WORDS] for cell in world.CELLS])
         self.occupied = torch.nn.Linear(adapter.model.config.text_config.hidden_size, 1)
 
