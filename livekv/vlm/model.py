@@ -25,13 +25,19 @@ QUESTION_TEMPLATE = "question : {question} answer :"
 FRAME_SIZE = 48
 
 
+# The tokenizer's two-word tokens: every "{colour} {shape}" (where_last names its object so; object index
+# colour * len(SHAPES) + shape) and every "first {shape}" (first_colour's).
+OBJECT_PAIRS = [(c, s) for c in world.COLOURS for s in world.SHAPES]
+FIRST_PAIRS = [("first", s) for s in world.SHAPES]
+OBJECT_WORDS = [f"{a}_{b}" for a, b in OBJECT_PAIRS]
+FIRST_WORDS = [f"{a}_{b}" for a, b in FIRST_PAIRS]
+
+
 def object_words() -> dict[str, tuple[str, str]]:
-    """The tokenizer's two-word tokens and their words: every "{colour} {shape}" (where_last names its object so)
-    and every "first {shape}" (first_colour's). One token per object description makes a question's lookup
-    match one key, where two words must be bound together first: that binding is what this small decoder got
-    wrong (``docs/results.md``)."""
-    pairs = [(c, s) for c in world.COLOURS for s in world.SHAPES] + [("first", s) for s in world.SHAPES]
-    return {f"{a}_{b}": (a, b) for a, b in pairs}
+    """The tokenizer's two-word tokens and their words (``OBJECT_WORDS``, then ``FIRST_WORDS``). One token per
+    object description makes a question's lookup match one key, where two words must be bound together first:
+    that binding is what this small decoder got wrong (``docs/results.md``)."""
+    return dict(zip(OBJECT_WORDS + FIRST_WORDS, OBJECT_PAIRS + FIRST_PAIRS))
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -47,14 +47,18 @@ import torch.nn.functional as F
 
 from livekv.evals import world
 from livekv.vlm.model import (
-    QUESTION_TEMPLATE, SYSTEM, WEIGHTS, DefaultVLMAdapter, build_model, build_tokenizer, load_default_vlm, object_words,
+    FIRST_WORDS, OBJECT_WORDS, QUESTION_TEMPLATE, SYSTEM, WEIGHTS, DefaultVLMAdapter, build_model, build_tokenizer,
+    load_default_vlm, object_words,
 )
 
 logger = logging.getLogger("livekv")
 
 CELL_WORDS = sorted({w for cell in world.CELLS for w in cell.split()})
-OBJECTS = [f"{c}_{s}" for c in world.COLOURS for s in world.SHAPES]  # object index colour * len(SHAPES) + shape
-FIRSTS = [f"first_{s}" for s in world.SHAPES]
+
+
+def object_index(cells):
+    """(colour, shape) ``[..., 2]`` (array or tensor) -> the object's index in ``OBJECT_WORDS`` ``[...]``."""
+    return cells[..., 0] * len(world.SHAPES) + cells[..., 1]
 
 
 def word_ids(adapter: DefaultVLMAdapter, words) -> torch.Tensor:
@@ -140,7 +144,7 @@ class Batch:
     and ``occupied [B, L]`` (the token is a cell with an object). For the evidence loss: ``evidence [Q, 3]``, per
     question its row, the position of its last token (the one that predicts the answer) and that of the visual
     token showing the asked object (-1: none, or compressed away). ``object [B, L]``: at every occupied cell token,
-    its object (``colour * len(world.SHAPES) + shape``, the order of ``OBJECTS``), -100 elsewhere."""
+    its object (``colour * len(world.SHAPES) + shape``, the order of ``OBJECT_WORDS``), -100 elsewhere."""
 
     embeds: torch.Tensor
     positions: torch.Tensor
@@ -189,18 +193,20 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
         none = torch.full((len(system),), -100)
         count = torch.full(keep.shape, -100)
         count[:, -1] = torch.from_numpy(stream.count)
-        flags = torch.full(keep.shape, -100)
-        flags[:, :-1] = torch.from_numpy(np.where(occupied[:, :-1].numpy(), stream.first * (stream.cells[..., 1] + 1), -100))
+
+        def per_object(values: np.ndarray) -> torch.Tensor:  # [F, 9] -> at the row's occupied cell tokens, -100 elsewhere
+            out = torch.full(keep.shape, -100)
+            out[:, :-1] = torch.from_numpy(np.where(occupied[:, :-1].numpy(), values, -100))
+            return torch.cat([none, out[keep]])
+
         parts, positions = [embed(system), clip_tokens[keep]], [torch.arange(len(frame_of))]
         S = len(frame_of)
         labels, question, spans = [torch.full((S,), -100)], [torch.full((S,), -1)], []
         summary = torch.full((*keep.shape, *stream.cells.shape[1:]), -100)
         summary[:, -1] = torch.from_numpy(stream.cells)
         # stream-state targets exist on the stream only; the question tokens after it get -100 as padding does
-        counts, firsts = torch.cat([none, count[keep]]), torch.cat([none, flags[keep]])
-        objects = torch.full(keep.shape, -100)
-        objects[:, :-1] = torch.from_numpy(np.where(occupied[:, :-1].numpy(), stream.cells[..., 0] * len(world.SHAPES) + stream.cells[..., 1], -100))
-        objects = torch.cat([none, objects[keep]])
+        counts = torch.cat([none, count[keep]])
+        firsts, objects = per_object(stream.first * (stream.cells[..., 1] + 1)), per_object(object_index(stream.cells))
         summaries = torch.cat([torch.full((len(system), *stream.cells.shape[1:]), -100), summary[keep]])
         at = len(system) + keep.view(-1).cumsum(0) - 1  # a kept token's position in the row
         start = S  # where the next question's tokens begin
@@ -303,7 +309,7 @@ class StreamStateLoss(torch.nn.Module):
         super().__init__()
         cells, hidden = len(world.CELLS), adapter.model.config.text_config.hidden_size
         self.adapter = adapter
-        self.first_ids, self.object_ids = word_ids(adapter, FIRSTS), word_ids(adapter, OBJECTS)
+        self.first_ids, self.object_ids = word_ids(adapter, FIRST_WORDS), word_ids(adapter, OBJECT_WORDS)
         self.count = torch.nn.Linear(hidden, cells + 1)
         self.not_first = torch.nn.Linear(hidden, 1)
         self.colour = torch.nn.Linear(hidden, cells * (len(world.COLOURS) + 1))  # + empty
@@ -317,11 +323,10 @@ class StreamStateLoss(torch.nn.Module):
             logits = probe(states[at]).view(*target.shape, -1)
             loss = loss + F.cross_entropy(logits.flatten(0, 1), (target + 1).flatten())  # -1 (empty) -> class 0
         words = self.adapter.lm_head.weight
-        occupied = batch.first != -100
-        flagged = states[occupied]
-        loss = loss + F.cross_entropy(flagged @ words[self.object_ids].T, batch.object[occupied])
-        logits = torch.cat([self.not_first(flagged), flagged @ words[self.first_ids].T], -1)
-        return loss + F.cross_entropy(logits, batch.first[occupied])
+        objects = states[batch.occupied]
+        loss = loss + F.cross_entropy(objects @ words[self.object_ids].T, batch.object[batch.occupied])
+        logits = torch.cat([self.not_first(objects), objects @ words[self.first_ids].T], -1)
+        return loss + F.cross_entropy(logits, batch.first[batch.occupied])
 
 
 class PerceptionLoss(torch.nn.Module):
@@ -332,7 +337,7 @@ class PerceptionLoss(torch.nn.Module):
         super().__init__()
         self.adapter = adapter
         self.colour_ids, self.shape_ids = word_ids(adapter, world.COLOURS), word_ids(adapter, world.SHAPES)
-        self.cell_ids, self.object_ids = word_ids(adapter, CELL_WORDS), word_ids(adapter, OBJECTS)
+        self.cell_ids, self.object_ids = word_ids(adapter, CELL_WORDS), word_ids(adapter, OBJECT_WORDS)
         self.cell_words = torch.tensor([[float(w in cell.split()) for w in CELL_WORDS] for cell in world.CELLS])
         self.occupied = torch.nn.Linear(adapter.model.config.text_config.hidden_size, 1)
 
@@ -342,8 +347,7 @@ class PerceptionLoss(torch.nn.Module):
         full = cells[..., 0] >= 0
         loss = F.cross_entropy((tokens @ words[self.colour_ids].T)[full], cells[..., 0][full])
         loss = loss + F.cross_entropy((tokens @ words[self.shape_ids].T)[full], cells[..., 1][full])
-        objects = cells[..., 0] * len(world.SHAPES) + cells[..., 1]
-        loss = loss + F.cross_entropy((tokens @ words[self.object_ids].T)[full], objects[full])
+        loss = loss + F.cross_entropy((tokens @ words[self.object_ids].T)[full], object_index(cells)[full])
         cell_logits = tokens @ words[self.cell_ids].T
         loss = loss + F.binary_cross_entropy_with_logits(cell_logits, self.cell_words.expand_as(cell_logits))
         return loss + F.binary_cross_entropy_with_logits(self.occupied(tokens)[..., 0], full.float())
