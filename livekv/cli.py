@@ -351,11 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kind-weights", default=None, metavar="KIND=W,...",
                    help="oversample question kinds in training, e.g. where_last=3,first_colour=3 (others 1)")
-    p.add_argument("--saliency", type=float, default=0.0,
+    p.add_argument("--saliency", type=float, default=0.3,
                    help="weight of the saliency loss (a frame's attention ranks earlier objects above background)")
-    p.add_argument("--evidence", type=float, default=0.0,
+    p.add_argument("--evidence", type=float, default=0.3,
                    help="weight of the evidence loss (a question attends to the token showing its object)")
-    p.add_argument("--first-saliency", type=float, default=0.0,
+    p.add_argument("--first-saliency", type=float, default=0.3,
                    help="weight of the first-shown saliency loss (a frame's attention ranks first-of-a-shape tokens above other objects)")
     p.set_defaults(func=cmd_train_vlm)
 

@@ -16,17 +16,16 @@ The losses:
   Without it the answers alone took thousands of steps to teach the tower anything;
 * stream state (training only): probes on the middle layer tell, at every frame, what it shows
   (``StreamStateLoss``);
-* saliency (``saliency`` > 0, off by default): a frame's attention to the earlier frames ranks their object
-  tokens above the background (``saliency_loss``), so that attention-scored compression (Vision Sink
-  Bucketing) keeps objects; compressed training streams then also come as such a memory looks; with
-  ``first_saliency`` > 0 (off by default), the tokens showing a shape for the first time also rank above the
-  other objects (``first_saliency_loss``);
-* evidence (``evidence`` > 0, off by default): a question's last token attends to the token showing the asked
-  object (``evidence_loss``).
+* the attention losses (weights ``saliency``, ``first_saliency``, ``evidence``, 0.3 each; 0 turns one off),
+  which shape what attention-scored memory (Vision Sink Bucketing) keeps and how a question reads it:
+  saliency: a frame's attention to the earlier frames ranks their object tokens above the background
+  (``saliency_loss``; compressed training streams then also come as such a memory looks); first-shown saliency:
+  the tokens showing a shape for the first time rank above the other objects (``first_saliency_loss``);
+  evidence: a question's last token attends to the token showing the asked object (``evidence_loss``).
 
 A curriculum keeps early steps cheap: streams of at most 30 s for the first half of training (where the skills
-are learnt: 3000 steps of such streams took ~10 minutes here), then the longest grows to ``max_seconds`` by three
-quarters (streams of a batch are of similar length: little padding). From 30% of training on, half the streams
+are learnt: 3000 steps of such streams took ~10 minutes here, without the attention losses, which start
+half-way), then the longest grows to ``max_seconds`` by three quarters (streams of a batch are of similar length: little padding). From 30% of training on, half the streams
 lose a random 50-95% of the visual tokens of all but their last two frames (positions closing up, as after
 compression), so that the model learns to answer from a compressed memory. Deterministic given the seed and
 the number of steps.
@@ -425,11 +424,12 @@ def add_object_words(adapter: DefaultVLMAdapter, tokenizer) -> DefaultVLMAdapter
 def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, lr: float = 2e-3,
           max_seconds: float = 130.0, seed: int = 0, log_every: int = 100, eval_every: int = 1000, held_out: int = 32,
           init: str | pathlib.Path | None = None, kind_weights: dict[str, float] | None = None,
-          saliency: float = 0.0, evidence: float = 0.0, first_saliency: float = 0.0) -> dict:
+          saliency: float = 0.3, evidence: float = 0.3, first_saliency: float = 0.3) -> dict:
     """Train from scratch (or go on from the checkpoint ``init``, with a fresh schedule and no curriculum) and save
     model + tokenizer to ``out``. ``kind_weights`` oversamples question kinds in training (held-out questions stay
-    even); ``saliency`` / ``first_saliency`` / ``evidence`` > 0 add that much of those losses (eager attention
-    while training). Returns the held-out answer accuracy (teacher-forced, per kind) and timings."""
+    even); ``saliency`` / ``first_saliency`` / ``evidence`` weigh those losses (0: off), which need eager
+    attention: from scratch they start half-way, with the long streams, so that the short streams before them
+    train at sdpa's speed. Returns the held-out answer accuracy (teacher-forced, per kind) and timings."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if init is None:
@@ -441,8 +441,8 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
         if len(tokenizer) > len(adapter.tokenizer):
             adapter = add_object_words(adapter, tokenizer)
     model = adapter.model.train()
-    if max(saliency, evidence, first_saliency) > 0:
-        model.set_attn_implementation("eager")  # the loss needs the attention probabilities
+    attention_losses = (saliency, evidence, first_saliency)
+    attention_from = 1 if init is not None else steps // 2 + 1  # the step the attention losses start at
     probes = torch.nn.ModuleDict({"perception": PerceptionLoss(adapter),
                                   "state": StreamStateLoss(adapter)})
     held = [sample(np.random.default_rng(10_000 + i), max_seconds, max_seconds / 2) for i in range(held_out)]
@@ -456,7 +456,10 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
         longest = rng.uniform(6, curriculum(step / steps, max_seconds) if init is None else max_seconds)
         streams = [sample(rng, longest, 0.8 * longest, kind_weights=kind_weights) for _ in range(batch)]
         compress = rng if init is not None or step > 0.3 * steps else None
-        loss, right = batch_loss(adapter, probes, streams, compress, saliency, evidence, first_saliency)
+        if step == attention_from and max(attention_losses) > 0:
+            model.set_attn_implementation("eager")  # the losses need the attention probabilities
+        weights = attention_losses if step >= attention_from else (0.0, 0.0, 0.0)
+        loss, right = batch_loss(adapter, probes, streams, compress, *weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
