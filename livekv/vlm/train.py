@@ -24,11 +24,11 @@ The losses:
   evidence: a question's last token attends to the token showing the asked object (``evidence_loss``).
 
 A curriculum keeps early steps cheap: streams of at most 30 s for the first half of training (where the skills
-are learnt: 3000 steps of such streams took ~10 minutes here, without the attention losses, which start
-half-way), then the longest grows to ``max_seconds`` by three quarters (streams of a batch are of similar length: little padding). From 30% of training on, half the streams
-lose a random 50-95% of the visual tokens of all but their last two frames (positions closing up, as after
-compression), so that the model learns to answer from a compressed memory. Deterministic given the seed and
-the number of steps.
+are learnt: 3000 steps of such streams took 10-19 minutes here, without the attention losses, which start
+half-way), then the longest grows to ``max_seconds`` by three quarters (streams of a batch are of similar
+length: little padding). From 30% of training on, half the streams lose a random 50-95% of the visual tokens
+of all but their last two frames (positions closing up, as after compression), so that the model learns to
+answer from a compressed memory. Deterministic given the seed and the number of steps.
 """
 
 from __future__ import annotations
