@@ -242,8 +242,8 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
 
 def answer_loss(adapter: DefaultVLMAdapter, batch: Batch, attentions: bool = False):
     """Next-token cross-entropy on the answers, per question whether every answer token is right ``[Q]``, the
-    hidden states after the middle decoder layer ``[B, L, hidden]`` (for the stream-state loss) and, with
-    ``attentions`` (the model must run eager attention), every layer's attention ``[B, H, L, L]``."""
+    hidden states (the embeddings, then after each decoder layer, the last one normed; each ``[B, L, hidden]``)
+    and, with ``attentions`` (the model must run eager attention), every layer's attention ``[B, H, L, L]``."""
     # additive, as eager attention (which ``attentions`` needs) reads it; sdpa takes it alike
     mask = torch.zeros(batch.mask.shape).masked_fill_(~batch.mask, torch.finfo(torch.float32).min)
     out = adapter.language_model(inputs_embeds=batch.embeds, position_ids=batch.positions, attention_mask=mask,
@@ -255,7 +255,7 @@ def answer_loss(adapter: DefaultVLMAdapter, batch: Batch, attentions: bool = Fal
     wrong = (logits.argmax(-1) != target) & answer
     n = int(batch.question.max()) + 1
     wrong_per_question = torch.zeros(n, dtype=torch.bool).index_put_((which[answer],), wrong[answer], accumulate=True)
-    return loss, ~wrong_per_question, out.hidden_states[len(out.hidden_states) // 2], out.attentions
+    return loss, ~wrong_per_question, out.hidden_states, out.attentions
 
 
 def saliency_loss(attentions: tuple[torch.Tensor, ...], batch: Batch, margin: float = 1.0) -> torch.Tensor:
@@ -301,8 +301,9 @@ class StreamStateLoss(torch.nn.Module):
     frame's newline token, how many objects the frame shows and the colour and shape in each cell (a summary of
     the frame), and at each occupied cell token its object and whether its shape is shown for the first time:
     scored against the word embeddings of the "{colour} {shape}" and "first {shape}" tokens (and a linear "not
-    first"), so that such a token carries the words where_last and first_colour ask by. A dense signal at every frame, where the answers give one per question: it teaches the
-    decoder, while it reads the stream, to keep what the questions need."""
+    first"), so that such a token carries the words where_last and first_colour ask by. A dense signal at every
+    frame, where the answers give one per question: it teaches the decoder, while it reads the stream, to keep
+    what the questions need."""
 
     def __init__(self, adapter: DefaultVLMAdapter):
         super().__init__()
@@ -384,7 +385,8 @@ def batch_loss(adapter, probes: torch.nn.ModuleDict, streams: list[Stream], rng=
     batch = encode(adapter, streams, visual, rng, salient=saliency > 0)
     loss, right, states, attentions = answer_loss(adapter, batch, attentions=max(saliency, evidence, first_saliency) > 0)
     cells = torch.from_numpy(np.concatenate([s.cells for s in streams]))
-    loss = loss + probes["perception"](visual[:, : cells.shape[1]], cells) + probes["state"](states, batch)
+    middle = states[len(states) // 2]  # after the middle decoder layer
+    loss = loss + probes["perception"](visual[:, : cells.shape[1]], cells) + probes["state"](middle, batch)
     if saliency > 0:
         loss = loss + saliency * saliency_loss(attentions, batch)
     if first_saliency > 0:
