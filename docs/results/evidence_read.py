@@ -1,7 +1,8 @@
 """Where a checkpoint's answers go wrong: at the object tokens, is the colour still readable from each decoder
-layer's state (scored against the colour words, the last layer after the final norm), and does a question's last
-token attend to the token showing its object (the best head of the upper half of the layers, as the evidence loss
-scores it)? Teacher-forced, on 8 held-out streams of 65-130 s, for the shipped weights and any checkpoints given:
+layer's state (scored against the colour words; the last layer's state is the normed one the answers are read
+from), and does a question's last token attend to the token showing its object (the best head of the upper half
+of the layers, as the evidence loss scores it)? Teacher-forced, on 8 held-out streams of 65-130 s, for the
+shipped weights and any checkpoints given:
 ``python docs/results/evidence_read.py /work/run13 > docs/results/evidence_read.txt``."""
 
 import sys
@@ -19,19 +20,15 @@ kinds = np.array([qa[3] for s in streams for qa in s.qas])
 for path in [WEIGHTS, *sys.argv[1:]]:
     adapter = load_default_vlm(path)
     adapter.model.set_attn_implementation("eager")
-    lm, ids = adapter.language_model, T.word_ids(adapter, world.COLOURS)
+    ids = T.word_ids(adapter, world.COLOURS)
     layer_right, objects, reads, rights, has_evidence = 0, 0, [], [], []
     with torch.no_grad():
         for i in range(0, len(streams), 4):
             chunk = streams[i : i + 4]
             batch = T.encode(adapter, chunk, T.visual_tokens(adapter, np.concatenate([s.frames for s in chunk])))
-            _, right, _, attentions = T.answer_loss(adapter, batch, attentions=True)
-            mask = torch.zeros(batch.mask.shape).masked_fill_(~batch.mask, torch.finfo(torch.float32).min)
-            states = lm(inputs_embeds=batch.embeds, position_ids=batch.positions, attention_mask=mask,
-                        output_hidden_states=True).hidden_states
+            _, right, states, attentions = T.answer_loss(adapter, batch, attentions=True)
             colour = torch.div(batch.object[batch.occupied], len(world.SHAPES), rounding_mode="floor")
-            read = [(lm.norm(h) if l == len(states) - 1 else h)[batch.occupied] @ adapter.lm_head.weight[ids].T
-                    for l, h in enumerate(states)]
+            read = [h[batch.occupied] @ adapter.lm_head.weight[ids].T for h in states]
             layer_right = layer_right + torch.stack([(r.argmax(-1) == colour).sum() for r in read])
             objects += len(colour)
             has = batch.evidence[:, 2] >= 0
