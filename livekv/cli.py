@@ -227,7 +227,7 @@ def cmd_train_vlm(args) -> None:
         torch.set_num_threads(args.threads)
     train(args.out or WEIGHTS, steps=args.steps, batch=args.batch, lr=args.lr, max_seconds=args.max_seconds,
           seed=args.seed, init=args.init, kind_weights=_kind_weights(args.kind_weights),
-          saliency=args.saliency, evidence=args.evidence, first_saliency=args.first_saliency)
+          saliency=args.saliency, evidence=args.evidence, first_saliency=args.first_saliency, bf16=args.bf16)
 
 
 def _kind_weights(text: str | None) -> dict[str, float] | None:
@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stream_qa)
 
     p = sub.add_parser("train-vlm", help="train the embedded default VLM from scratch on the synthetic world")
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=9000)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-seconds", type=float, default=130.0, help="longest training stream")
     p.add_argument("--out", default=None, help="where to save (default: the package's weights folder)")
@@ -357,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the evidence loss (a question attends to the token showing its object)")
     p.add_argument("--first-saliency", type=float, default=0.3,
                    help="weight of the first-shown saliency loss (a frame's attention ranks first-of-a-shape tokens above other objects)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast in the training steps (default: where the CPU has native bfloat16)")
     p.set_defaults(func=cmd_train_vlm)
 
     bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="task", required=True)

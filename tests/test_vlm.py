@@ -19,10 +19,12 @@ from livekv.vlm.train import (
 )
 
 
-def test_training_runs_and_saves_a_loadable_model(tmp_path):
-    result = train(tmp_path, steps=2, batch=2, max_seconds=12, log_every=1, held_out=2, saliency=0.5, evidence=0.5)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_training_runs_and_saves_a_loadable_model(tmp_path, bf16):
+    result = train(tmp_path, steps=2, batch=2, max_seconds=12, log_every=1, held_out=2, saliency=0.5, evidence=0.5,
+                   bf16=bf16)
     assert result["held_out_accuracy"] and all(0.0 <= a <= 1.0 for a in result["held_out_accuracy"].values())
-    assert result["saliency"] == result["evidence"] == 0.5
+    assert result["saliency"] == result["evidence"] == 0.5 and result["bf16"] is bf16
     adapter = load_default_vlm(tmp_path)
     session = StreamSession(adapter, "livevlm", system=SYSTEM, short_term=20, long_term=20, vsb_rows=8)
     w = world.World(seed=1, duration_s=20, fps=0.5)

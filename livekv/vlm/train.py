@@ -23,12 +23,13 @@ The losses:
   the tokens showing a shape for the first time rank above the other objects (``first_saliency_loss``);
   evidence: a question's last token attends to the token showing the asked object (``evidence_loss``).
 
-A curriculum keeps early steps cheap: streams of at most 30 s for the first half of training (where the skills
-are learnt: 3000 steps of such streams took 10-19 minutes here, without the attention losses, which start
-half-way), then the longest grows to ``max_seconds`` by three quarters (streams of a batch are of similar
-length: little padding). From 30% of training on, half the streams lose a random 50-95% of the visual tokens
-of all but their last two frames (positions closing up, as after compression), so that the model learns to
-answer from a compressed memory. Deterministic given the seed and the number of steps.
+A curriculum keeps early steps cheap: streams of at most 30 s for the first third of training (where the skills
+are first learnt, at a third of a long step's cost; the attention losses start after it), then the longest grows
+to ``max_seconds`` by half-way (streams of a batch are of similar length: little padding). From 30% of training
+on, half the streams lose a random 50-95% of the visual tokens of all but their last two frames (positions
+closing up, as after compression), so that the model learns to answer from a compressed memory. The training steps
+run under bfloat16 autocast where the CPU has native bfloat16 (1.4-1.7x faster here, and the first 400 steps learnt
+as in float32). Deterministic given the seed and the number of steps.
 """
 
 from __future__ import annotations
@@ -402,10 +403,13 @@ def accuracy_by_kind(streams: list[Stream], right: torch.Tensor) -> dict[str, fl
     return {kind: float(right[torch.from_numpy(kinds == kind)].float().mean()) for kind in world.CHANCE if (kinds == kind).any()}
 
 
+SHORT_UNTIL = 1 / 3  # the share of training on short streams only (``curriculum``)
+
+
 def curriculum(progress: float, max_seconds: float, short: float = 30.0) -> float:
-    """The longest stream at ``progress`` (0..1) of training: ``short`` seconds for the first half, then growing
-    linearly to ``max_seconds`` at three quarters."""
-    return short + (max_seconds - short) * min(1.0, max(0.0, (progress - 0.5) / 0.25))
+    """The longest stream at ``progress`` (0..1) of training: ``short`` seconds for the first third, then growing
+    linearly to ``max_seconds`` at half-way."""
+    return short + (max_seconds - short) * min(1.0, max(0.0, (progress - SHORT_UNTIL) / (0.5 - SHORT_UNTIL)))
 
 
 def add_object_words(adapter: DefaultVLMAdapter, tokenizer) -> DefaultVLMAdapter:
@@ -423,15 +427,17 @@ def add_object_words(adapter: DefaultVLMAdapter, tokenizer) -> DefaultVLMAdapter
     return DefaultVLMAdapter(model, tokenizer)
 
 
-def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, lr: float = 2e-3,
+def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, lr: float = 2e-3,
           max_seconds: float = 130.0, seed: int = 0, log_every: int = 100, eval_every: int = 1000, held_out: int = 32,
           init: str | pathlib.Path | None = None, kind_weights: dict[str, float] | None = None,
-          saliency: float = 0.3, evidence: float = 0.3, first_saliency: float = 0.3) -> dict:
+          saliency: float = 0.3, evidence: float = 0.3, first_saliency: float = 0.3, bf16: bool | None = None) -> dict:
     """Train from scratch (or go on from the checkpoint ``init``, with a fresh schedule and no curriculum) and save
     model + tokenizer to ``out``. ``kind_weights`` oversamples question kinds in training (held-out questions stay
     even); ``saliency`` / ``first_saliency`` / ``evidence`` weigh those losses (0: off), which need eager
-    attention: from scratch they start half-way, with the long streams, so that the short streams before them
-    train at sdpa's speed. Returns the held-out answer accuracy (teacher-forced, per kind) and timings."""
+    attention: from scratch they start with the long streams, so that the short streams before them train at sdpa's
+    speed. ``bf16``: the training steps' forward pass under bfloat16 autocast (weights, optimizer and held-out
+    evaluation stay float32; default: where the CPU computes bfloat16 natively). Returns the held-out answer
+    accuracy (teacher-forced, per kind) and timings."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if init is None:
@@ -443,8 +449,10 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
         if len(tokenizer) > len(adapter.tokenizer):
             adapter = add_object_words(adapter, tokenizer)
     model = adapter.model.train()
+    if bf16 is None:
+        bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     attention_losses = (saliency, evidence, first_saliency)
-    attention_from = 1 if init is not None else steps // 2 + 1  # the step the attention losses start at
+    attention_from = 1 if init is not None else int(steps * SHORT_UNTIL) + 1  # the step the attention losses start at
     probes = torch.nn.ModuleDict({"perception": PerceptionLoss(adapter),
                                   "state": StreamStateLoss(adapter)})
     held = [sample(np.random.default_rng(10_000 + i), max_seconds, max_seconds / 2) for i in range(held_out)]
@@ -461,7 +469,8 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
         if step == attention_from and max(attention_losses) > 0:
             model.set_attn_implementation("eager")  # the losses need the attention probabilities
         weights = attention_losses if step >= attention_from else (0.0, 0.0, 0.0)
-        loss, right = batch_loss(adapter, probes, streams, compress, *weights)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, right = batch_loss(adapter, probes, streams, compress, *weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -481,7 +490,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 6000, batch: int = 8, 
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     result = {"steps": steps, "batch": batch, "lr": lr, "max_seconds": max_seconds, "seed": seed, "init": str(init),
-              "kind_weights": kind_weights, "saliency": saliency, "evidence": evidence, "first_saliency": first_saliency,
+              "kind_weights": kind_weights, "bf16": bf16, "saliency": saliency, "evidence": evidence, "first_saliency": first_saliency,
               "held_out_accuracy": held_acc, "train_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
     (out / "training.json").write_text(json.dumps(result, indent=1))
     logger.info("saved to %s", out)
