@@ -403,13 +403,13 @@ def accuracy_by_kind(streams: list[Stream], right: torch.Tensor) -> dict[str, fl
     return {kind: float(right[torch.from_numpy(kinds == kind)].float().mean()) for kind in world.CHANCE if (kinds == kind).any()}
 
 
-SHORT_UNTIL = 1 / 3  # the share of training on short streams only (``curriculum``)
+SHORT_UNTIL, FULL_FROM = 1 / 3, 1 / 2  # ``curriculum``: short streams only, then growing, then full length
 
 
 def curriculum(progress: float, max_seconds: float, short: float = 30.0) -> float:
-    """The longest stream at ``progress`` (0..1) of training: ``short`` seconds for the first third, then growing
-    linearly to ``max_seconds`` at half-way."""
-    return short + (max_seconds - short) * min(1.0, max(0.0, (progress - SHORT_UNTIL) / (0.5 - SHORT_UNTIL)))
+    """The longest stream at ``progress`` (0..1) of training: ``short`` seconds until ``SHORT_UNTIL``, then growing
+    linearly to ``max_seconds`` at ``FULL_FROM``."""
+    return short + (max_seconds - short) * min(1.0, max(0.0, (progress - SHORT_UNTIL) / (FULL_FROM - SHORT_UNTIL)))
 
 
 def add_object_words(adapter: DefaultVLMAdapter, tokenizer) -> DefaultVLMAdapter:
@@ -490,7 +490,8 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     result = {"steps": steps, "batch": batch, "lr": lr, "max_seconds": max_seconds, "seed": seed, "init": str(init),
-              "kind_weights": kind_weights, "bf16": bf16, "saliency": saliency, "evidence": evidence, "first_saliency": first_saliency,
+              "kind_weights": kind_weights, "bf16": bf16, "saliency": saliency, "evidence": evidence,
+              "first_saliency": first_saliency,
               "held_out_accuracy": held_acc, "train_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
     (out / "training.json").write_text(json.dumps(result, indent=1))
     logger.info("saved to %s", out)
