@@ -1,6 +1,8 @@
 """The embedded default VLM: its training runs (a few steps here), and the shipped weights answer questions about
 a synthetic stream."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -14,15 +16,16 @@ from livekv.vlm.model import (
     SYSTEM, WEIGHTS, DefaultVLMAdapter, build_model, build_tokenizer, load_default_vlm, object_words,
 )
 from livekv.vlm.train import (
-    add_object_words, encode, evidence_loss, evidence_token, first_saliency_loss, sample, saliency_loss, train,
-    visual_tokens,
+    add_object_words, encode, evidence_loss, evidence_token, first_saliency_loss, frame_scores, sample, saliency_loss,
+    train, visual_tokens,
 )
 
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_training_runs_and_saves_a_loadable_model(tmp_path, bf16):
-    result = train(tmp_path, steps=2, batch=2, max_seconds=12, log_every=1, held_out=2, saliency=0.5, evidence=0.5,
-                   bf16=bf16)
+    result = train(tmp_path, steps=2, batch=2, max_seconds=12, log_every=1, eval_every=1, held_out=2, saliency=0.5,
+                   evidence=0.5, bf16=bf16)
+    assert json.loads((tmp_path / "training.json").read_text()) == result and result["step"] == 2  # the last checkpoint
     assert result["held_out_accuracy"] and all(0.0 <= a <= 1.0 for a in result["held_out_accuracy"].values())
     assert result["saliency"] == result["evidence"] == 0.5 and result["bf16"] is bf16
     adapter = load_default_vlm(tmp_path)
@@ -55,7 +58,7 @@ def test_saliency_loss_is_low_only_when_frames_attend_to_earlier_objects():
     uniform = visible / visible.sum(-1, keepdim=True)
     on_objects = visible * (1 + 1000 * batch.occupied[:, None, :].float())
     on_objects = on_objects / on_objects.sum(-1, keepdim=True)
-    heads = lambda a: (torch.stack([a, a], 1),) * 3  # noqa: E731  3 layers of 2 heads
+    heads = lambda a: frame_scores((torch.stack([a, a], 1),) * 3, batch)  # noqa: E731  3 layers of 2 heads
     assert saliency_loss(heads(uniform), batch) > 1.0  # every object only as high as the background: softplus(1)
     assert saliency_loss(heads(on_objects), batch) < 0.01
     assert first_saliency_loss(heads(on_objects), batch) > 1.0  # first-shown objects no higher than the others
@@ -63,6 +66,13 @@ def test_saliency_loss_is_low_only_when_frames_attend_to_earlier_objects():
     on_firsts = on_firsts / on_firsts.sum(-1, keepdim=True)
     assert first_saliency_loss(heads(on_firsts), batch) < 0.01 and saliency_loss(heads(on_firsts), batch) < 0.01
     assert (batch.object[batch.occupied] >= 0).all() and (batch.object[~batch.occupied] == -100).all()
+    # the scores as defined, a mean over the frame's rows of the heads' mean
+    attention = torch.softmax(torch.randn(2, 3, *visible.shape[1:]), -1)  # [B, H, L, L]
+    (scores,) = frame_scores((attention,), batch)
+    for b in range(2):
+        for f in range(int(batch.frame_of[b].max()) + 1):
+            reference = attention[b].mean(0)[batch.frame_of[b] == f].mean(0)
+            torch.testing.assert_close(scores[b, f], reference)
 
 
 def test_evidence_points_at_the_asked_object_and_its_loss_at_attention_there():

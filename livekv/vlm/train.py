@@ -259,42 +259,51 @@ def answer_loss(adapter: DefaultVLMAdapter, batch: Batch, attentions: bool = Fal
     return loss, ~wrong_per_question, out.hidden_states, out.attentions
 
 
-def saliency_loss(attentions: tuple[torch.Tensor, ...], batch: Batch, margin: float = 1.0) -> torch.Tensor:
-    """Training only: in every layer, the attention a frame's tokens pay to the earlier frames (softmax per head
-    and row, mean over heads and the frame's rows: the score Vision Sink Bucketing keeps memory by) must rank each
-    earlier object token above every earlier background token (empty cell, newline) by a factor ``e ** margin``
-    (a hinge on the log scores against the best background token). Without it this small model spreads that
-    attention over the background, and an attention-scored memory keeps mostly empty cells.
-    ``attentions``: per layer ``[B, H, L, L]``."""
-    return ranking_loss(attentions, batch, batch.occupied, (batch.frame_of >= 0) & ~batch.occupied, margin)
+def frame_scores(attentions: tuple[torch.Tensor, ...], batch: Batch) -> list[torch.Tensor]:
+    """Per layer, the attention each frame pays to every token, averaged over the heads and the frame's own rows
+    (the score Vision Sink Bucketing keeps memory by): ``[B, F, L]`` per layer, ``attentions`` per layer
+    ``[B, H, L, L]``. One matmul per layer over heads and rows together: a mean over the heads would build, and
+    differentiate, another ``[B, L, L]`` tensor per layer."""
+    frames = torch.arange(int(batch.frame_of.max()) + 1)[None, :, None]
+    rows = (batch.frame_of[:, None, :] == frames).float()  # [B, F, L]: the frame's own tokens
+    rows = rows / rows.sum(-1, keepdim=True).clamp(min=1)
+    heads = attentions[0].shape[1]
+    rows = rows.repeat(1, 1, heads) / heads  # [B, F, H * L]
+    return [rows @ a.flatten(1, 2) for a in attentions]
 
 
-def first_saliency_loss(attentions: tuple[torch.Tensor, ...], batch: Batch, margin: float = 1.0) -> torch.Tensor:
+def saliency_loss(scores: list[torch.Tensor], batch: Batch, margin: float = 1.0) -> torch.Tensor:
+    """Training only: in every layer, the attention a frame's tokens pay to the earlier frames (``frame_scores``)
+    must rank each earlier object token above every earlier background token (empty cell, newline) by a factor
+    ``e ** margin`` (a hinge on the log scores against the best background token). Without it this small model
+    spreads that attention over the background, and an attention-scored memory keeps mostly empty cells."""
+    return ranking_loss(scores, batch, batch.occupied, (batch.frame_of >= 0) & ~batch.occupied, margin)
+
+
+def first_saliency_loss(scores: list[torch.Tensor], batch: Batch, margin: float = 1.0) -> torch.Tensor:
     """Training only: as ``saliency_loss``, each earlier token showing a shape for the first time above every
     other earlier object token, so that an attention-scored memory keeps what first_colour asks for. In every
     layer: a later token tells whether it is the first of its shape from what the lower layers' memory still
     holds."""
-    return ranking_loss(attentions, batch, batch.first > 0, batch.first == 0, margin)
+    return ranking_loss(scores, batch, batch.first > 0, batch.first == 0, margin)
 
 
-def ranking_loss(attentions: tuple[torch.Tensor, ...], batch: Batch, high: torch.Tensor, low: torch.Tensor,
+def ranking_loss(scores: list[torch.Tensor], batch: Batch, high: torch.Tensor, low: torch.Tensor,
                  margin: float) -> torch.Tensor:
-    """Per layer, the attention each frame pays to the earlier frames' tokens (mean over heads and the frame's
-    rows) must put every earlier ``high`` token ``[B, L]`` above the best earlier ``low`` one by ``margin`` in
-    log score (a softplus hinge), averaged over the frames that have both."""
-    frames = torch.arange(int(batch.frame_of.max()) + 1)[None, :, None]
-    rows = (batch.frame_of[:, None, :] == frames).float()  # [B, F, L]: the frame's own tokens
-    rows = rows / rows.sum(-1, keepdim=True).clamp(min=1)
+    """Per layer, the frame scores ``[B, F, L]`` must put every earlier ``high`` token ``[B, L]`` above the best
+    earlier ``low`` one by ``margin`` in log score (a softplus hinge), averaged over the frames that have both."""
+    frames = torch.arange(scores[0].shape[1])[None, :, None]
+    own = (batch.frame_of[:, None, :] == frames).any(-1)  # [B, F]: frames of the row's stream
     past = (batch.frame_of[:, None, :] >= 0) & (batch.frame_of[:, None, :] < frames)  # [B, F, L]
     high, low = past & high[:, None, :], past & low[:, None, :]
-    scored = high.any(-1) & low.any(-1) & (rows.sum(-1) > 0)  # [B, F]: frames of the row's stream
+    scored = high.any(-1) & low.any(-1) & own  # [B, F]
     loss = 0.0
-    for a in attentions:
-        score = (rows @ a.mean(1)).clamp(min=1e-9).log()  # [B, F, L]
+    for score in scores:
+        score = score.clamp(min=1e-9).log()
         best_low = score.masked_fill(~low, float("-inf")).amax(-1, keepdim=True)
         hinge = F.softplus(best_low - score + margin) * high
         loss = loss + (hinge.sum(-1)[scored] / high.sum(-1)[scored]).mean()
-    return loss / len(attentions)
+    return loss / len(scores)
 
 
 class StreamStateLoss(torch.nn.Module):
@@ -388,10 +397,11 @@ def batch_loss(adapter, probes: torch.nn.ModuleDict, streams: list[Stream], rng=
     cells = torch.from_numpy(np.concatenate([s.cells for s in streams]))
     middle = states[len(states) // 2]  # after the middle decoder layer
     loss = loss + probes["perception"](visual[:, : cells.shape[1]], cells) + probes["state"](middle, batch)
+    scores = frame_scores(attentions, batch) if max(saliency, first_saliency) > 0 else None
     if saliency > 0:
-        loss = loss + saliency * saliency_loss(attentions, batch)
+        loss = loss + saliency * saliency_loss(scores, batch)
     if first_saliency > 0:
-        loss = loss + first_saliency * first_saliency_loss(attentions, batch)
+        loss = loss + first_saliency * first_saliency_loss(scores, batch)
     if evidence > 0:
         loss = loss + evidence * evidence_loss(attentions, batch)
     return loss, right
@@ -432,7 +442,8 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
           init: str | pathlib.Path | None = None, kind_weights: dict[str, float] | None = None,
           saliency: float = 0.3, evidence: float = 0.3, first_saliency: float = 0.3, bf16: bool | None = None) -> dict:
     """Train from scratch (or go on from the checkpoint ``init``, with a fresh schedule and no curriculum) and save
-    model + tokenizer to ``out``. ``kind_weights`` oversamples question kinds in training (held-out questions stay
+    model + tokenizer to ``out``, at every held-out evaluation (``training.json`` says at which ``step``) and at the
+    end. ``kind_weights`` oversamples question kinds in training (held-out questions stay
     even); ``saliency`` / ``first_saliency`` / ``evidence`` weigh those losses (0: off), which need eager
     attention: from scratch they start with the long streams, so that the short streams before them train at sdpa's
     speed. ``bf16``: the training steps' forward pass under bfloat16 autocast (weights, optimizer and held-out
@@ -483,19 +494,28 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
             held_acc = evaluate_held_out(adapter, probes, held, batch)
             logger.info("step %d: held-out answer accuracy (teacher-forced, streams of %g-%g s) %s", step,
                         max_seconds / 2, max_seconds, {k: round(v, 3) for k, v in held_acc.items()})
-    model.eval()
+            result = {"steps": steps, "step": step, "batch": batch, "lr": lr, "max_seconds": max_seconds, "seed": seed,
+                      "init": str(init), "kind_weights": kind_weights, "bf16": bf16, "saliency": saliency,
+                      "evidence": evidence, "first_saliency": first_saliency, "held_out_accuracy": held_acc,
+                      "train_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
+            save(adapter, out, result)  # a checkpoint at every evaluation: a long run cut short loses little
+    logger.info("saved to %s", out)
+    return result
+
+
+def save(adapter: DefaultVLMAdapter, out: str | pathlib.Path, result: dict) -> None:
+    """Model + tokenizer (as ``load_default_vlm`` reads them) and ``training.json`` (``result``) into ``out``; the
+    model stays in training mode."""
+    model = adapter.model.eval()
+    implementation = model.config._attn_implementation
     model.set_attn_implementation("sdpa")
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    result = {"steps": steps, "batch": batch, "lr": lr, "max_seconds": max_seconds, "seed": seed, "init": str(init),
-              "kind_weights": kind_weights, "bf16": bf16, "saliency": saliency, "evidence": evidence,
-              "first_saliency": first_saliency,
-              "held_out_accuracy": held_acc, "train_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
+    adapter.tokenizer.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(result, indent=1))
-    logger.info("saved to %s", out)
-    return result
+    model.set_attn_implementation(implementation)
+    model.train()
 
 
 @torch.no_grad()
