@@ -16,8 +16,8 @@ from livekv.vlm.model import (
     SYSTEM, WEIGHTS, DefaultVLMAdapter, build_model, build_tokenizer, load_default_vlm, object_words,
 )
 from livekv.vlm.train import (
-    add_object_words, encode, evidence_loss, evidence_token, first_saliency_loss, frame_scores, sample, saliency_loss,
-    train, visual_tokens,
+    add_object_words, encode, evidence_loss, evidence_token, first_saliency_loss, frame_scores, pick_by_age, sample,
+    saliency_loss, train, visual_tokens,
 )
 
 
@@ -44,6 +44,15 @@ def test_the_shipped_default_vlm_answers_a_one_minute_stream():
     (record,) = payload["results"]
     chance = max(payload["chance"].values())
     assert record["accuracy"] >= 0.6 > chance, record
+
+
+def test_training_questions_ask_about_the_past_where_the_stream_has_one():
+    asked = lambda evidence: world.Question("where_last", "q", "top", 100.0, evidence, list(world.CELLS))  # noqa: E731
+    rng = np.random.default_rng(0)
+    questions = [asked(100.0), asked(95.0), asked(50.0), asked(10.0)]  # recent, recent, middle, start
+    picks = {pick_by_age(rng, questions) for _ in range(100)}
+    assert picks == {2, 3}  # the older buckets, both
+    assert {pick_by_age(rng, questions[:2]) for _ in range(100)} == {0, 1}  # none older: the recent ones
 
 
 def test_saliency_loss_is_low_only_when_frames_attend_to_earlier_objects():

@@ -3,7 +3,8 @@
 Every sample is a random world streamed at 0.5 fps, framed exactly as a ``StreamSession`` frames it (system prompt,
 then one clip per frame: 9 visual tokens + LLaVA-OneVision's newline), followed by its questions with their
 answers: ``questions`` per stream, asked after the last frame and after ``ask_frames - 1`` random earlier ones,
-their kinds drawn evenly. Each question sees only the stream up to its frame and itself (a block mask, positions
+their kinds drawn evenly and, within a kind, about the stream's past where it has one (``pick_by_age``: only
+where_last's ages vary). Each question sees only the stream up to its frame and itself (a block mask, positions
 right after that frame), so one stream trains many answers at little more than the cost of one.
 
 The losses:
@@ -86,7 +87,7 @@ def sample(rng: np.random.Generator, max_seconds: float, min_seconds: float = 4.
            ask_frames: int = 2, fps: float = 0.5, kind_weights: dict[str, float] | None = None) -> Stream:
     """A random stream of ``min_seconds`` to ``max_seconds`` with up to ``questions`` questions, spread over the
     last frame and ``ask_frames - 1`` random ones, their kinds drawn evenly (or in proportion to ``kind_weights``,
-    1 for a kind it does not name)."""
+    1 for a kind it does not name), each kind's question about the stream's past where it has one (``pick_by_age``)."""
     kinds, colours, shapes = list(world.CHANCE), list(world.COLOURS), list(world.SHAPES)
     p = None
     if kind_weights:
@@ -104,7 +105,7 @@ def sample(rng: np.random.Generator, max_seconds: float, min_seconds: float = 4.
             for j in range(questions // ask_frames + (i < questions % ask_frames)):
                 kind = kinds[int(rng.integers(len(kinds)) if p is None else rng.choice(len(kinds), p=p))]
                 if by_kind.get(kind):
-                    q = by_kind[kind].pop(int(rng.integers(len(by_kind[kind]))))
+                    q = by_kind[kind].pop(pick_by_age(rng, by_kind[kind]))
                     qas.append((k, q.text, q.answer, q.kind, evidence_token(w, q)))
         if qas:
             break
@@ -113,6 +114,19 @@ def sample(rng: np.random.Generator, max_seconds: float, min_seconds: float = 4.
         for it in w.state(t):
             cells[i, world.CELLS.index(it.cell)] = (colours.index(it.colour), shapes.index(it.shape))
     return Stream(np.stack([image for _, image in w.frames()]), cells, qas)
+
+
+def pick_by_age(rng: np.random.Generator, questions: list[world.Question]) -> int:
+    """The index of a question about the stream's past where ``questions`` has one: drawn evenly over the older age
+    buckets present (middle, start), then evenly within its bucket; a recent one only where none is older. Drawn
+    evenly over all, where_last (the one kind whose ages vary) asks half the time about the last 20 s, mostly about
+    objects on screen now, and an eighth about the start (104-130 s streams), where the past is what memory is for
+    and what the benchmark asks about most."""
+    buckets = [world.age_bucket(q) for q in questions]
+    older = sorted(set(buckets) - {"recent"}) or ["recent"]
+    bucket = older[int(rng.integers(len(older)))]
+    within = [i for i, b in enumerate(buckets) if b == bucket]
+    return within[int(rng.integers(len(within)))]
 
 
 def evidence_token(w: world.World, q: world.Question) -> int:
