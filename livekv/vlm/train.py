@@ -457,11 +457,11 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
           saliency: float = 0.3, evidence: float = 0.3, first_saliency: float = 0.3, bf16: bool | None = None) -> dict:
     """Train from scratch (or go on from the checkpoint ``init``, with a fresh schedule and no curriculum) and save
     model + tokenizer to ``out``, at every held-out evaluation (``training.json`` says at which ``step``) and at the
-    end. ``kind_weights`` oversamples question kinds in training (held-out questions stay
-    even); ``saliency`` / ``first_saliency`` / ``evidence`` weigh those losses (0: off), which need eager
-    attention: from scratch they start with the long streams, so that the short streams before them train at sdpa's
-    speed. ``bf16``: the training steps' forward pass under bfloat16 autocast (weights, optimizer and held-out
-    evaluation stay float32; default: where the CPU computes bfloat16 natively). Returns the held-out answer
+    end. ``kind_weights`` oversamples question kinds in training (held-out kinds stay even); ``saliency`` /
+    ``first_saliency`` / ``evidence`` weigh those losses (0: off), which need eager attention: from scratch they
+    start with the long streams, so that the short streams before them train at sdpa's speed. ``bf16``: the
+    training steps' forward pass under bfloat16 autocast (weights, optimizer and held-out evaluation stay float32;
+    default: where the CPU computes bfloat16 natively). Returns the held-out answer
     accuracy (teacher-forced, per kind) and timings."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
