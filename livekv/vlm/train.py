@@ -259,8 +259,12 @@ def answer_loss(adapter: DefaultVLMAdapter, batch: Batch, attentions: bool = Fal
     """Next-token cross-entropy on the answers, per question whether every answer token is right ``[Q]``, the
     hidden states (the embeddings, then after each decoder layer, the last one normed; each ``[B, L, hidden]``)
     and, with ``attentions`` (the model must run eager attention), every layer's attention ``[B, H, L, L]``."""
-    # additive, as eager attention (which ``attentions`` needs) reads it; sdpa takes it alike
-    mask = torch.zeros(batch.mask.shape).masked_fill_(~batch.mask, torch.finfo(torch.float32).min)
+    # additive, as eager attention (which ``attentions`` needs) reads it; sdpa takes it alike. For eager attention
+    # under autocast in the autocast dtype, so that adding it does not make a float32 copy of every layer's
+    # [B, H, L, L] scores (same results, ~11% faster per step here); sdpa was ~8% slower with it
+    eager_autocast = attentions and torch.is_autocast_enabled("cpu")
+    dtype = torch.get_autocast_dtype("cpu") if eager_autocast else torch.float32
+    mask = torch.zeros(batch.mask.shape, dtype=dtype).masked_fill_(~batch.mask, torch.finfo(dtype).min)
     out = adapter.language_model(inputs_embeds=batch.embeds, position_ids=batch.positions, attention_mask=mask,
                                  output_hidden_states=True, output_attentions=attentions)
     logits = adapter.lm_head(out.last_hidden_state[:, :-1])
