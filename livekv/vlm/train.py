@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import pathlib
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -460,8 +461,9 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
           init: str | pathlib.Path | None = None, kind_weights: dict[str, float] | None = None,
           saliency: float = 0.3, evidence: float = 0.3, first_saliency: float = 0.3, bf16: bool | None = None) -> dict:
     """Train from scratch (or go on from the checkpoint ``init``, with a fresh schedule and no curriculum) and save
-    model + tokenizer to ``out``, at every held-out evaluation (``training.json`` says at which ``step``) and at the
-    end. ``kind_weights`` oversamples question kinds in training (held-out kinds stay even); ``saliency`` /
+    model + tokenizer to ``out`` at the end; at every held-out evaluation before it to ``out/checkpoint``
+    (``training.json`` says at which ``step``; removed at the end), so that a run cut short keeps its last
+    checkpoint and never leaves a half-trained model in ``out`` (by default the shipped weights). ``kind_weights`` oversamples question kinds in training (held-out kinds stay even); ``saliency`` /
     ``first_saliency`` / ``evidence`` weigh those losses (0: off), which need eager attention: from scratch they
     start with the long streams, so that the short streams before them train at sdpa's speed. ``bf16``: the
     training steps' forward pass under bfloat16 autocast (weights, optimizer and held-out evaluation stay float32;
@@ -469,6 +471,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
     accuracy (teacher-forced, per kind) and timings."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    out = pathlib.Path(out)
     if init is None:
         tokenizer = build_tokenizer()
         adapter = DefaultVLMAdapter(build_model(tokenizer, seed), tokenizer)
@@ -516,18 +519,18 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
                       "init": str(init), "kind_weights": kind_weights, "bf16": bf16, "saliency": saliency,
                       "evidence": evidence, "first_saliency": first_saliency, "held_out_accuracy": held_acc,
                       "train_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
-            save(adapter, out, result)  # a checkpoint at every evaluation: a long run cut short loses little
+            save(adapter, out if step == steps else out / "checkpoint", result)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
     logger.info("saved to %s", out)
     return result
 
 
-def save(adapter: DefaultVLMAdapter, out: str | pathlib.Path, result: dict) -> None:
+def save(adapter: DefaultVLMAdapter, out: pathlib.Path, result: dict) -> None:
     """Model + tokenizer (as ``load_default_vlm`` reads them) and ``training.json`` (``result``) into ``out``; the
     model stays in training mode."""
     model = adapter.model.eval()
     implementation = model.config._attn_implementation
     model.set_attn_implementation("sdpa")
-    out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     adapter.tokenizer.save_pretrained(out)
