@@ -35,11 +35,13 @@ as in float32). Deterministic given the seed and the number of steps.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
 import pathlib
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 
@@ -456,6 +458,22 @@ def add_object_words(adapter: DefaultVLMAdapter, tokenizer) -> DefaultVLMAdapter
     return DefaultVLMAdapter(model, tokenizer)
 
 
+def keep_freed_memory() -> None:
+    """With glibc, serve every allocation from the heap and keep what is freed for the next one. By default glibc
+    maps each block over 32 MB (a layer's [B, H, L, L] attention at full length) afresh and unmaps it when freed,
+    so every step faults in those pages again: a long float32 step took ~30% less time with this here (the same
+    losses and gradients). The process keeps its peak memory (+0.7 GB on a long step); elsewhere it does nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+
+
 def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, lr: float = 2e-3,
           max_seconds: float = 130.0, seed: int = 0, log_every: int = 100, eval_every: int = 1000, held_out: int = 32,
           init: str | pathlib.Path | None = None, kind_weights: dict[str, float] | None = None,
@@ -469,6 +487,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
     training steps' forward pass under bfloat16 autocast (weights, optimizer and held-out evaluation stay float32;
     default: where the CPU computes bfloat16 natively). Returns the held-out answer
     accuracy (teacher-forced, per kind) and timings."""
+    keep_freed_memory()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     out = pathlib.Path(out)
