@@ -29,8 +29,9 @@ are first learnt, at a third of a long step's cost; the attention losses start a
 to ``max_seconds`` by half-way (streams of a batch are of similar length: little padding). From 30% of training
 on, half the streams lose a random 50-95% of the visual tokens of all but their last two frames (positions
 closing up, as after compression), so that the model learns to answer from a compressed memory. The training steps
-run under bfloat16 autocast where the CPU has native bfloat16 (1.4-1.7x faster here, and the first 400 steps learnt
-as in float32). Deterministic given the seed and the number of steps.
+run under bfloat16 autocast where the CPU has native bfloat16 (1.4-1.7x faster there, and the first 400 steps learnt
+as in float32); elsewhere in float32 (on an AVX2-only CPU a long bfloat16 step took 9x as long). Deterministic
+given the seed and the number of steps.
 """
 
 from __future__ import annotations
@@ -481,12 +482,12 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
     """Train from scratch (or go on from the checkpoint ``init``, with a fresh schedule and no curriculum) and save
     model + tokenizer to ``out`` at the end; at every held-out evaluation before it to ``out/checkpoint``
     (``training.json`` says at which ``step``; removed at the end), so that a run cut short keeps its last
-    checkpoint and never leaves a half-trained model in ``out`` (by default the shipped weights). ``kind_weights`` oversamples question kinds in training (held-out kinds stay even); ``saliency`` /
-    ``first_saliency`` / ``evidence`` weigh those losses (0: off), which need eager attention: from scratch they
-    start with the long streams, so that the short streams before them train at sdpa's speed. ``bf16``: the
-    training steps' forward pass under bfloat16 autocast (weights, optimizer and held-out evaluation stay float32;
-    default: where the CPU computes bfloat16 natively). Returns the held-out answer
-    accuracy (teacher-forced, per kind) and timings."""
+    checkpoint and never leaves a half-trained model in ``out`` (by default the shipped weights). ``kind_weights``
+    oversamples question kinds in training (held-out kinds stay even); ``saliency`` / ``first_saliency`` /
+    ``evidence`` weigh those losses (0: off), which need eager attention: from scratch they start with the long
+    streams, so that the short streams before them train at sdpa's speed. ``bf16``: the training steps' forward
+    pass under bfloat16 autocast (weights, optimizer and held-out evaluation stay float32; default: where the CPU
+    computes bfloat16 natively). Returns the held-out answer accuracy (teacher-forced, per kind) and timings."""
     keep_freed_memory()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
