@@ -227,7 +227,8 @@ def cmd_train_vlm(args) -> None:
         torch.set_num_threads(args.threads)
     train(args.out or WEIGHTS, steps=args.steps, batch=args.batch, lr=args.lr, max_seconds=args.max_seconds,
           seed=args.seed, init=args.init, kind_weights=_kind_weights(args.kind_weights),
-          saliency=args.saliency, evidence=args.evidence, first_saliency=args.first_saliency, bf16=args.bf16)
+          saliency=args.saliency, evidence=args.evidence, first_saliency=args.first_saliency, bf16=args.bf16,
+          resume=args.resume)
 
 
 def _kind_weights(text: str | None) -> dict[str, float] | None:
@@ -346,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=130.0, help="longest training stream")
     p.add_argument("--out", default=None, help="where to save (default: the package's weights folder)")
     p.add_argument("--init", default=None, help="go on training this checkpoint (fresh schedule, full-length streams)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from OUT/checkpoint, a run cut short (give the same arguments as that run)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -36,6 +36,37 @@ def test_training_runs_and_saves_a_loadable_model(tmp_path, bf16):
     assert isinstance(session.answer("how many objects are there now ?", max_new_tokens=3), str)
 
 
+def test_a_resumed_run_ends_with_the_model_of_the_uninterrupted_run(tmp_path, monkeypatch):
+    import livekv.vlm.train as training
+
+    args = dict(steps=3, batch=2, max_seconds=12, log_every=1, eval_every=1, held_out=2, bf16=False)
+    whole = train(tmp_path / "whole", **args)  # the attention losses start at step 2: a resume must keep them
+
+    class Killed(Exception):
+        pass
+
+    save_checkpoint = training.save_checkpoint
+
+    def save_then_die_at_step_2(adapter, checkpoint, result, state):
+        save_checkpoint(adapter, checkpoint, result, state)
+        if result["step"] == 2:
+            raise Killed
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die_at_step_2)
+    with pytest.raises(Killed):
+        train(tmp_path / "cut", **args)
+    monkeypatch.setattr(training, "save_checkpoint", save_checkpoint)
+    with pytest.raises(ValueError, match="lr"):
+        train(tmp_path / "cut", **{**args, "resume": True, "lr": 1e-3})
+    resumed = train(tmp_path / "cut", **args, resume=True)
+    assert resumed["held_out_accuracy"] == whole["held_out_accuracy"] and resumed["step"] == 3
+    a, b = (load_default_vlm(tmp_path / d).model.state_dict() for d in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "cut" / "checkpoint").exists()
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(tmp_path / "cut", **args, resume=True)
+
+
 @pytest.mark.skipif(not (WEIGHTS / "model.safetensors").is_file(), reason="the default VLM has not been trained")
 def test_the_shipped_default_vlm_answers_a_one_minute_stream():
     torch.set_num_threads(2)

@@ -475,11 +475,14 @@ def keep_freed_memory() -> None:
 def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, lr: float = 2e-3,
           max_seconds: float = 130.0, seed: int = 0, log_every: int = 100, eval_every: int = 1000, held_out: int = 32,
           init: str | pathlib.Path | None = None, kind_weights: dict[str, float] | None = None,
-          saliency: float = 0.3, evidence: float = 0.3, first_saliency: float = 0.3, bf16: bool | None = None) -> dict:
+          saliency: float = 0.3, evidence: float = 0.3, first_saliency: float = 0.3, bf16: bool | None = None,
+          resume: bool = False) -> dict:
     """Train from scratch (or go on from the checkpoint ``init``, with a fresh schedule and no curriculum) and save
     model + tokenizer to ``out`` at the end; at every held-out evaluation before it to ``out/checkpoint``
-    (``training.json`` says at which ``step``; removed at the end), so that a run cut short keeps its last
-    checkpoint and never leaves a half-trained model in ``out`` (by default the shipped weights). ``kind_weights``
+    (``training.json`` says at which ``step``, ``resume.pt`` holds the optimizer, schedule, probes and random
+    states; removed at the end), so that a run cut short keeps its last checkpoint and never leaves a half-trained
+    model in ``out`` (by default the shipped weights). ``resume``: go on from ``out/checkpoint`` with the same
+    arguments, ending with the model the run would have made uninterrupted. ``kind_weights``
     oversamples question kinds in training (held-out kinds stay even); ``saliency`` / ``first_saliency`` /
     ``evidence`` weigh those losses (0: off), which need eager attention: from scratch they start with the long
     streams, so that the short streams before them train at sdpa's speed. ``bf16``: the training steps' forward
@@ -489,7 +492,15 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     out = pathlib.Path(out)
-    if init is None:
+    if bf16 is None:
+        bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    settings = {"steps": steps, "batch": batch, "lr": lr, "max_seconds": max_seconds, "seed": seed, "init": str(init),
+                "kind_weights": kind_weights, "bf16": bf16, "saliency": saliency, "evidence": evidence,
+                "first_saliency": first_saliency}
+    if resume:
+        state = resume_state(out / "checkpoint", settings)
+        adapter = load_default_vlm(out / "checkpoint")
+    elif init is None:
         tokenizer = build_tokenizer()
         adapter = DefaultVLMAdapter(build_model(tokenizer, seed), tokenizer)
     else:
@@ -498,8 +509,6 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
         if len(tokenizer) > len(adapter.tokenizer):
             adapter = add_object_words(adapter, tokenizer)
     model = adapter.model.train()
-    if bf16 is None:
-        bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     attention_losses = (saliency, evidence, first_saliency)
     attention_from = 1 if init is not None else int(steps * SHORT_UNTIL) + 1  # the step the attention losses start at
     probes = torch.nn.ModuleDict({"perception": PerceptionLoss(adapter),
@@ -510,8 +519,18 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    t0 = time.perf_counter()
-    for step in range(1, steps + 1):
+    start, t0 = 1, time.perf_counter()
+    if resume:
+        probes.load_state_dict(state["probes"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["torch_rng"])
+        rng.bit_generator.state = state["numpy_rng"]
+        start, t0 = state["step"] + 1, t0 - state["train_s"]
+        if start > attention_from and max(attention_losses) > 0:
+            model.set_attn_implementation("eager")
+        logger.info("resuming %s at step %d/%d", out / "checkpoint", start, steps)
+    for step in range(start, steps + 1):
         longest = rng.uniform(6, curriculum(step / steps, max_seconds) if init is None else max_seconds)
         streams = [sample(rng, longest, 0.8 * longest, kind_weights=kind_weights) for _ in range(batch)]
         compress = rng if init is not None or step > 0.3 * steps else None
@@ -532,14 +551,42 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
             held_acc = evaluate_held_out(adapter, probes, held, batch)
             logger.info("step %d: held-out answer accuracy (teacher-forced, streams of %g-%g s) %s", step,
                         max_seconds / 2, max_seconds, {k: round(v, 3) for k, v in held_acc.items()})
-            result = {"steps": steps, "step": step, "batch": batch, "lr": lr, "max_seconds": max_seconds, "seed": seed,
-                      "init": str(init), "kind_weights": kind_weights, "bf16": bf16, "saliency": saliency,
-                      "evidence": evidence, "first_saliency": first_saliency, "held_out_accuracy": held_acc,
-                      "train_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
-            save(adapter, out if step == steps else out / "checkpoint", result)
+            result = {**settings, "step": step, "held_out_accuracy": held_acc, "train_s": time.perf_counter() - t0,
+                      "threads": torch.get_num_threads()}
+            if step == steps:
+                save(adapter, out, result)
+            else:
+                save_checkpoint(adapter, out / "checkpoint", result, {
+                    "step": step, "train_s": result["train_s"], "probes": probes.state_dict(),
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state})
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     logger.info("saved to %s", out)
     return result
+
+
+def resume_state(checkpoint: pathlib.Path, settings: dict) -> dict:
+    """The training state saved with ``checkpoint``, checked against the resumed run's ``settings``."""
+    if not (checkpoint / "resume.pt").is_file():
+        raise FileNotFoundError(f"nothing to resume: no {checkpoint / 'resume.pt'} (a run saves it at each held-out "
+                                "evaluation; pass --init to go on from a finished model with a fresh schedule)")
+    saved = json.loads((checkpoint / "training.json").read_text())
+    changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+    if changed:
+        raise ValueError(f"resume with the arguments of the run that saved {checkpoint}; these differ "
+                         f"(saved, given): {changed}")
+    return torch.load(checkpoint / "resume.pt", weights_only=True)
+
+
+def save_checkpoint(adapter: DefaultVLMAdapter, checkpoint: pathlib.Path, result: dict, state: dict) -> None:
+    """``save`` plus the training ``state`` (``resume.pt``), written beside ``checkpoint`` and moved in whole, so
+    that a run killed while saving keeps its previous checkpoint."""
+    partial = checkpoint.with_name(checkpoint.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save(adapter, partial, result)
+    torch.save(state, partial / "resume.pt")
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    partial.rename(checkpoint)
 
 
 def save(adapter: DefaultVLMAdapter, out: pathlib.Path, result: dict) -> None:
