@@ -1,0 +1,64 @@
+"""Does bfloat16 autocast bend the training signal? For fixed long batches, each loss term's gradient under
+bfloat16 autocast against float32, for a checkpoint (cosine and norm ratio over all trainable parameters).
+
+    python docs/results/bf16_grads.py MODEL_DIR [--batches 2] [--batch 4]
+
+Prints one line per loss term. Diagnostic only; not imported by livekv."""
+
+import argparse
+
+import numpy as np
+import torch
+
+from livekv.vlm import train as T
+from livekv.vlm.model import load_default_vlm
+
+
+def terms(adapter, probes, streams):
+    """Each loss term of ``train.batch_loss`` with every attention loss on, as a dict of scalars."""
+    visual = T.visual_tokens(adapter, np.concatenate([s.frames for s in streams]))
+    batch = T.encode(adapter, streams, visual)
+    answer, _, states, attentions = T.answer_loss(adapter, batch, attentions=True)
+    cells = torch.from_numpy(np.concatenate([s.cells for s in streams]))
+    scores = T.frame_scores(attentions, batch)
+    return {"answer": answer, "perception": probes["perception"](visual[:, : cells.shape[1]], cells),
+            "state": probes["state"](states[len(states) // 2], batch), "saliency": T.saliency_loss(scores, batch),
+            "first_saliency": T.first_saliency_loss(scores, batch), "evidence": T.evidence_loss(attentions, batch)}
+
+
+def gradients(adapter, probes, streams, params, bf16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        losses = terms(adapter, probes, streams)
+    out = {}
+    for name, loss in losses.items():
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        out[name] = (float(loss.detach()), torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
+                                             for g, p in zip(grads, params)]))
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--batches", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    adapter = load_default_vlm(args.model)
+    adapter.model.set_attn_implementation("eager")
+    adapter.model.train()
+    probes = torch.nn.ModuleDict({"perception": T.PerceptionLoss(adapter), "state": T.StreamStateLoss(adapter)})
+    params = list(adapter.model.parameters())  # the probes are fresh here: compare the model's gradients only
+    rng = np.random.default_rng(1)
+    for b in range(args.batches):
+        streams = [T.sample(rng, 130.0, 104.0) for _ in range(args.batch)]
+        f32, b16 = (gradients(adapter, probes, streams, params, bf16) for bf16 in (False, True))
+        for name in f32:
+            (l32, g32), (l16, g16) = f32[name], b16[name]
+            cos = float(torch.nn.functional.cosine_similarity(g32, g16, dim=0))
+            print(f"batch {b}  {name:15s} loss fp32 {l32:.4f} bf16 {l16:.4f} | grad cosine {cos:.3f}  "
+                  f"norm bf16/fp32 {float(g16.norm() / g32.norm().clamp(min=1e-30)):.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
