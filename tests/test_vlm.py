@@ -156,20 +156,3 @@ def test_object_descriptions_are_one_token_and_older_checkpoints_gain_them():
     assert adapter.lm_head.weight is embed
     red, circle, red_circle = tokenizer.convert_tokens_to_ids(["red", "circle", "red_circle"])
     torch.testing.assert_close(embed[red_circle], (embed[red] + embed[circle]) / 2)
-
-
-def test_compressed_training_streams_leave_out_questions_whose_evidence_is_lost():
-    tokenizer = build_tokenizer()
-    adapter = DefaultVLMAdapter(build_model(tokenizer), tokenizer)
-    rng = np.random.default_rng(4)
-    streams = [sample(rng, 80, 70) for _ in range(8)]
-    visual = torch.zeros(sum(len(s.frames) for s in streams), len(world.CELLS) + 1, 128)
-    full = encode(adapter, streams, visual)
-    assert len(full.evidence) == sum(len(s.qas) for s in streams)  # nothing compressed: every question asked
-    with torch.no_grad():
-        compressed = encode(adapter, streams, visual, np.random.default_rng(1))
-    asked = len(compressed.evidence)
-    about_one = sum(qa[4] >= 0 for s in streams for qa in s.qas)
-    assert 0 < asked < len(full.evidence)  # some streams lost evidence, and those questions only are gone
-    assert (compressed.evidence[:, 2] >= 0).sum() == asked - (len(full.evidence) - about_one)  # the rest: how many
-    assert int(compressed.question.max()) + 1 == asked and (compressed.labels != -100).any(-1).all()

@@ -28,8 +28,7 @@ A curriculum keeps early steps cheap: streams of at most 30 s for the first thir
 are first learnt, at a third of a long step's cost; the attention losses start after it), then the longest grows
 to ``max_seconds`` by half-way (streams of a batch are of similar length: little padding). From 30% of training
 on, half the streams lose a random 50-95% of the visual tokens of all but their last two frames (positions
-closing up, as after compression), so that the model learns to answer from a compressed memory; a question whose
-evidence that compression lost is left out (its answer could only be guessed). The training steps
+closing up, as after compression), so that the model learns to answer from a compressed memory. The training steps
 run under bfloat16 autocast where the CPU has native bfloat16 (1.4-1.7x faster there, and the first 400 steps learnt
 as in float32); elsewhere in float32 (on an AVX2-only CPU a long bfloat16 step took 9x as long). Deterministic
 given the seed and the number of steps.
@@ -161,9 +160,8 @@ class Batch:
     For the saliency loss: ``frame_of [B, L]`` (the stream frame of each token, -1: not a visual token or newline)
     and ``occupied [B, L]`` (the token is a cell with an object). For the evidence loss: ``evidence [Q, 3]``, per
     question its row, the position of its last token (the one that predicts the answer) and that of the visual
-    token showing the asked object (-1: none; a question whose evidence compression lost is left out).
-    ``object [B, L]``: at every occupied cell token, its object (``colour * len(world.SHAPES) + shape``, the order
-    of ``OBJECT_WORDS``), -100 elsewhere."""
+    token showing the asked object (-1: none, or compressed away). ``object [B, L]``: at every occupied cell token,
+    its object (``colour * len(world.SHAPES) + shape``, the order of ``OBJECT_WORDS``), -100 elsewhere."""
 
     embeds: torch.Tensor
     positions: torch.Tensor
@@ -188,9 +186,7 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
     after that frame, exactly what a session's answer sees. With ``rng``, half the streams lose a random 50-95% of
     the visual tokens of all but their last two frames (positions closing up, as after compression); with
     ``salient``, half of those instead keep 60-100% of their object tokens and 0-10% of the rest, newlines
-    included (what Vision Sink Bucketing keeps of a model trained with the saliency loss). A question whose
-    evidence token was lost so is left out: its answer could only be guessed (in the long phase 24% of the
-    where_last and 28% of the first_colour questions, whose guesses taught wrong lookups)."""
+    included (what Vision Sink Bucketing keeps of a model trained with the saliency loss)."""
     tokenizer = adapter.tokenizer
     embed = adapter.language_model.get_input_embeddings()
     ids = lambda text: torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
@@ -232,9 +228,6 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
         at = len(system) + keep.view(-1).cumsum(0) - 1  # a kept token's position in the row
         start = S  # where the next question's tokens begin
         for k, text, answer, _, evidence in stream.qas:
-            seen = evidence >= 0 and bool(keep.view(-1)[evidence])
-            if evidence >= 0 and not seen:
-                continue  # compression lost the evidence: no answer to learn, only a guess
             q, a = ids(QUESTION_TEMPLATE.format(question=text)), torch.cat([ids(answer), eos])
             visible = int((frame_of <= k).sum())
             parts.append(embed(torch.cat([q, a])))
@@ -242,6 +235,7 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
             labels.append(torch.cat([torch.full((len(q),), -100), a]))
             question.append(torch.full((len(q) + len(a),), n_questions))
             spans.append((visible, len(q) + len(a)))
+            seen = evidence >= 0 and bool(keep.view(-1)[evidence])
             evidence_at.append((len(rows), start + len(q) - 1, int(at[evidence]) if seen else -1))
             start += len(q) + len(a)
             n_questions += 1
