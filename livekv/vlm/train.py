@@ -25,7 +25,7 @@ The losses:
   evidence: a question's last token attends to the token showing the asked object (``evidence_loss``).
 
 A curriculum keeps early steps cheap: streams of at most 30 s for the first third of training (where the skills
-are first learnt, at a third of a long step's cost; the attention losses start after it), then the longest grows
+are first learnt, at a third of a long step's cost), then the longest grows
 to ``max_seconds`` by half-way (streams of a batch are of similar length: little padding). From 30% of training
 on, half the streams lose a random 50-95% of the visual tokens of all but their last two frames (positions
 closing up, as after compression), so that the model learns to answer from a compressed memory. The training steps
@@ -484,10 +484,10 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
     model in ``out`` (by default the shipped weights). ``resume``: go on from ``out/checkpoint`` with the same
     arguments, ending with the model the run would have made uninterrupted. ``kind_weights``
     oversamples question kinds in training (held-out kinds stay even); ``saliency`` / ``first_saliency`` /
-    ``evidence`` weigh those losses (0: off), which need eager attention: from scratch they start with the long
-    streams, so that the short streams before them train at sdpa's speed. ``bf16``: the training steps' forward
-    pass under bfloat16 autocast (weights, optimizer and held-out evaluation stay float32; default: where the CPU
-    computes bfloat16 natively). Returns the held-out answer accuracy (teacher-forced, per kind) and timings."""
+    ``evidence`` weigh those losses (0: off), which need eager attention; they apply from the first step (started
+    with the long streams instead, the lookups came later: ``docs/results.md``, run 22). ``bf16``: the training
+    steps' forward pass under bfloat16 autocast (weights, optimizer and held-out evaluation stay float32; default:
+    where the CPU computes bfloat16 natively). Returns the held-out answer accuracy (teacher-forced, per kind) and timings."""
     keep_freed_memory()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -510,7 +510,6 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
             adapter = add_object_words(adapter, tokenizer)
     model = adapter.model.train()
     attention_losses = (saliency, evidence, first_saliency)
-    attention_from = 1 if init is not None else int(steps * SHORT_UNTIL) + 1  # the step the attention losses start at
     probes = torch.nn.ModuleDict({"perception": PerceptionLoss(adapter),
                                   "state": StreamStateLoss(adapter)})
     held = [sample(np.random.default_rng(10_000 + i), max_seconds, max_seconds / 2) for i in range(held_out)]
@@ -527,18 +526,15 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
         torch.set_rng_state(state["torch_rng"])
         rng.bit_generator.state = state["numpy_rng"]
         start, t0 = state["step"] + 1, t0 - state["train_s"]
-        if start > attention_from and max(attention_losses) > 0:
-            model.set_attn_implementation("eager")
         logger.info("resuming %s at step %d/%d", out / "checkpoint", start, steps)
+    if max(attention_losses) > 0:
+        model.set_attn_implementation("eager")  # the attention losses need the attention probabilities
     for step in range(start, steps + 1):
         longest = rng.uniform(6, curriculum(step / steps, max_seconds) if init is None else max_seconds)
         streams = [sample(rng, longest, 0.8 * longest, kind_weights=kind_weights) for _ in range(batch)]
         compress = rng if init is not None or step > 0.3 * steps else None
-        if step == attention_from and max(attention_losses) > 0:
-            model.set_attn_implementation("eager")  # the losses need the attention probabilities
-        weights = attention_losses if step >= attention_from else (0.0, 0.0, 0.0)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, right = batch_loss(adapter, probes, streams, compress, *weights)
+            loss, right = batch_loss(adapter, probes, streams, compress, *attention_losses)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
