@@ -487,7 +487,8 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
     ``evidence`` weigh those losses (0: off), which need eager attention; they apply from the first step (started
     with the long streams instead, the lookups came later: ``docs/results.md``, run 22). ``bf16``: the training
     steps' forward pass under bfloat16 autocast (weights, optimizer and held-out evaluation stay float32; default:
-    where the CPU computes bfloat16 natively). Returns the held-out answer accuracy (teacher-forced, per kind) and timings."""
+    where the CPU computes bfloat16 natively). Returns the held-out answer accuracy (teacher-forced, per kind) and
+    timings."""
     keep_freed_memory()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
