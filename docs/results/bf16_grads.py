@@ -15,22 +15,10 @@ from livekv.vlm import train as T
 from livekv.vlm.model import load_default_vlm
 
 
-def terms(adapter, probes, streams):
-    """Each loss term of ``train.batch_loss`` with every attention loss on, as a dict of scalars."""
-    visual = T.visual_tokens(adapter, np.concatenate([s.frames for s in streams]))
-    batch = T.encode(adapter, streams, visual)
-    answer, _, states, attentions = T.answer_loss(adapter, batch, attentions=True)
-    cells = torch.from_numpy(np.concatenate([s.cells for s in streams]))
-    scores = T.frame_scores(attentions, batch)
-    return {"answer": answer, "perception": probes["perception"](visual[:, : cells.shape[1]], cells),
-            "state": probes["state"](states[len(states) // 2], batch), "saliency": T.saliency_loss(scores, batch),
-            "first_saliency": T.first_saliency_loss(scores, batch), "evidence": T.evidence_loss(attentions, batch)}
-
-
 def gradients(adapter, probes, streams, params, bf16):
     """Per loss term: (its value, its gradient per parameter, float32, zeros where unused)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        losses = terms(adapter, probes, streams)
+        losses = T.loss_terms(adapter, probes, streams, attention_terms=T.ATTENTION_TERMS)[0]
     out = {}
     for name, loss in losses.items():
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)

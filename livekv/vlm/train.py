@@ -407,24 +407,41 @@ def evidence_attention(attentions: tuple[torch.Tensor, ...], batch: Batch) -> tu
     return b, query, torch.stack([a[b, :, query, key] for a in upper], 1)
 
 
+ATTENTION_TERMS = ("saliency", "first_saliency", "evidence")  # the losses that need the attention probabilities
+
+
+def loss_terms(adapter, probes: torch.nn.ModuleDict, streams: list[Stream], rng=None, attention_terms=(),
+               salient: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The loss terms of a batch of ``streams``, unweighted (``answer``, ``perception``, ``state`` and those of
+    ``attention_terms`` named, in the order of ``ATTENTION_TERMS``), and per question whether it was right ``[Q]``.
+    ``rng`` and ``salient``: compression as in ``encode``."""
+    visual = visual_tokens(adapter, np.concatenate([s.frames for s in streams]))
+    batch = encode(adapter, streams, visual, rng, salient=salient)
+    answer, right, states, attentions = answer_loss(adapter, batch, attentions=bool(attention_terms))
+    cells = torch.from_numpy(np.concatenate([s.cells for s in streams]))
+    middle = states[len(states) // 2]  # after the middle decoder layer
+    terms = {"answer": answer, "perception": probes["perception"](visual[:, : cells.shape[1]], cells),
+             "state": probes["state"](middle, batch)}
+    scores = frame_scores(attentions, batch) if {"saliency", "first_saliency"} & set(attention_terms) else None
+    losses = {"saliency": lambda: saliency_loss(scores, batch),
+              "first_saliency": lambda: first_saliency_loss(scores, batch),
+              "evidence": lambda: evidence_loss(attentions, batch)}
+    terms.update({name: losses[name]() for name in ATTENTION_TERMS if name in attention_terms})
+    return terms, right
+
+
 def batch_loss(adapter, probes: torch.nn.ModuleDict, streams: list[Stream], rng=None, saliency: float = 0.0,
                evidence: float = 0.0, first_saliency: float = 0.0):
     """(answer + perception + stream-state loss (+ ``saliency`` x the saliency loss + ``first_saliency`` x the
     first-shown saliency loss + ``evidence`` x the evidence loss), per question right ``[Q]``) of a batch of
     streams."""
-    visual = visual_tokens(adapter, np.concatenate([s.frames for s in streams]))
-    batch = encode(adapter, streams, visual, rng, salient=saliency > 0)
-    loss, right, states, attentions = answer_loss(adapter, batch, attentions=max(saliency, evidence, first_saliency) > 0)
-    cells = torch.from_numpy(np.concatenate([s.cells for s in streams]))
-    middle = states[len(states) // 2]  # after the middle decoder layer
-    loss = loss + probes["perception"](visual[:, : cells.shape[1]], cells) + probes["state"](middle, batch)
-    scores = frame_scores(attentions, batch) if max(saliency, first_saliency) > 0 else None
-    if saliency > 0:
-        loss = loss + saliency * saliency_loss(scores, batch)
-    if first_saliency > 0:
-        loss = loss + first_saliency * first_saliency_loss(scores, batch)
-    if evidence > 0:
-        loss = loss + evidence * evidence_loss(attentions, batch)
+    weights = {"saliency": saliency, "first_saliency": first_saliency, "evidence": evidence}
+    terms, right = loss_terms(adapter, probes, streams, rng, [n for n, w in weights.items() if w > 0],
+                              salient=saliency > 0)
+    loss = terms["answer"] + terms["perception"] + terms["state"]
+    for name in ATTENTION_TERMS:
+        if name in terms:
+            loss = loss + weights[name] * terms[name]
     return loss, right
 
 
