@@ -10,7 +10,7 @@
     livekv stream VIDEO --model DIR --ask "What happened?" --ask-at 30:"What colour is the car?"
     livekv bench stream --methods full,rekv,livevlm --frames 16,64,256,512 --json out/stream.json
     livekv eval stream-qa --methods full,livevlm,rekv,sink_window --minutes 2 --memory-tokens 56 --streams 8 --json out/qa.json
-    livekv train-vlm                              retrain the embedded VLM (docs/results.md lists the shipped chain of runs)
+    livekv train-vlm                              retrain the embedded VLM from scratch (the shipped weights are this command's output)
 """
 
 from __future__ import annotations
