@@ -527,7 +527,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
         if len(tokenizer) > len(adapter.tokenizer):
             adapter = add_object_words(adapter, tokenizer)
     model = adapter.model.train()
-    attention_losses = (saliency, evidence, first_saliency)
+    attention_losses = {"saliency": saliency, "evidence": evidence, "first_saliency": first_saliency}
     probes = torch.nn.ModuleDict({"perception": PerceptionLoss(adapter),
                                   "state": StreamStateLoss(adapter)})
     held = [sample(np.random.default_rng(10_000 + i), max_seconds, max_seconds / 2) for i in range(held_out)]
@@ -545,14 +545,14 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
         rng.bit_generator.state = state["numpy_rng"]
         start, t0 = state["step"] + 1, t0 - state["train_s"]
         logger.info("resuming %s at step %d/%d", out / "checkpoint", start, steps)
-    if max(attention_losses) > 0:
+    if max(attention_losses.values()) > 0:
         model.set_attn_implementation("eager")  # the attention losses need the attention probabilities
     for step in range(start, steps + 1):
         longest = rng.uniform(6, curriculum(step / steps, max_seconds) if init is None else max_seconds)
         streams = [sample(rng, longest, 0.8 * longest, kind_weights=kind_weights) for _ in range(batch)]
         compress = rng if init is not None or step > 0.3 * steps else None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, right = batch_loss(adapter, probes, streams, compress, *attention_losses)
+            loss, right = batch_loss(adapter, probes, streams, compress, **attention_losses)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
