@@ -227,7 +227,8 @@ def cmd_train_vlm(args) -> None:
         torch.set_num_threads(args.threads)
     train(args.out or WEIGHTS, steps=args.steps, batch=args.batch, lr=args.lr, max_seconds=args.max_seconds,
           seed=args.seed, init=args.init, kind_weights=_kind_weights(args.kind_weights),
-          saliency=args.saliency, evidence=args.evidence, first_saliency=args.first_saliency, bf16=args.bf16,
+          saliency=args.saliency, evidence=args.evidence, first_saliency=args.first_saliency,
+          latest_saliency=args.latest_saliency, bf16=args.bf16,
           resume=args.resume)
 
 
@@ -360,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the evidence loss (a question attends to the token showing its object)")
     p.add_argument("--first-saliency", type=float, default=0.3,
                    help="weight of the first-shown saliency loss (a frame's attention ranks first-of-a-shape tokens above other objects)")
+    p.add_argument("--latest-saliency", type=float, default=0.3,
+                   help="weight of the latest-shown saliency loss (a frame's attention ranks where each object was last seen above places it left)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast in the training steps (default: where the CPU has native bfloat16)")
     p.set_defaults(func=cmd_train_vlm)

@@ -16,8 +16,8 @@ from livekv.vlm.model import (
     SYSTEM, WEIGHTS, DefaultVLMAdapter, build_model, build_tokenizer, load_default_vlm, object_words,
 )
 from livekv.vlm.train import (
-    add_object_words, encode, evidence_loss, evidence_token, first_saliency_loss, frame_scores, pick_by_age, sample,
-    saliency_loss, train, visual_tokens,
+    Stream, add_object_words, encode, evidence_loss, evidence_token, first_saliency_loss, frame_scores,
+    latest_saliency_loss, pick_by_age, sample, saliency_loss, train, visual_tokens,
 )
 
 
@@ -86,6 +86,15 @@ def test_training_questions_ask_about_the_past_where_the_stream_has_one():
     assert {pick_by_age(rng, questions[:2]) for _ in range(100)} == {0, 1}  # none older: the recent ones
 
 
+def test_a_stream_knows_where_each_object_is_seen_next():
+    cells = np.full((3, 9, 2), -1)
+    cells[0, 0] = cells[2, 0] = (1, 2)  # one object in cell 0 at frames 0 and 2
+    cells[0, 1], cells[1, 4] = (0, 0), (0, 1)  # two others, seen once
+    stream = Stream(np.zeros((3, 48, 48, 3), dtype=np.uint8), cells, [])
+    assert stream.next_seen[0, 0] == 2 and stream.next_seen[2, 0] == 3  # seen again at frame 2, then never
+    assert stream.next_seen[0, 1] == 3 and stream.next_seen[1, 4] == 3
+
+
 def test_saliency_loss_is_low_only_when_frames_attend_to_earlier_objects():
     tokenizer = build_tokenizer()
     adapter = DefaultVLMAdapter(build_model(tokenizer), tokenizer)
@@ -106,6 +115,12 @@ def test_saliency_loss_is_low_only_when_frames_attend_to_earlier_objects():
     on_firsts = on_firsts / on_firsts.sum(-1, keepdim=True)
     assert first_saliency_loss(heads(on_firsts), batch) < 0.01 and saliency_loss(heads(on_firsts), batch) < 0.01
     assert (batch.object[batch.occupied] >= 0).all() and (batch.object[~batch.occupied] == -100).all()
+    # latest-shown saliency: each frame's attention on where every object was last seen before it
+    latest = batch.occupied[:, None, :] & (batch.next_seen[:, None, :] >= batch.frame_of[:, :, None])  # [B, L, L]
+    on_latest = visible * (1 + 1000 * batch.occupied[:, None, :].float() + 1e6 * latest.float())
+    on_latest = on_latest / on_latest.sum(-1, keepdim=True)
+    assert latest_saliency_loss(heads(on_objects), batch) > 1.0  # places left as high as the latest ones
+    assert latest_saliency_loss(heads(on_latest), batch) < 0.01 and saliency_loss(heads(on_latest), batch) < 0.01
     # the scores as defined, a mean over the frame's rows of the heads' mean
     attention = torch.softmax(torch.randn(2, 3, *visible.shape[1:]), -1)  # [B, H, L, L]
     (scores,) = frame_scores((attention,), batch)

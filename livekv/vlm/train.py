@@ -75,7 +75,8 @@ class Stream:
     into ``world.COLOURS`` / ``world.SHAPES``, -1: empty) and ``qas``: (frame asked after, question, answer, kind,
     evidence: the index ``frame * 10 + cell`` of the visual token showing the asked object, -1: none).
     Derived: ``count [F]`` objects per frame; ``first [F, 9]``: the cell's shape is shown for the first time in
-    this frame (no earlier frame showed that shape)."""
+    this frame (no earlier frame showed that shape); ``next_seen [F, 9]``: the next frame showing the cell's object
+    again (``F``: none)."""
 
     def __init__(self, frames: np.ndarray, cells: np.ndarray, qas: list[tuple[int, str, str, str, int]]):
         self.frames, self.cells, self.qas = frames, cells, qas
@@ -84,6 +85,11 @@ class Stream:
         shown = np.stack([(shapes == s).any(-1) for s in range(len(world.SHAPES))], -1)  # [F, shapes]
         before = np.concatenate([np.zeros_like(shown[:1]), np.logical_or.accumulate(shown, 0)[:-1]])
         self.first = (shapes >= 0) & ~np.take_along_axis(before, shapes.clip(min=0), -1)
+        objects = np.where(shapes >= 0, object_index(cells), -1)
+        self.next_seen, upcoming = np.full(shapes.shape, len(frames)), {}  # upcoming: object -> next frame showing it
+        for f in range(len(frames) - 1, -1, -1):
+            self.next_seen[f] = [upcoming.get(o, len(frames)) for o in objects[f]]
+            upcoming.update({o: f for o in objects[f] if o >= 0})
 
 
 def sample(rng: np.random.Generator, max_seconds: float, min_seconds: float = 4.0, questions: int = 16,
@@ -161,7 +167,9 @@ class Batch:
     and ``occupied [B, L]`` (the token is a cell with an object). For the evidence loss: ``evidence [Q, 3]``, per
     question its row, the position of its last token (the one that predicts the answer) and that of the visual
     token showing the asked object (-1: none, or compressed away). ``object [B, L]``: at every occupied cell token,
-    its object (``colour * len(world.SHAPES) + shape``, the order of ``OBJECT_WORDS``), -100 elsewhere."""
+    its object (``colour * len(world.SHAPES) + shape``, the order of ``OBJECT_WORDS``), -100 elsewhere.
+    ``next_seen [B, L]``: at every occupied cell token, the next frame of the stream showing its object again (the
+    stream's number of frames: none), -100 elsewhere."""
 
     embeds: torch.Tensor
     positions: torch.Tensor
@@ -175,6 +183,7 @@ class Batch:
     occupied: torch.Tensor
     evidence: torch.Tensor
     object: torch.Tensor
+    next_seen: torch.Tensor
 
 
 def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tensor, rng: np.random.Generator | None = None,
@@ -224,6 +233,7 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
         # stream-state targets exist on the stream only; the question tokens after it get -100 as padding does
         counts = torch.cat([none, count[keep]])
         firsts, objects = per_object(stream.first * (stream.cells[..., 1] + 1)), per_object(object_index(stream.cells))
+        next_seen = per_object(stream.next_seen)
         summaries = torch.cat([torch.full((len(system), *stream.cells.shape[1:]), -100), summary[keep]])
         at = len(system) + keep.view(-1).cumsum(0) - 1  # a kept token's position in the row
         start = S  # where the next question's tokens begin
@@ -241,7 +251,7 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
             n_questions += 1
         rows.append((torch.cat(parts), torch.cat(positions), torch.cat(labels), torch.cat(question),
                      counts, firsts, frame_of, torch.cat([torch.zeros(len(system), dtype=torch.bool), occupied[keep]]),
-                     summaries, objects, S, spans))
+                     summaries, objects, next_seen, S, spans))
     L = max(len(r[0]) for r in rows)
     mask = torch.eye(L, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding attends to itself (no empty rows)
     for b, (*_, S, spans) in enumerate(rows):
@@ -255,7 +265,8 @@ def encode(adapter: DefaultVLMAdapter, streams: list[Stream], visual: torch.Tens
     embeds = torch.stack([F.pad(r[0], (0, 0, 0, L - len(r[0]))) for r in rows])
     frame = torch.stack([F.pad(r[8], (0, 0, 0, 0, 0, L - len(r[8])), value=-100) for r in rows])
     return Batch(embeds, pad(1, 0), pad(2, -100), pad(3, -1), mask[:, None], pad(4, -100), pad(5, -100), frame,
-                 pad(6, -1), pad(7, False), torch.tensor(evidence_at, dtype=torch.long).view(-1, 3), pad(9, -100))
+                 pad(6, -1), pad(7, False), torch.tensor(evidence_at, dtype=torch.long).view(-1, 3), pad(9, -100),
+                 pad(10, -100))
 
 
 def answer_loss(adapter: DefaultVLMAdapter, batch: Batch, attentions: bool = False):
@@ -309,14 +320,27 @@ def first_saliency_loss(scores: list[torch.Tensor], batch: Batch, margin: float 
     return ranking_loss(scores, batch, batch.first > 0, batch.first == 0, margin)
 
 
+def latest_saliency_loss(scores: list[torch.Tensor], batch: Batch, margin: float = 1.0) -> torch.Tensor:
+    """Training only: as ``saliency_loss``, at each frame every earlier token showing its object for the latest time
+    so far above every earlier object token the object has been shown again since (first-shown tokens left out),
+    so that an attention-scored memory keeps where each object was last seen, what where_last asks for, over the
+    places it has left. In every layer."""
+    frames = torch.arange(scores[0].shape[1])[None, :, None]
+    seen_again = batch.next_seen[:, None, :] < frames  # [B, F, L]
+    latest = batch.occupied[:, None, :] & ~seen_again
+    return ranking_loss(scores, batch, latest, seen_again & (batch.first == 0)[:, None, :], margin)
+
+
 def ranking_loss(scores: list[torch.Tensor], batch: Batch, high: torch.Tensor, low: torch.Tensor,
                  margin: float) -> torch.Tensor:
-    """Per layer, the frame scores ``[B, F, L]`` must put every earlier ``high`` token ``[B, L]`` above the best
-    earlier ``low`` one by ``margin`` in log score (a softplus hinge), averaged over the frames that have both."""
+    """Per layer, the frame scores ``[B, F, L]`` must put every earlier ``high`` token above the best earlier
+    ``low`` one by ``margin`` in log score (a softplus hinge), averaged over the frames that have both. ``high`` and
+    ``low``: ``[B, L]``, or ``[B, F, L]`` where they depend on the frame that attends."""
     frames = torch.arange(scores[0].shape[1])[None, :, None]
     own = (batch.frame_of[:, None, :] == frames).any(-1)  # [B, F]: frames of the row's stream
     past = (batch.frame_of[:, None, :] >= 0) & (batch.frame_of[:, None, :] < frames)  # [B, F, L]
-    high, low = past & high[:, None, :], past & low[:, None, :]
+    per_frame = lambda mask: mask if mask.dim() == 3 else mask[:, None, :]  # noqa: E731
+    high, low = past & per_frame(high), past & per_frame(low)
     scored = high.any(-1) & low.any(-1) & own  # [B, F]
     loss = 0.0
     for score in scores:
@@ -407,7 +431,8 @@ def evidence_attention(attentions: tuple[torch.Tensor, ...], batch: Batch) -> tu
     return b, query, torch.stack([a[b, :, query, key] for a in upper], 1)
 
 
-ATTENTION_TERMS = ("saliency", "first_saliency", "evidence")  # the losses that need the attention probabilities
+SALIENCY_TERMS = ("saliency", "first_saliency", "latest_saliency")  # the losses on the frames' attention scores
+ATTENTION_TERMS = (*SALIENCY_TERMS, "evidence")  # the losses that need the attention probabilities
 
 
 def loss_terms(adapter, probes: torch.nn.ModuleDict, streams: list[Stream], rng=None, attention_terms=(),
@@ -422,20 +447,22 @@ def loss_terms(adapter, probes: torch.nn.ModuleDict, streams: list[Stream], rng=
     middle = states[len(states) // 2]  # after the middle decoder layer
     terms = {"answer": answer, "perception": probes["perception"](visual[:, : cells.shape[1]], cells),
              "state": probes["state"](middle, batch)}
-    scores = frame_scores(attentions, batch) if {"saliency", "first_saliency"} & set(attention_terms) else None
+    scores = frame_scores(attentions, batch) if set(SALIENCY_TERMS) & set(attention_terms) else None
     losses = {"saliency": lambda: saliency_loss(scores, batch),
               "first_saliency": lambda: first_saliency_loss(scores, batch),
+              "latest_saliency": lambda: latest_saliency_loss(scores, batch),
               "evidence": lambda: evidence_loss(attentions, batch)}
     terms.update({name: losses[name]() for name in ATTENTION_TERMS if name in attention_terms})
     return terms, right
 
 
 def batch_loss(adapter, probes: torch.nn.ModuleDict, streams: list[Stream], rng=None, saliency: float = 0.0,
-               evidence: float = 0.0, first_saliency: float = 0.0):
+               evidence: float = 0.0, first_saliency: float = 0.0, latest_saliency: float = 0.0):
     """(answer + perception + stream-state loss (+ ``saliency`` x the saliency loss + ``first_saliency`` x the
-    first-shown saliency loss + ``evidence`` x the evidence loss), per question right ``[Q]``) of a batch of
-    streams."""
-    weights = {"saliency": saliency, "first_saliency": first_saliency, "evidence": evidence}
+    first-shown saliency loss + ``latest_saliency`` x the latest-shown saliency loss + ``evidence`` x the evidence
+    loss), per question right ``[Q]``) of a batch of streams."""
+    weights = {"saliency": saliency, "first_saliency": first_saliency, "latest_saliency": latest_saliency,
+               "evidence": evidence}
     terms, right = loss_terms(adapter, probes, streams, rng, [n for n, w in weights.items() if w > 0],
                               salient=saliency > 0)
     loss = terms["answer"] + terms["perception"] + terms["state"]
@@ -492,15 +519,16 @@ def keep_freed_memory() -> None:
 def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, lr: float = 2e-3,
           max_seconds: float = 130.0, seed: int = 0, log_every: int = 100, eval_every: int = 1000, held_out: int = 32,
           init: str | pathlib.Path | None = None, kind_weights: dict[str, float] | None = None,
-          saliency: float = 0.3, evidence: float = 0.3, first_saliency: float = 0.3, bf16: bool | None = None,
+          saliency: float = 0.3, evidence: float = 0.3, first_saliency: float = 0.3, latest_saliency: float = 0.3,
+          bf16: bool | None = None,
           resume: bool = False) -> dict:
     """Train from scratch (or go on from the checkpoint ``init``, with a fresh schedule and no curriculum) and save
     model + tokenizer to ``out`` at the end; at every held-out evaluation before it to ``out/checkpoint``
     (``training.json`` says at which ``step``, ``resume.pt`` holds the optimizer, schedule, probes and random
     states; removed at the end), so that a run cut short keeps its last checkpoint and never leaves a half-trained
     model in ``out`` (by default the shipped weights). ``resume``: go on from ``out/checkpoint`` with the same
-    arguments, ending with the model the run would have made uninterrupted. ``kind_weights``
-    oversamples question kinds in training (held-out kinds stay even); ``saliency`` / ``first_saliency`` /
+    arguments, ending with the model the run would have made uninterrupted. ``kind_weights`` oversamples question
+    kinds in training (held-out kinds stay even); ``saliency`` / ``first_saliency`` / ``latest_saliency`` /
     ``evidence`` weigh those losses (0: off), which need eager attention; they apply from the first step (started
     with the long streams instead, the lookups came later: ``docs/results.md``, run 22). ``bf16``: the training
     steps' forward pass under bfloat16 autocast (weights, optimizer and held-out evaluation stay float32; default:
@@ -514,7 +542,7 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
         bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     settings = {"steps": steps, "batch": batch, "lr": lr, "max_seconds": max_seconds, "seed": seed, "init": str(init),
                 "kind_weights": kind_weights, "bf16": bf16, "saliency": saliency, "evidence": evidence,
-                "first_saliency": first_saliency}
+                "first_saliency": first_saliency, "latest_saliency": latest_saliency}
     if resume:
         state = resume_state(out / "checkpoint", settings)
         adapter = load_default_vlm(out / "checkpoint")
@@ -527,7 +555,8 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
         if len(tokenizer) > len(adapter.tokenizer):
             adapter = add_object_words(adapter, tokenizer)
     model = adapter.model.train()
-    attention_losses = {"saliency": saliency, "evidence": evidence, "first_saliency": first_saliency}
+    attention_losses = {"saliency": saliency, "evidence": evidence, "first_saliency": first_saliency,
+                        "latest_saliency": latest_saliency}
     probes = torch.nn.ModuleDict({"perception": PerceptionLoss(adapter),
                                   "state": StreamStateLoss(adapter)})
     held = [sample(np.random.default_rng(10_000 + i), max_seconds, max_seconds / 2) for i in range(held_out)]
