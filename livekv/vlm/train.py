@@ -339,8 +339,7 @@ def ranking_loss(scores: list[torch.Tensor], batch: Batch, high: torch.Tensor, l
     frames = torch.arange(scores[0].shape[1])[None, :, None]
     own = (batch.frame_of[:, None, :] == frames).any(-1)  # [B, F]: frames of the row's stream
     past = (batch.frame_of[:, None, :] >= 0) & (batch.frame_of[:, None, :] < frames)  # [B, F, L]
-    per_frame = lambda mask: mask if mask.dim() == 3 else mask[:, None, :]  # noqa: E731
-    high, low = past & per_frame(high), past & per_frame(low)
+    high, low = (past & (m if m.dim() == 3 else m[:, None, :]) for m in (high, low))
     scored = high.any(-1) & low.any(-1) & own  # [B, F]
     loss = 0.0
     for score in scores:
