@@ -326,9 +326,9 @@ def latest_saliency_loss(scores: list[torch.Tensor], batch: Batch, margin: float
     so that an attention-scored memory keeps where each object was last seen, what where_last asks for, over the
     places it has left. In every layer."""
     frames = torch.arange(scores[0].shape[1])[None, :, None]
-    seen_again = batch.next_seen[:, None, :] < frames  # [B, F, L]
-    latest = batch.occupied[:, None, :] & ~seen_again
-    return ranking_loss(scores, batch, latest, seen_again & (batch.first == 0)[:, None, :], margin)
+    shown = batch.occupied[:, None, :]
+    left = shown & (batch.next_seen[:, None, :] < frames)  # [B, F, L]: its object was shown again before the frame
+    return ranking_loss(scores, batch, shown & ~left, left & (batch.first == 0)[:, None, :], margin)
 
 
 def ranking_loss(scores: list[torch.Tensor], batch: Batch, high: torch.Tensor, low: torch.Tensor,
@@ -539,9 +539,10 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
     out = pathlib.Path(out)
     if bf16 is None:
         bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    attention_losses = {"saliency": saliency, "evidence": evidence, "first_saliency": first_saliency,
+                        "latest_saliency": latest_saliency}
     settings = {"steps": steps, "batch": batch, "lr": lr, "max_seconds": max_seconds, "seed": seed, "init": str(init),
-                "kind_weights": kind_weights, "bf16": bf16, "saliency": saliency, "evidence": evidence,
-                "first_saliency": first_saliency, "latest_saliency": latest_saliency}
+                "kind_weights": kind_weights, "bf16": bf16, **attention_losses}
     if resume:
         state = resume_state(out / "checkpoint", settings)
         adapter = load_default_vlm(out / "checkpoint")
@@ -554,8 +555,6 @@ def train(out: str | pathlib.Path = WEIGHTS, steps: int = 9000, batch: int = 8, 
         if len(tokenizer) > len(adapter.tokenizer):
             adapter = add_object_words(adapter, tokenizer)
     model = adapter.model.train()
-    attention_losses = {"saliency": saliency, "evidence": evidence, "first_saliency": first_saliency,
-                        "latest_saliency": latest_saliency}
     probes = torch.nn.ModuleDict({"perception": PerceptionLoss(adapter),
                                   "state": StreamStateLoss(adapter)})
     held = [sample(np.random.default_rng(10_000 + i), max_seconds, max_seconds / 2) for i in range(held_out)]
