@@ -7,7 +7,9 @@ or another Cache class) the call falls through to transformers' SDPA attention, 
 behaves exactly like ``sdpa`` until it is given a ``LiveKVCache``.
 
 The mask function registered beside it is transformers' SDPA mask: it builds the (logical-position) mask only
-when padding requires one, and the layer gathers the columns of the tokens it reads.
+when padding requires one, and the layer gathers the columns of the tokens it reads. Before it, the cache checks
+the 2-D attention mask: it must cover exactly the cached tokens and the new ones (an input that does not continue
+the cached sequence is refused), and sparse methods refuse padded batches.
 """
 
 from __future__ import annotations
@@ -25,8 +27,27 @@ ATTN_IMPLEMENTATION = "livekv"
 _pending = threading.local()
 
 
+NOT_LIVEKV = (
+    "the model's attention did not run through livekv: a LiveKVCache (or a stream session) needs attention "
+    "implementation 'livekv'. Call model.set_attn_implementation('livekv') (or load the model with "
+    "attn_implementation='livekv', as livekv.load_model does), then start again with a fresh cache"
+)
+
+
 def set_pending(layer) -> None:
+    """Hand ``layer`` to the attention function that runs next. A layer still pending means the previous layer's
+    attention did not go through livekv's function (the model is not set to ``livekv``): its result was wrong."""
+    if getattr(_pending, "layer", None) is not None:
+        _pending.layer = None
+        raise RuntimeError(NOT_LIVEKV)
     _pending.layer = layer
+
+
+def check_not_pending() -> None:
+    """At the start of a forward: no layer may still wait for its attention (see ``set_pending``)."""
+    if getattr(_pending, "layer", None) is not None:
+        _pending.layer = None
+        raise RuntimeError(NOT_LIVEKV)
 
 
 def _take_pending(layer_idx: int):
@@ -84,8 +105,25 @@ def livekv_attention(
     if dropout and module.training:
         raise NotImplementedError("livekv attention is for inference; it has no dropout")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if module.layer_idx == 0 and attention_mask is None:
+        layer.check_positions(kwargs.get("position_ids"))
     return layer.attend(query, key, value, attention_mask, scaling), None
 
 
+def set_mask_cache(cache) -> None:
+    """The cache whose forward builds the next mask (``livekv_mask`` checks the mask against it)."""
+    _pending.mask_cache = cache
+
+
+def livekv_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
+    """Transformers' SDPA mask, after the cache of this forward checked the 2-D ``attention_mask [B, kv_length]``
+    (it must cover exactly the cached tokens and the new ones)."""
+    cache = getattr(_pending, "mask_cache", None)
+    _pending.mask_cache = None
+    if cache is not None and attention_mask is not None and attention_mask.ndim == 2:
+        cache.check_attention_mask(attention_mask, kwargs["kv_length"])
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
 AttentionInterface.register(ATTN_IMPLEMENTATION, livekv_attention)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, livekv_mask)

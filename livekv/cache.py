@@ -23,11 +23,14 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from livekv.attention import attend, set_pending
+from livekv.attention import attend, check_not_pending, set_mask_cache, set_pending
 from livekv.store import FastBuffer, ResidentSet, make_host_store
 
 if TYPE_CHECKING:  # the methods build layers of this module
     from livekv.methods.base import MethodConfig, Selector
+
+
+ONE_SEQUENCE = "A LiveKVCache holds one sequence: call cache.reset() (or make a new cache) before an unrelated prompt"
 
 
 @dataclass
@@ -70,10 +73,27 @@ class _LiveKVLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    def _unsupported(self, *args, **kwargs):
-        raise NotImplementedError("livekv caches do not support beam search, cropping or batch re-indexing")
+    def check_positions(self, position_ids: torch.Tensor | None) -> None:
+        """Without padding, the newest token of every row sits at position ``length - 1``: other positions mean the
+        input does not continue the sequence stored here (e.g. a shorter, unrelated prompt given to ``generate``)."""
+        if position_ids is None or position_ids.ndim != 2:
+            return
+        last = self.get_seq_length() - 1
+        if not bool((position_ids[:, -1] == last).all()):
+            raise ValueError(
+                f"the input's positions end at {position_ids[:, -1].tolist()}, but this cache now holds {last + 1} "
+                f"tokens: the input does not continue the sequence it holds. {ONE_SEQUENCE}")
 
-    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _unsupported
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: row ``b`` becomes what row ``beam_idx[b]`` was."""
+        if self.is_initialized:
+            self.select_rows(beam_idx)
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("livekv caches do not support cropping or batch re-indexing (assisted or "
+                                  "contrastive decoding); greedy, sampling and beam search work")
+
+    crop = batch_repeat_interleave = batch_select_indices = _unsupported
 
 
 class DenseLayer(_LiveKVLayer):
@@ -97,6 +117,10 @@ class DenseLayer(_LiveKVLayer):
     def attend(self, query, key_new, value_new, mask, scaling) -> torch.Tensor:
         keys, values = self.fast.view()
         return attend(query, keys, values, scaling, mask)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.fast.select_rows(rows)
+        self.keys, self.values = self.fast.view()
 
     def nbytes(self) -> tuple[int, int]:
         """(fast-tier bytes, host-tier bytes)."""
@@ -209,6 +233,15 @@ class RecallableLayer(_LiveKVLayer):
         """Bytes of one token's key and value (one KV head)."""
         return 2 * self.host.pages.shape[-1] * self.host.pages.element_size()
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Row ``b`` of every per-row state becomes row ``rows[b]`` (beam search)."""
+        self.wait()
+        self.host.select_rows(rows)
+        if self.resident is not None:
+            self.resident.select_rows(rows)
+        if hasattr(self.selector, "select_rows"):
+            self.selector.select_rows(rows)
+
     def _clock(self) -> float:
         if not self.profile:
             return 0.0
@@ -244,6 +277,36 @@ class LiveKVCache(Cache):
         self.method = make_method(method, **knobs)
         n_layers = config.get_text_config(decoder=True).num_hidden_layers
         super().__init__(layers=[self.method.make_layer(i) for i in range(n_layers)])
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """Asked once per forward, before any layer runs: the place to check the previous forward ended well and
+        to let the mask function check this forward's attention mask against the cache."""
+        check_not_pending()
+        if query_length < 1:
+            raise ValueError(
+                f"no new tokens for a cache that holds {self.get_seq_length()}: the input does not continue the "
+                f"sequence it holds. {ONE_SEQUENCE}")
+        set_mask_cache(self)
+        return super().get_mask_sizes(query_length, layer_idx)
+
+    def check_attention_mask(self, attention_mask: torch.Tensor, kv_length: int) -> None:
+        """The 2-D ``attention_mask [B, L]`` of a forward that makes the sequence ``kv_length`` tokens long must
+        cover exactly those tokens; sparse methods take no padding (they select tokens by position)."""
+        cached = self.get_seq_length()
+        if attention_mask.shape[-1] != kv_length:
+            raise ValueError(
+                f"the attention mask covers {attention_mask.shape[-1]} tokens, but the cache holds {cached} and the "
+                f"input adds {kv_length - cached}: the input does not continue the sequence this cache holds. {ONE_SEQUENCE}")
+        if self.method.name != "dense" and not bool(attention_mask.all()):
+            raise ValueError(
+                f"padded batches are not supported by {self.method.name!r}: sparse methods select tokens by "
+                "position, and padding would take their places. Run the prompts one at a time (or in batches of "
+                "equal length), or use method 'dense'")
+
+    def reset(self) -> None:
+        """Forget everything stored (same method and knobs): the cache can take an unrelated sequence."""
+        self.wait()
+        self.layers = [self.method.make_layer(i) for i in range(len(self.layers))]
 
     @property
     def recallable_layers(self) -> list[RecallableLayer]:

@@ -88,6 +88,16 @@ class PageSlots:
         self.columns = tokens.masked_fill(~visible, -1).to(device, non_blocking=True)
         self.mask = None if bool(visible.all()) else visible.unsqueeze(2).to(device, non_blocking=True)
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Row ``b`` becomes row ``rows[b]`` (beam search)."""
+        dev = rows.to(self.keys.device)
+        self.keys, self.values, self.tail = (x.index_select(0, dev) for x in (self.keys, self.values, self.tail))
+        self.page = self.page.index_select(0, rows.cpu())
+        if self.columns is not None:
+            self.columns = self.columns.index_select(0, dev)
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, dev)
+
     def put(self, b: torch.Tensor, g: torch.Tensor, slot: torch.Tensor, blocks: torch.Tensor) -> None:
         """Write ``blocks [n, 2, p, D]`` (keys, values of one page each) into the slots ``(b, g, slot) [n]``."""
         B, G, _, D = self.keys.shape

@@ -59,6 +59,32 @@ class FastBuffer:
         self.length = n
         return self.view()
 
+    def truncate(self, length: int, capacity: int) -> None:
+        """Keep the first ``length`` tokens and at most ``capacity`` slots (give back what a transient use grew)."""
+        self.length = length
+        if self.keys.shape[2] > capacity:
+            self.keys, self.values = self.keys[:, :, :capacity].clone(), self.values[:, :, :capacity].clone()
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def compact(self, idx: torch.Tensor) -> None:
+        """Keep only the tokens ``idx [m]`` (ascending), moved to the front in place; tokens before the first one
+        that leaves do not move."""
+        m = len(idx)
+        moved = (idx != torch.arange(m, device=idx.device)).nonzero()
+        first = int(moved[0, 0]) if len(moved) else m
+        src = idx[first:].to(self.keys.device)
+        self.keys[:, :, first:m] = self.keys[:, :, src]
+        self.values[:, :, first:m] = self.values[:, :, src]
+        self.length = m
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Row ``b`` becomes row ``rows[b]`` (beam search)."""
+        rows = rows.to(self.keys.device)
+        self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
+
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The valid keys and values, ``[B, G, length, D]`` each."""
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
@@ -128,6 +154,10 @@ class ResidentSet:
         self.token[evicted] = -1
         return self.keys, self.values, (None if bool(valid.all()) else valid), len(j)
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.keys.device)
+        self.keys, self.values, self.token = (x.index_select(0, rows) for x in (self.keys, self.values, self.token))
+
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes + self.token.nbytes
@@ -196,6 +226,12 @@ class HostStore:
         """Key max and min of the full pages, ``[B, G, P_full, D]`` each."""
         n = self.num_full_pages
         return self.key_max[:, :, :n], self.key_min[:, :, :n]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Row ``b`` becomes row ``rows[b]`` (beam search): pages copied in place (the disk tier stays a file)."""
+        self.pages.copy_(self.pages.index_select(0, rows.to(self.pages.device)))
+        rows = rows.to(self.key_max.device)
+        self.key_max, self.key_min = self.key_max.index_select(0, rows), self.key_min.index_select(0, rows)
 
     def rows(self, b: torch.Tensor, g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Row numbers of the keys of tokens ``t`` of (batch ``b``, KV head ``g``) in ``pages`` viewed as
@@ -279,6 +315,10 @@ class DiskHostStore(HostStore):
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         super().append(k, v)
+        self.drop_page_cache()
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        super().select_rows(rows)
         self.drop_page_cache()
 
     def drop_page_cache(self) -> None:

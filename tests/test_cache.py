@@ -79,10 +79,26 @@ def test_batch_with_left_padding_matches_dense(ids):
     attention_mask = torch.ones_like(batch)
     attention_mask[1, :15] = 0  # left padding in the second row
     expected = reference.generate(batch, attention_mask=attention_mask, max_new_tokens=12, do_sample=False)
-    for method in FULL:
-        cache = LiveKVCache(model.config, method, **FULL[method])
-        got = model.generate(batch, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=12, do_sample=False)
-        assert torch.equal(got, expected), method
+    cache = LiveKVCache(model.config, "dense")
+    got = model.generate(batch, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=12, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["sink_window", "quest", "freekv", "clusterkv"])
+def test_sparse_methods_refuse_padded_batches_before_storing_anything(ids, method):
+    """Sparse methods select tokens by position: padding would take the places of the sink and of pages (found:
+    sink_window's padded row answered "111111111"). They refuse such a batch clearly, before any layer stores it."""
+    model = tiny_model("llama")
+    batch = torch.stack([ids[0, :90], ids[0, 10:100]])
+    attention_mask = torch.ones_like(batch)
+    attention_mask[1, :15] = 0
+    cache = LiveKVCache(model.config, method, budget=64)
+    with pytest.raises(ValueError, match="padded batches are not supported by .*one at a time"):
+        model.generate(batch, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    assert cache.get_seq_length() == 0
+    got = model.generate(batch, past_key_values=cache, max_new_tokens=4, do_sample=False)  # no padding: fine
+    assert got.shape == (2, 94)
 
 
 @torch.no_grad()
@@ -110,8 +126,8 @@ def test_unsupported_cache_operations_say_so(model, ids):
     cache = LiveKVCache(model.config, "quest", budget=64, page_size=8)
     with torch.no_grad():
         model(ids[:, :20], past_key_values=cache)
-    with pytest.raises(NotImplementedError, match="beam search"):
-        cache.reorder_cache(torch.tensor([0]))
+    with pytest.raises(NotImplementedError, match="cropping"):
+        cache.crop(4)
 
 
 @torch.no_grad()
@@ -148,13 +164,11 @@ def test_reusing_resident_tokens_changes_nothing_but_the_bytes_copied(ids):
 
     model = tiny_model("llama")
     batch = torch.stack([ids[0, :190], ids[0, 10:200]])
-    attention_mask = torch.ones_like(batch)
-    attention_mask[1, :7] = 0  # padding: the step mask must follow tokens into their slots
     runs = {}
     for name, cfg in (("plain", QuestConfig(budget=48, page_size=8)), ("reuse", QuestReuse(budget=48, page_size=8))):
         cache = LiveKVCache(model.config, cfg)
-        out = model.generate(batch[:, :120], attention_mask=attention_mask[:, :120], past_key_values=cache,
-                             max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        out = model.generate(batch[:, :120], past_key_values=cache, max_new_tokens=30, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
         runs[name] = (torch.stack(out.logits, 1), cache.stats())
     torch.testing.assert_close(runs["reuse"][0], runs["plain"][0], rtol=1e-4, atol=1e-4)
     assert runs["reuse"][1]["tokens_read"] == runs["plain"][1]["tokens_read"]

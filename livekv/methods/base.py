@@ -11,6 +11,11 @@ the same tokens. "Budget" counts the tokens attention reads per KV head, sink an
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
+import os
+import types
+import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -31,6 +36,17 @@ class MethodConfig:
     name: ClassVar[str]
     uses_digests: ClassVar[bool] = True  # whether the selector reads the host tier's min/max page digests
     reuse_resident: ClassVar[bool] = False  # keep recalled tokens in the fast tier across steps (copy only new ones)
+
+    def __post_init__(self):
+        check_knob_types(self)
+        self.set_defaults()
+        self.validate()
+
+    def set_defaults(self) -> None:
+        """Fill the knobs left ``None`` (after their types were checked)."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for knobs that do not fit together."""
 
     def dense_layer(self, layer_idx: int) -> bool:
         """True if layer ``layer_idx`` keeps its whole KV in the fast tier and attends densely."""
@@ -82,7 +98,9 @@ class SparseConfig(MethodConfig):
     host: str = "ram"
     host_dir: str | None = None
 
-    def __post_init__(self):
+    def set_defaults(self) -> None:
+        if self.budget < 1:
+            raise ValueError(f"{self.name}: budget must be at least 1 token, got {self.budget}")
         if self.page_size is None:
             self.page_size = max(4, min(16, 1 << max(0, (self.budget // 64).bit_length() - 1)))
         p = self.page_size
@@ -97,7 +115,8 @@ class SparseConfig(MethodConfig):
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
         if self.host not in ("ram", "disk"):
             raise ValueError(f"host must be 'ram' or 'disk', got {self.host!r}")
-        self.validate()
+        if self.host_dir is not None and not os.path.isdir(self.host_dir):
+            raise ValueError(f"host_dir {self.host_dir!r} is not a directory (the disk host tier keeps its file there)")
 
     def validate(self) -> None:
         """Paged methods: the window is extended back to a page boundary, so it may take up to p - 1 more tokens."""
@@ -112,6 +131,42 @@ class SparseConfig(MethodConfig):
 
     def dense_layer(self, layer_idx: int) -> bool:
         return layer_idx < self.dense_layers
+
+
+def check_knob_types(cfg) -> None:
+    """Raise ``ValueError`` naming the knob if a field of the dataclass ``cfg`` does not hold its annotated type
+    (``int``, ``float``, ``str``, ``bool``, ``Literal``, unions with ``None``); other integers (numpy's) become
+    ``int``."""
+    hints = typing.get_type_hints(type(cfg))
+    for field in dataclasses.fields(cfg):
+        value, hint = getattr(cfg, field.name), hints[field.name]
+        if not _conforms(value, hint):
+            raise ValueError(f"{cfg.name}: knob {field.name} must be {_type_name(hint)}, got {value!r}")
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            setattr(cfg, field.name, int(value))
+
+
+def _conforms(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        kind = numbers.Integral if hint is int else numbers.Real
+        return isinstance(value, kind) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    if origin is typing.Literal:
+        return " or ".join(repr(arg) for arg in typing.get_args(hint))
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 def all_tokens(store: "HostStore", batch: int, kv_heads: int, device: torch.device) -> torch.Tensor:

@@ -148,12 +148,12 @@ class ClusterKVConfig(SparseConfig):
     kmeans_iters: int = 20
     gqa_pool: Literal["max", "softmax_mean"] = "max"
 
-    def __post_init__(self):
+    def set_defaults(self) -> None:
         if self.sink is not None and self.window is None:
             self.window = min(320, (self.budget - self.sink) // 3)
         if self.tokens_per_cluster is None:
             self.tokens_per_cluster = 80 if self.budget >= 1024 else max(2, self.budget // 80)
-        super().__post_init__()
+        super().set_defaults()
 
     def validate(self) -> None:
         if self.budget <= self.sink + self.window:
@@ -202,6 +202,13 @@ class ClusterKVSelector:
         sink = torch.arange(cfg.sink, device=device).expand(B, G, -1)
         recent = torch.arange(self.clustered, T, device=device).expand(B, G, -1)
         return torch.cat((sink, picked, recent), dim=-1)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Row ``b`` of the index becomes row ``rows[b]`` (beam search)."""
+        if self.members is not None:
+            rows = rows.to(self.members.device)
+            self.centroids, self.sizes, self.starts, self.members = (
+                x.index_select(0, rows) for x in (self.centroids, self.sizes, self.starts, self.members))
 
     def score(self, query: torch.Tensor) -> torch.Tensor:
         """query ``[B, H, D]`` -> cluster scores ``[B, G, C]``: ``q . centroid`` pooled over the GQA group."""

@@ -65,13 +65,13 @@ class FreeKVConfig(QuestConfig):
     gqa_pool: Literal["max", "softmax_mean"] | None = None
     tau: float = 0.8
 
-    def __post_init__(self):
+    def set_defaults(self) -> None:
         paper = self.budget >= 2048
         if self.page_size is None and paper:
             self.page_size = 32
         if self.gqa_pool is None:
             self.gqa_pool = "softmax_mean" if paper else "max"
-        super().__post_init__()
+        super().set_defaults()
 
     def make_layer(self, layer_idx: int):
         return DenseLayer(layer_idx) if self.dense_layer(layer_idx) else FreeKVLayer(layer_idx, self)
@@ -158,6 +158,14 @@ class FreeKVLayer(RecallableLayer):
             observer(self, q, token_idx, out)
         self._speculate(q)
         return out
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        super().select_rows(rows)  # waits for the background recall first
+        self.slots.select_rows(rows)
+        if self.q_prev is not None:
+            self.q_prev = self.q_prev.index_select(0, rows.to(self.q_prev.device))
+        if self.spec is not None:
+            self.spec = self.spec.index_select(0, rows.to(self.spec.device))
 
     def select(self, q: torch.Tensor, length: int) -> torch.Tensor:
         """Quest's selection (sink + top pages + window) with query ``q [B, H, D]`` for a sequence of ``length``

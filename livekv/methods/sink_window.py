@@ -29,10 +29,13 @@ class SinkWindowConfig(SparseConfig):
     sink: int | None = 4
     dense_layers: int = 0
 
-    def __post_init__(self):
+    def set_defaults(self) -> None:
         if self.sink is not None and self.window is None:
+            if self.budget <= self.sink:
+                raise ValueError(f"sink_window: budget {self.budget} must exceed sink ({self.sink}): the rest of it "
+                                 "is the window of recent tokens")
             self.window = self.budget - self.sink
-        super().__post_init__()
+        super().set_defaults()
 
     def validate(self) -> None:
         if self.budget < self.sink + self.window:
