@@ -13,27 +13,24 @@ evenly in time, mostly background, whatever the scores); ``rekv`` half a window 
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 
 from livekv.evals import world as world_mod
+from livekv.stream.methods import make_stream_method
 from livekv.stream.session import StreamSession
 
 
 def memory_knobs(method: str, memory_tokens: int | None, tokens_per_frame: float) -> dict:
-    """The knobs that give ``method`` about ``memory_tokens`` tokens of fast-tier memory (``None``: its defaults)."""
-    if memory_tokens is None or method == "full":
+    """The knobs ``method``'s own rule gives for about ``memory_tokens`` tokens of fast-tier memory (``None``: the
+    model's default memory, chosen by the session)."""
+    if memory_tokens is None:
         return {}
-    if method == "sink_window":
-        return {"short_term": memory_tokens}
-    if method == "livevlm":
-        short = max(1, memory_tokens // 4)
-        long = memory_tokens - short
-        return {"short_term": short, "long_term": long, "bucket": long, "vsb_rows": min(32, short)}
-    if method == "rekv":
-        window = max(1, memory_tokens // 2)
-        return {"short_term": window, "top_frames": max(1, int((memory_tokens - window) // tokens_per_frame))}
-    raise ValueError(f"no memory budget rule for method {method!r}")
+    default, cfg = make_stream_method(method), make_stream_method(method)
+    cfg.resolve(memory_tokens, tokens_per_frame)
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if getattr(default, f.name) is None and getattr(cfg, f.name) is not None}
 
 
 def run_method(adapter, method: str, knobs: dict, world, questions, system: str) -> tuple[list[dict], int, int]:

@@ -85,6 +85,9 @@ class StreamLayer(_LiveKVLayer):
         set_pending(self)
         return key_states, value_states
 
+    def check_positions(self, position_ids) -> None:
+        """Stream positions are the memory's own (``pos``), not the count of tokens held."""
+
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
@@ -99,7 +102,7 @@ class StreamLayer(_LiveKVLayer):
             if self.answer is None:
                 built = cache.method.answer_context(self, query, scaling)
                 self.answer = self.ctx if built is None else built  # None: read the memory in place
-                self._undo = self.ctx.length
+                self._undo, self._undo_capacity = self.ctx.length, self.ctx.capacity
             self.answer.append(k, v)
             keys, values = self.answer.view()
             return attend(query, keys, values, scaling)
@@ -144,12 +147,10 @@ class StreamLayer(_LiveKVLayer):
 
     def keep(self, idx: torch.Tensor, n_long: int) -> None:
         """Keep only the ctx tokens ``idx [n]`` (ascending), of which the first ``n_long`` after the sink are long-term."""
-        keys, values = self.ctx.view()
-        self.ctx = FastBuffer(1, keys.shape[1], keys.shape[3], keys.dtype, keys.device)
-        self.ctx.append(keys[:, :, idx], values[:, :, idx])
-        self.pos, self.frame = self.pos[:, idx], self.frame[idx]
-        if self.scores is not None and self.scores.shape[0] == keys.shape[2]:
+        if self.scores is not None and self.scores.shape[0] == self.ctx.length:
             self.scores = self.scores[idx]
+        self.ctx.compact(idx)
+        self.pos, self.frame = self.pos[:, idx], self.frame[idx]
         self.n_long = n_long
 
     def shift(self, start: int, stop: int, delta: torch.Tensor) -> None:
@@ -157,10 +158,20 @@ class StreamLayer(_LiveKVLayer):
         for all): their keys are rotated by the delta."""
         if stop <= start or not bool(delta.any()):
             return
-        keys = self.ctx.keys[:, :, start:stop]
-        cos, sin = self.cache.rope(delta, keys.dtype)
-        keys.copy_(rotate(keys, cos, sin))
-        self.pos[:, start:stop] += delta
+        if delta.shape[1] == 1:
+            keys = self.ctx.keys[:, :, start:stop]
+            cos, sin = self.cache.rope(delta, keys.dtype)
+            keys.copy_(rotate(keys, cos, sin))
+            self.pos[:, start:stop] += delta
+            return
+        # per-token deltas: rotate only the tokens that move, with the angles of each distinct delta computed once
+        cols = delta.any(dim=0).nonzero()[:, 0]
+        distinct, which = torch.unique(delta[:, cols], dim=1, return_inverse=True)
+        cos, sin = self.cache.rope(distinct, self.ctx.keys.dtype)
+        idx = (start + cols).to(self.ctx.keys.device)
+        keys = self.ctx.keys.index_select(2, idx)
+        self.ctx.keys.index_copy_(2, idx, rotate(keys, cos[which], sin[which]))
+        self.pos[:, start + cols] += delta[:, cols]
 
     def unrotated(self, start: int, stop: int) -> torch.Tensor:
         """Keys of ctx tokens ``[start, stop)`` without their rotary position (pre-RoPE), ``[1, G, n, D]``."""
@@ -245,7 +256,7 @@ class StreamCache(Cache):
         self.answering = False
         for layer in self.layers:
             if layer.answer is layer.ctx:
-                layer.ctx.length = layer._undo
+                layer.ctx.truncate(layer._undo, layer._undo_capacity)
             layer.answer = None
 
     def memory(self) -> dict[str, int]:

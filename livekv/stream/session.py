@@ -10,6 +10,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,20 +40,48 @@ class StreamStats:
 class StreamSession:
     """One video stream: ``push`` clips at any time, ``ask`` questions at any time (answers stream token by token).
 
+    A session is safe to use from several threads: pushes and answers are serialised (an answer holds the session
+    from its first token to its last, so a push from another thread waits for it). A push or a second question
+    from the thread that is still reading an answer is refused: it would wait for itself.
+
     Args:
         adapter: the video-language model (``livekv.stream.adapters``).
         method: a registered streaming method (``full``, ``sink_window``, ``rekv``, ``livevlm``) or its config.
         system: the system prompt (text or token ids): the memory's sink.
+        memory_tokens: the fast-tier memory of a bounded method, tokens per layer, from which the method sets the
+            budgets not given as knobs (default: ``adapter.default_memory_tokens``, what fits the model).
+        max_question_tokens: longer questions are refused (a limit on what a client may send).
         **knobs: the method's knobs (``short_term``, ``long_term``, ``top_frames``, ...).
     """
 
-    def __init__(self, adapter: VideoLMAdapter, method: str | StreamMethod = "livevlm", system=None, **knobs):
+    def __init__(self, adapter: VideoLMAdapter, method: str | StreamMethod = "livevlm", system=None,
+                 memory_tokens: int | None = None, max_question_tokens: int = 1024, **knobs):
         self.adapter = adapter
-        self.method = make_stream_method(method, **knobs)
+        self.method = dataclasses.replace(make_stream_method(method, **knobs))  # resolved below: a copy
+        memory = adapter.default_memory_tokens if memory_tokens is None else memory_tokens
+        if memory < 1:
+            raise ValueError(f"memory_tokens must be >= 1, got {memory}")
+        self.method.resolve(memory, adapter.tokens_per_frame)
         self.cache = StreamCache(adapter, self.method)
         self.stats = StreamStats()
+        self.max_question_tokens = max_question_tokens
+        self._lock, self._owner = threading.Lock(), None
         if system is not None:
             self.push_text(adapter.system_template.format(system=system) if isinstance(system, str) else system)
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str):
+        """Hold the session for ``what`` (a push or an answer); other threads wait, this thread may not nest."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RuntimeError(f"{what} while an answer from ask() is still being read in this thread: read the "
+                               "answer to its end (or close() it) first")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
     @classmethod
     def from_pretrained(cls, path: str, method: str | StreamMethod = "livevlm", system=None, **knobs) -> StreamSession:
@@ -67,19 +98,22 @@ class StreamSession:
         frames = as_frames(frames)
         if frames.shape[0] % self.adapter.frame_multiple:
             raise ValueError(f"this model takes clips of a multiple of {self.adapter.frame_multiple} frames, got {frames.shape[0]}")
-        t0 = time.perf_counter()
-        segment = self.adapter.video(frames)  # the vision encoder runs before the memory is touched
-        segment.frame[segment.visual] += self.stats.frames
-        self.cache.seal_sink()
-        self._prefill(segment)
-        self.stats.ingest_s += time.perf_counter() - t0
-        self.stats.frames += frames.shape[0]
-        self.stats.clips += 1
+        with self._exclusive("push()"):
+            t0 = time.perf_counter()
+            segment = self.adapter.video(frames)  # the vision encoder runs before the memory is touched
+            segment.frame[segment.visual] += self.stats.frames
+            self.cache.seal_sink()
+            self._prefill(segment)
+            self.stats.ingest_s += time.perf_counter() - t0
+            self.stats.frames += frames.shape[0]
+            self.stats.clips += 1
 
     @torch.inference_mode()
     def push_text(self, text) -> None:
         """Append text (a string or token ids) to the stream, e.g. a timestamp or a subtitle."""
-        self._prefill(self.adapter.text(text))
+        segment = self.adapter.text(text)
+        with self._exclusive("push_text()"):
+            self._prefill(segment)
 
     def _prefill(self, segment: Segment) -> torch.Tensor:
         positions = segment.positions + self.cache.cursor
@@ -100,14 +134,32 @@ class StreamSession:
     # --- questions ----------------------------------------------------------------------------------------------
     def ask(self, question, max_new_tokens: int = 64) -> Iterator[str | int]:
         """Answer ``question`` (text or token ids) over the memory, greedily; yields the answer as it is decoded
-        (text pieces with a tokenizer, else token ids). The memory is unchanged afterwards."""
+        (text pieces with a tokenizer, else token ids). The memory is unchanged afterwards.
+
+        Raises ``ValueError`` at once (before the generator is read) for a question that cannot be answered: empty,
+        longer than ``max_question_tokens``, or with words the model does not know."""
+        segment = self._question(question)
+        return self._answer(segment, max_new_tokens)
+
+    def _question(self, question) -> Segment:
         adapter = self.adapter
-        text = adapter.question_template.format(question=question) if isinstance(question, str) else question
-        segment = adapter.text(text)
-        t0 = time.perf_counter()
+        if isinstance(question, str):
+            if not question.strip():
+                raise ValueError("empty question")
+            question = adapter.question_template.format(question=question)
+        ids = adapter.tokenize(question)
+        if len(ids) > self.max_question_tokens:
+            raise ValueError(f"the question is {len(ids)} tokens long; this session takes at most "
+                             f"{self.max_question_tokens} (max_question_tokens)")
+        return adapter.text(ids)
+
+    def _answer(self, segment: Segment, max_new_tokens: int) -> Iterator[str | int]:
+        adapter = self.adapter
         ids: list[int] = []
         shown = ""
-        with torch.inference_mode():
+        with self._exclusive("push() or ask()"), torch.inference_mode():
+            t0 = time.perf_counter()
+            self.stats.ttft_s = None
             self.cache.begin_answer()
             try:
                 position = self.cache.cursor
@@ -117,10 +169,10 @@ class StreamSession:
                     self.cache.begin_chunk(positions, torch.full((embeds.shape[1],), -1), None)
                     hidden = adapter.forward(embeds, positions, self.cache)
                     token = int(adapter.lm_head(hidden[:, -1]).argmax(-1))
+                    if step == 0:
+                        self.stats.ttft_s = time.perf_counter() - t0  # the first token, an end token included
                     if token in adapter.eos_ids:
                         break
-                    if step == 0:
-                        self.stats.ttft_s = time.perf_counter() - t0
                     ids.append(token)
                     if adapter.tokenizer is None:
                         yield token
@@ -134,7 +186,7 @@ class StreamSession:
                     position += 1
             finally:
                 self.cache.end_answer()
-        self.stats.questions += 1
+            self.stats.questions += 1
 
     def answer(self, question, max_new_tokens: int = 64) -> str | list[int]:
         """The whole answer at once (a string with a tokenizer, else token ids)."""

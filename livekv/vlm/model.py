@@ -9,6 +9,7 @@ streaming method works with it unchanged.
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import torch
@@ -80,11 +81,21 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaOnevi
     return model
 
 
+FPS = 0.5  # the rate its training streams were sampled at
+
+
 class DefaultVLMAdapter(LlavaOnevisionAdapter):
-    """The LLaVA-OneVision adapter with the default model's prompt framing."""
+    """The LLaVA-OneVision adapter with the default model's prompt framing. ``trained_seconds``: the longest stream
+    it was trained on, which bounds the context it handles (its position table is far longer)."""
 
     system_template = "{system}"
     question_template = QUESTION_TEMPLATE
+    trained_seconds = 130.0
+
+    @property
+    def context_tokens(self) -> int:
+        """The longest stream it was trained on: one clip per frame, each ``tokens_per_frame`` + a newline."""
+        return int(self.trained_seconds * FPS) * (self.tokens_per_frame + 1)
 
 
 def load_default_vlm(path: str | pathlib.Path = WEIGHTS) -> DefaultVLMAdapter:
@@ -94,4 +105,8 @@ def load_default_vlm(path: str | pathlib.Path = WEIGHTS) -> DefaultVLMAdapter:
         raise FileNotFoundError(f"no trained default VLM at {path}: train it with `livekv train-vlm`")
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-    return DefaultVLMAdapter(model.eval(), tokenizer)
+    adapter = DefaultVLMAdapter(model.eval(), tokenizer)
+    training = path / "training.json"
+    if training.is_file():
+        adapter.trained_seconds = json.loads(training.read_text()).get("max_seconds", adapter.trained_seconds)
+    return adapter

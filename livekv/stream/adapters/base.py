@@ -62,11 +62,14 @@ def as_frames(frames) -> torch.Tensor:
         raise ValueError(f"frames must be [F, H, W, 3] uint8 RGB arrays, got {type(frames).__name__}") from e
     if frames.ndim == 3:
         frames = frames[None]
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
-        raise ValueError(f"frames must be [F, H, W, 3] (RGB), got shape {tuple(frames.shape)}")
+    if frames.ndim != 4 or frames.shape[-1] != 3 or min(frames.shape) == 0:
+        raise ValueError(f"frames must be [F, H, W, 3] (RGB, no side empty), got shape {tuple(frames.shape)}")
     if frames.dtype != torch.uint8:
         raise ValueError(f"frames must be uint8 RGB, got {frames.dtype}")
     return frames
+
+
+PAPER_MEMORY_FRAMES = 84  # LiveVLM's 4096 + 12288 tokens of memory, at LLaVA-OneVision's 196 tokens per frame
 
 
 class VideoLMAdapter:
@@ -103,18 +106,47 @@ class VideoLMAdapter:
             eos = self.tokenizer.eos_token_id
         return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
 
+    @property
+    def context_tokens(self) -> int:
+        """The longest context the language model handles (its ``max_position_embeddings``)."""
+        return self.language_model.config.max_position_embeddings
+
+    @property
+    def default_memory_tokens(self) -> int:
+        """The fast-tier memory (tokens per layer) a bounded streaming method holds by default: the paper's 84
+        frames at this model's tokens per frame, at most half the context the model handles (the rest is for
+        questions, answers and what a question retrieves)."""
+        return max(1, int(min(PAPER_MEMORY_FRAMES * self.tokens_per_frame, self.context_tokens // 2)))
+
     # --- text -------------------------------------------------------------------------------------------------
     def tokenize(self, text: str | list[int] | torch.Tensor) -> torch.Tensor:
         """Token ids ``[N]`` of a string (needs a tokenizer) or of ids given as a list/tensor."""
         if isinstance(text, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: give text as token ids")
-            ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+            ids = torch.tensor(self._known_ids(text), dtype=torch.long)
         else:
             ids = torch.as_tensor(text, dtype=torch.long).flatten()
         if ids.numel() == 0:
             raise ValueError("empty text")
+        vocab = self.language_model.get_input_embeddings().num_embeddings
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}")
         return ids
+
+    def _known_ids(self, text: str) -> list[int]:
+        """Token ids of ``text``; ``ValueError`` naming the words that became the unknown token (a word-level
+        vocabulary, such as the embedded model's, cannot read them: the answer would be a guess)."""
+        unk = self.tokenizer.unk_token_id
+        if unk is None or not self.tokenizer.is_fast:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        unknown = [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
+        if unknown:
+            shown = ", ".join(repr(w) for w in list(dict.fromkeys(unknown))[:10])
+            raise ValueError(f"words this model does not know: {shown} (its vocabulary has {len(self.tokenizer)} "
+                             "tokens)")
+        return enc["input_ids"]
 
     def text(self, text: str | list[int] | torch.Tensor) -> Segment:
         ids = self.tokenize(text)

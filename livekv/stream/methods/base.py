@@ -8,7 +8,9 @@ A streaming method decides two things about the stream memory (``livekv.stream.m
 * ``answer_context(layer, query, scaling)``: the KV a question is answered over, built with the question's
   queries ``[1, H, n, D]`` (``None``: the whole memory, read in place).
 
-Budgets are in tokens of one layer (one stream); ``short_term=None`` keeps everything uncompressed.
+Budgets are in tokens of one layer (one stream). Knobs left ``None`` are filled by ``resolve`` for the model the
+session runs: each method owns its rule for a fast-tier memory of about ``memory_tokens`` tokens per layer
+(``StreamSession`` takes it from the model: ``VideoLMAdapter.default_memory_tokens``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from livekv.methods.base import check_knob_types
 from livekv.store import FastBuffer
 from livekv.stream.memory import rotate
 
@@ -34,6 +37,14 @@ class StreamMethod:
     vsb_rows: ClassVar[int] = 0  # > 0: the last r visual queries of each clip score the memory (livevlm)
 
     def __post_init__(self):
+        check_knob_types(self)
+
+    def resolve(self, memory_tokens: int, tokens_per_frame: float) -> None:
+        """Fill the knobs left ``None`` for a memory of about ``memory_tokens`` tokens per layer (a frame adds about
+        ``tokens_per_frame``), then check the knobs fit together (``ValueError``)."""
+        self.validate()
+
+    def validate(self) -> None:
         if self.short_term is not None and self.short_term < 1:
             raise ValueError(f"{self.name}: short_term must be >= 1 token, got {self.short_term}")
 

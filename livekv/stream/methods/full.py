@@ -14,7 +14,6 @@ class Full(StreamMethod):
 
     name = "full"
 
-    def __post_init__(self):
-        super().__post_init__()
+    def validate(self) -> None:
         if self.short_term is not None:
             raise ValueError("full keeps everything: it has no short_term window")

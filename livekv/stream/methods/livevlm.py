@@ -18,8 +18,9 @@ Vision Sink Bucketing, and position-agnostic retrieval when a question arrives.
   retrieved tokens keep the slots they hold in memory (their keys are stored rotated to them), so the question
   sits right after short-term memory whatever was retrieved.
 
-Paper defaults: M = 12k tokens, B = 1, C = 16, 40% of pages. Ours where the paper is silent: r = 32 (the last
-queries of a clip), R = M / 4, short-term memory 4096 tokens (~20 frames of 196 tokens), the page score
+Paper defaults: M = 12k tokens, B = 1, C = 16, 40% of pages. Ours: budgets from the session's memory (``resolve``:
+a quarter short-term, the rest long-term in one bucket), r = min(32, short-term) (the last queries of a clip),
+R = M / 4, the page score
 (measured on intermediate weights of the embedded VLM, 2-minute streams, 56 tokens of memory: 0.692 / 0.688
 answered on two sets of 480 questions, against 0.677 / 0.669 scoring pages by the dot product of the mean
 question query with the mean page key; ``docs/results.md``).
@@ -69,18 +70,32 @@ class LiveVLM(StreamMethod):
     """Short-term + VSB-compressed long-term memory, position-agnostic page retrieval (LiveVLM)."""
 
     name = "livevlm"
-    short_term: int = 4096
-    long_term: int = 12288  # M
-    bucket: int = 1  # B
+    long_term: int | None = None  # M
+    bucket: int | None = None  # B
     vision_sinks: int | None = None  # R, default M / 4
-    vsb_rows: int = 32  # r
+    vsb_rows: int | None = None  # r
     page: int = 16  # C
     retrieve: float = 0.4
 
-    def __post_init__(self):
-        super().__post_init__()
+    def resolve(self, memory_tokens: int, tokens_per_frame: float) -> None:
+        """A quarter of the memory short-term, the rest long-term (the paper: 4096 and 12288 tokens); one bucket
+        (``bucket = long_term``: VSB keeps the best-scored tokens; at a long-term memory of a few frames the
+        paper's one-token buckets thin it evenly in time, mostly background, whatever the scores); the last
+        ``min(32, short_term)`` visual queries of a clip score the memory."""
+        if self.short_term is None:
+            self.short_term = max(1, memory_tokens // 4)
+        if self.long_term is None:
+            self.long_term = max(1, memory_tokens - self.short_term)
+        if self.bucket is None:
+            self.bucket = self.long_term
         if self.vision_sinks is None:
             self.vision_sinks = self.long_term // 4
+        if self.vsb_rows is None:
+            self.vsb_rows = min(32, self.short_term)
+        super().resolve(memory_tokens, tokens_per_frame)
+
+    def validate(self) -> None:
+        super().validate()
         if not 1 <= self.bucket <= self.long_term:
             raise ValueError(f"livevlm: need 1 <= bucket ({self.bucket}) <= long_term ({self.long_term})")
         if not 0 <= self.vision_sinks <= self.long_term:

@@ -57,11 +57,19 @@ class ReKV(StreamMethod):
     """Sliding window; older frames offloaded, the most similar retrieved per layer (ReKV)."""
 
     name = "rekv"
-    short_term: int = 15 * 1024  # the paper's local window
-    top_frames: int = 64
+    top_frames: int | None = None
 
-    def __post_init__(self):
-        super().__post_init__()
+    def resolve(self, memory_tokens: int, tokens_per_frame: float) -> None:
+        """Half the memory is the window, half the frames a question retrieves (the paper: a 15k-token window and
+        64 frames of 196 tokens, about 28k tokens)."""
+        if self.short_term is None:
+            self.short_term = max(1, memory_tokens // 2)
+        if self.top_frames is None:
+            self.top_frames = max(1, int((memory_tokens - self.short_term) // tokens_per_frame))
+        super().resolve(memory_tokens, tokens_per_frame)
+
+    def validate(self) -> None:
+        super().validate()
         if self.top_frames < 1:
             raise ValueError(f"rekv: top_frames must be >= 1, got {self.top_frames}")
 

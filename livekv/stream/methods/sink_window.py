@@ -15,7 +15,12 @@ class SinkWindow(StreamMethod):
     """Sink + the most recent frames; older ones dropped (StreamingLLM)."""
 
     name = "sink_window"
-    short_term: int = 4096
+
+    def resolve(self, memory_tokens: int, tokens_per_frame: float) -> None:
+        """The whole memory is the window."""
+        if self.short_term is None:
+            self.short_term = memory_tokens
+        super().resolve(memory_tokens, tokens_per_frame)
 
     def overflow(self, layer, n: int) -> None:
         N, S = layer.ctx.length, layer.n_sink
