@@ -11,5 +11,6 @@ The full KV lives in a cheap host tier; attention reads a small, query-dependent
 from livekv.attention import ATTN_IMPLEMENTATION
 from livekv.cache import LiveKVCache
 from livekv.methods import METHODS, MethodConfig, make_method
+from livekv.snapshot import SnapshotError
 
-__all__ = ["ATTN_IMPLEMENTATION", "LiveKVCache", "METHODS", "MethodConfig", "make_method"]
+__all__ = ["ATTN_IMPLEMENTATION", "LiveKVCache", "METHODS", "MethodConfig", "SnapshotError", "make_method"]

@@ -282,13 +282,12 @@ def cmd_methods(args) -> None:
     import dataclasses
 
     from livekv.methods import METHODS
-    from livekv.stream.methods import STREAM_METHODS
 
-    for title, registry in (("text (LiveKVCache)", METHODS), ("video streams (StreamSession)", STREAM_METHODS)):
-        print(f"{title}:")
-        for name, cls in registry.items():
-            knobs = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
-            print(f"  {name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}  [{knobs}]")
+    for name, cls in METHODS.items():
+        also = f" (also: {', '.join(cls.aliases)})" if cls.aliases else ""
+        print(f"{name}{also} [{', '.join(cls.contexts)}]: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        for f in dataclasses.fields(cls):
+            print(f"    {f.name} = {f.default!r}: {f.metadata.get('help', '')}")
 
 
 def build_parser() -> argparse.ArgumentParser:

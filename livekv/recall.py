@@ -114,6 +114,30 @@ class PageSlots:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
+    @property
+    def used(self) -> int:
+        """Bytes of the slots that hold a page."""
+        return self.nbytes * int((self.page >= 0).sum()) // max(1, self.page.numel())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Slots, page table and the last plan's selection (after any background recall into them finished)."""
+        out = {"keys": self.keys, "values": self.values, "page": self.page, "tail": self.tail}
+        if self.columns is not None:
+            out["columns"] = self.columns
+        if self.mask is not None:
+            out["mask"] = self.mask
+        return out
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], page_size: int, device) -> PageSlots:
+        keys = tensors["keys"]
+        slots = cls(keys.shape[0], keys.shape[1], keys.shape[3], page_size, keys.dtype, torch.device(device))
+        slots.keys, slots.values = keys.to(device), tensors["values"].to(device)
+        slots.page, slots.tail = tensors["page"].cpu(), tensors["tail"].to(device)
+        slots.columns = tensors["columns"].to(device) if "columns" in tensors else None
+        slots.mask = tensors["mask"].to(device) if "mask" in tensors else None
+        return slots
+
 
 def gather_blocks(host: HostStore, b: torch.Tensor, g: torch.Tensor, page: torch.Tensor, out: torch.Tensor | None = None):
     """The host tier's ``(b, g, page) [n]`` blocks as ``[n, 2, p, D]`` (one contiguous block each)."""

@@ -18,8 +18,16 @@ from __future__ import annotations
 import mmap
 import os
 import tempfile
+from typing import NamedTuple
 
 import torch
+
+
+class Bytes(NamedTuple):
+    """Bytes of a part of a tier: ``used`` by its content, ``nbytes`` allocated."""
+
+    used: int
+    nbytes: int
 
 
 def _grow(buf: torch.Tensor, dim: int, needed: int) -> torch.Tensor:
@@ -91,8 +99,24 @@ class FastBuffer:
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated in the fast tier (capacity, not just valid tokens)."""
+        """Bytes allocated (the capacity)."""
         return self.keys.nbytes + self.values.nbytes
+
+    @property
+    def used(self) -> int:
+        """Bytes of the valid tokens."""
+        return self.nbytes * self.length // max(1, self.capacity)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        keys, values = self.view()
+        return {"keys": keys.contiguous(), "values": values.contiguous()}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> FastBuffer:
+        keys = tensors["keys"]
+        buf = cls(keys.shape[0], keys.shape[1], keys.shape[3], keys.dtype, torch.device(device))
+        buf.append(keys.to(device), tensors["values"].to(device))
+        return buf
 
 
 def assign_slots(held: torch.Tensor, wanted: torch.Tensor):
@@ -161,6 +185,19 @@ class ResidentSet:
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes + self.token.nbytes
+
+    @property
+    def used(self) -> int:
+        """Bytes of the slots that hold a token."""
+        S = self.token.shape[-1]
+        return self.nbytes * int((self.token >= 0).sum()) // max(1, self.token.numel()) if S else 0
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys, "values": self.values, "token": self.token}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        device = self.keys.device
+        self.keys, self.values, self.token = (tensors[k].to(device) for k in ("keys", "values", "token"))
 
 
 class HostStore:
@@ -269,12 +306,42 @@ class HostStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes in the host tier (allocated pages). Digests are counted by ``digest_nbytes``."""
+        """Bytes allocated in the host tier (pages). Digests live with the fast tier: ``digest_memory``."""
         return self.pages.nbytes
 
     @property
-    def digest_nbytes(self) -> int:
-        return self.key_max.nbytes + self.key_min.nbytes
+    def used(self) -> int:
+        """Bytes of the stored tokens."""
+        B, _, G, _, _, D = self.pages.shape
+        return B * G * 2 * D * self.pages.element_size() * self.length
+
+    def digest_memory(self) -> Bytes:
+        """The digests' bytes: used (full pages) and allocated."""
+        per_page = (self.key_max.nbytes + self.key_min.nbytes) // max(1, self.key_max.shape[2])
+        return Bytes(per_page * (self.num_full_pages if self.track_digests else 0),
+                     self.key_max.nbytes + self.key_min.nbytes)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The used pages and the digests of the full pages (what ``load_state`` needs to go on exactly)."""
+        used_pages, full = -(-self.length // self.page_size), self.num_full_pages
+        out = {"pages": self.pages[:, :used_pages]}
+        if self.track_digests:
+            out.update(key_max=self.key_max[:, :, :full], key_min=self.key_min[:, :, :full])
+        return out
+
+    def load_state(self, tensors: dict[str, torch.Tensor], length: int) -> None:
+        """Restore what ``state`` returned into this (empty) store of the same shape."""
+        pages = tensors["pages"]
+        self._reserve_pages(pages.shape[1])
+        self.pages[:, : pages.shape[1]].copy_(pages)
+        self.length = length
+        if self.track_digests:
+            self.key_max = tensors["key_max"].to(self.device)
+            self.key_min = tensors["key_min"].to(self.device)
+        self._loaded()
+
+    def _loaded(self) -> None:
+        """After ``load_state`` wrote the pages (the disk tier drops them from memory)."""
 
 
 class DiskHostStore(HostStore):
@@ -321,6 +388,9 @@ class DiskHostStore(HostStore):
         super().select_rows(rows)
         self.drop_page_cache()
 
+    def _loaded(self) -> None:
+        self.drop_page_cache()
+
     def drop_page_cache(self) -> None:
         """Write the pages back and drop them from memory: the next reads go to the device."""
         self._map.flush()
@@ -335,3 +405,49 @@ def make_host_store(kind: str, *args, directory: str | None = None, **kwargs) ->
     if kind == "disk":
         return DiskHostStore(*args, directory=directory, **kwargs)
     raise ValueError(f"unknown host tier {kind!r}; expected 'ram' or 'disk'")
+
+
+class BlockSummaries:
+    """Blocks of host-tier tokens in arrival order, each summarised by the sum of its keys (``means``: the mean key
+    per KV head, ``[G, n_blocks, D]``). ``block [T]`` is the block of each token. A new block starts wherever a
+    token's block key differs from the previous token's (a frame for ReKV, a page for LiveVLM's offload)."""
+
+    def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype):
+        self.block = torch.empty(0, dtype=torch.long)
+        self.sums = torch.zeros(kv_heads, 0, head_dim, dtype=dtype)
+        self.sizes = torch.zeros(0, dtype=torch.long)
+        self.last: int | None = None  # the block key of the last token
+
+    def add(self, keys: torch.Tensor, key: torch.Tensor) -> None:
+        """Account keys ``[G, n, D]`` of new tokens with block keys ``[n]``."""
+        new_block = torch.ones(len(key), dtype=torch.bool)
+        new_block[1:] = key[1:] != key[:-1]
+        if self.last is not None:
+            new_block[0] = int(key[0]) != self.last
+        block = len(self.sizes) - 1 + new_block.long().cumsum(0)
+        grow = int(block[-1]) + 1 - len(self.sizes)
+        self.sums = torch.cat([self.sums, self.sums.new_zeros(self.sums.shape[0], grow, self.sums.shape[2])], dim=1)
+        self.sizes = torch.cat([self.sizes, self.sizes.new_zeros(grow)])
+        self.sums.index_add_(1, block, keys.to(self.sums.device))
+        self.sizes.index_add_(0, block, torch.ones_like(block))
+        self.block = torch.cat([self.block, block])
+        self.last = int(key[-1])
+
+    @property
+    def means(self) -> torch.Tensor:
+        return self.sums / self.sizes[:, None]
+
+    @property
+    def nbytes(self) -> int:
+        return self.block.nbytes + self.sums.nbytes + self.sizes.nbytes
+
+    used = nbytes
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {"block": self.block, "sums": self.sums, "sizes": self.sizes}, {"last": self.last}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> BlockSummaries:
+        out = cls(tensors["sums"].shape[0], tensors["sums"].shape[2], tensors["sums"].dtype)
+        out.block, out.sums, out.sizes, out.last = tensors["block"], tensors["sums"], tensors["sizes"], meta["last"]
+        return out

@@ -76,14 +76,16 @@ def test_tau_plus_inf_equals_blocking_quest(model, ids):
 
 
 @torch.no_grad()
-def test_generate_with_padding_and_the_default_tau(ids):
+def test_generate_a_batch_with_the_default_tau(ids):
     model = tiny_model("llama")
     batch = torch.stack([ids[0, :90], ids[0, 10:100]])
-    attention_mask = torch.ones_like(batch)
-    attention_mask[1, :15] = 0
     cache = LiveKVCache(model.config, "freekv", **SMALL)
-    out = model.generate(batch, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=12, do_sample=False)
+    out = model.generate(batch, past_key_values=cache, max_new_tokens=12, do_sample=False)
     assert out.shape == (2, 102) and cache.get_seq_length() == 101
+    for row in range(2):  # each row as if alone
+        alone = model.generate(batch[row : row + 1], past_key_values=LiveKVCache(model.config, "freekv", **SMALL),
+                               max_new_tokens=12, do_sample=False)
+        assert torch.equal(out[row : row + 1], alone)
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from livekv.methods import METHODS, make_method
-from livekv.methods.quest import QuestConfig, page_upper_bounds
+from livekv.methods.quest import QuestConfig
+from livekv.retrieval import minmax_bound
 from livekv.store import HostStore
 
 
@@ -52,7 +53,7 @@ def test_quest_picks_the_page_holding_the_key_that_matches_the_query():
 def test_page_scores_bound_every_key_in_the_page():
     store = _store(64, page_size=8, B=1, G=1)
     q = torch.randn(1, 3, 8)  # 3 query heads in the group
-    bounds = page_upper_bounds(q, store, 0, 8)  # [1, 1, 3, 8]
+    bounds = minmax_bound(q, *store.digests())  # [1, 1, 3, 8]
     keys, _ = store.all_tokens()
     dots = (q[0, :, None, :] * keys[0, 0][None]).sum(-1).view(3, 8, 8).amax(-1)  # [heads, pages]
     assert torch.all(bounds[0, 0] >= dots - 1e-5)
@@ -79,7 +80,8 @@ def test_registry_and_defaults():
         ("quest", dict(budget=256, dense_layers=-1), "dense_layers"),
         ("sink_window", dict(budget=100, sink=4, window=200), "smaller than sink"),
         ("quest", dict(bugdet=10), "no knob"),
-        ("nope", {}, "unknown method"),
+        ("nope", {}, "unknown text method .nope.; choose one of dense"),
+        ("livevlm", {}, "unknown text method .livevlm."),
     ],
 )
 def test_bad_configurations_raise_clear_errors(method, knobs, match):

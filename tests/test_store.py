@@ -54,7 +54,7 @@ def test_bytes_are_tracked():
     assert store.nbytes == 0
     _fill(store, [16])
     assert store.nbytes >= 16 * 2 * 2 * 8 * 4
-    assert store.digest_nbytes >= 4 * 2 * 2 * 8 * 4
+    assert store.digest_memory().nbytes >= 4 * 2 * 2 * 8 * 4
 
 
 def test_wrong_shapes_are_rejected():

@@ -6,8 +6,9 @@ import torch
 
 from conftest import tiny_model
 from livekv.stream.adapters.base import Segment, VideoLMAdapter
-from livekv.stream.memory import rotate
-from livekv.stream.methods.livevlm import page_scores, vision_sink_buckets
+from livekv.methods.livevlm import vision_sink_buckets
+from livekv.retrieval import block_sums, received_attention
+from livekv.stream.memory import Chunk, rotate
 from livekv.stream.session import StreamSession
 
 TOKENS_PER_FRAME = 4
@@ -43,16 +44,7 @@ def run(session, clips=6, question=(5, 6, 7), max_new_tokens=6):
 
 def logits_after(session, question=(5, 6, 7)):
     """Next-token logits of the question, read through the session's answer path (one step)."""
-    adapter = session.adapter
-    seg = adapter.text(list(question))
-    session.cache.begin_answer()
-    try:
-        session.cache.begin_chunk(seg.positions + session.cache.cursor, seg.frame, None)
-        with torch.inference_mode():
-            hidden = adapter.forward(seg.embeds, seg.positions + session.cache.cursor, session.cache)
-        return adapter.lm_head(hidden[:, -1])
-    finally:
-        session.cache.end_answer()
+    return session.logits(list(question))
 
 
 @pytest.fixture(autouse=True)
@@ -157,7 +149,7 @@ def test_page_scores_are_the_attention_the_question_pays_to_each_page():
     direction = torch.nn.functional.normalize(torch.randn(8), dim=0)
     queries = torch.randn(4, 3, 8) * 0.1 + direction  # 4 query heads (2 per KV head), 3 question tokens
     keys[:, 9] = 10 * direction  # token 9 answers the question in every head
-    scores = page_scores(keys, queries, page=4, scaling=1.0)
+    scores = block_sums(received_attention(queries, keys, scaling=1.0), 4)
     assert scores.shape == (3,) and scores.argmax() == 2
     assert torch.allclose(scores.sum(), torch.tensor(1.0))  # the attention mass, split by page
     mass = torch.einsum("gkmd,gnd->gkmn", queries.view(2, 2, 3, 8), keys).softmax(-1).mean(dim=(0, 1, 2))
@@ -172,16 +164,14 @@ def test_livevlm_retrieval_reads_the_top_pages(adapter):
     n_long = cache.layers[0].n_long
     logits_after(session)  # builds the answer contexts, then drops them
     assert all(layer.answer is None for layer in cache.layers)
-    cache.begin_answer()
     seg = adapter.text([5, 6, 7])
-    cache.begin_chunk(seg.positions + cache.cursor, seg.frame, None)
-    with torch.inference_mode():
-        adapter.forward(seg.embeds, seg.positions + cache.cursor, cache)
-    pages = -(-n_long // 4)
-    for layer in cache.layers:
-        read = layer.answer.length - 3 - len(seg)
-        assert read - layer.n_short <= -(-pages // 4) * 4
-    cache.end_answer()
+    with cache.answering(), cache.chunk(Chunk(seg.positions + cache.cursor, seg.frame, question=True)):
+        with torch.inference_mode():
+            adapter.forward(seg.embeds, seg.positions + cache.cursor, cache)
+        pages = -(-n_long // 4)
+        for layer in cache.layers:
+            read = layer.answer.length - 3 - len(seg)
+            assert read - layer.n_short <= -(-pages // 4) * 4
 
 
 def test_bad_input_leaves_the_memory_intact(adapter):
@@ -212,13 +202,12 @@ def test_bad_configurations_raise_clear_errors(adapter):
 
 
 def test_rekv_blocks_are_frames_even_across_offloads():
-    from livekv.stream.methods.rekv import FrameBlocks
+    from livekv.store import BlockSummaries
 
-    keys, values = torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4)
+    keys = torch.randn(2, 7, 4)
     frame = torch.tensor([0, 0, 1, 1, 1, -1, 2])
-    blocks = FrameBlocks(keys)
-    blocks.add(keys[:, :, :3], values[:, :, :3], frame[:3])
-    blocks.add(keys[:, :, 3:], values[:, :, 3:], frame[3:])
+    blocks = BlockSummaries(2, 4, keys.dtype)
+    blocks.add(keys[:, :3], frame[:3])
+    blocks.add(keys[:, 3:], frame[3:])
     assert blocks.sizes.tolist() == [2, 3, 1, 1] and blocks.block.tolist() == [0, 0, 1, 1, 1, 2, 3]
-    torch.testing.assert_close(blocks.sums[:, 1], keys[0, :, 2:5].sum(1))
-    assert torch.equal(blocks.tokens.view()[0], keys) and torch.equal(blocks.tokens.view()[1], values)
+    torch.testing.assert_close(blocks.sums[:, 1], keys[:, 2:5].sum(1))

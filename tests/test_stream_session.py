@@ -34,15 +34,7 @@ def clip(seed, n=2, size=(32, 48)):
 
 def question_logits(session, question):
     """Next-token logits after ``question``, through the session's answer path."""
-    adapter, cache = session.adapter, session.cache
-    seg = adapter.text(question)
-    positions = seg.positions + cache.cursor
-    cache.begin_answer()
-    try:
-        cache.begin_chunk(positions, seg.frame, None)
-        return adapter.lm_head(adapter.forward(seg.embeds, positions, cache))[:, -1]
-    finally:
-        cache.end_answer()
+    return session.logits(question)
 
 
 def test_an_mp4_streams_end_to_end(tmp_path, llava):

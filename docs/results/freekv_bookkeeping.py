@@ -24,7 +24,8 @@ import types
 import torch
 
 from livekv.bench.decode import fill_cache
-from livekv.cache import LayerStats, LiveKVCache
+from livekv.cache import LiveKVCache
+from livekv.layers import LayerStats
 from livekv.evals.corpus import filler_token_ids
 from livekv.generation import prefill
 from livekv.models import load_model

@@ -28,7 +28,8 @@ import time
 
 import torch
 
-from livekv.cache import DenseLayer, LayerStats, LiveKVCache, RecallableLayer
+from livekv.cache import LiveKVCache
+from livekv.layers import DenseLayer, LayerStats, RecallableLayer
 from livekv.generation import prefill
 
 

@@ -22,7 +22,8 @@ from collections import defaultdict
 
 import torch
 
-from livekv.cache import LiveKVCache, RecallableLayer
+from livekv.cache import LiveKVCache
+from livekv.layers import RecallableLayer
 from livekv.evals.corpus import filler_token_ids
 from livekv.generation import feed, prefill
 from livekv.methods import clusterkv

@@ -18,7 +18,7 @@ import statistics
 import sys
 
 from livekv.evals import world as world_mod
-from livekv.stream.methods import make_stream_method
+from livekv.methods import make_method
 from livekv.stream.session import StreamSession
 
 
@@ -27,7 +27,7 @@ def memory_knobs(method: str, memory_tokens: int | None, tokens_per_frame: float
     model's default memory, chosen by the session)."""
     if memory_tokens is None:
         return {}
-    default, cfg = make_stream_method(method), make_stream_method(method)
+    default, cfg = make_method(method, context="stream"), make_method(method, context="stream")
     cfg.resolve(memory_tokens, tokens_per_frame)
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
             if getattr(default, f.name) is None and getattr(cfg, f.name) is not None}

@@ -1,40 +1,47 @@
-"""The registry of methods, selectable by name."""
+"""The one registry of methods, text and stream alike, selectable by name."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from livekv.methods.base import MethodConfig, Selector, SparseConfig
+from livekv.methods.base import MethodConfig, SparseConfig, StreamMethod
 from livekv.methods.clusterkv import ClusterKVConfig
 from livekv.methods.dense import DenseConfig
 from livekv.methods.freekv import FreeKVConfig
+from livekv.methods.livevlm import LiveVLMConfig
 from livekv.methods.quest import QuestConfig
+from livekv.methods.rekv import ReKVConfig
 from livekv.methods.sink_window import SinkWindowConfig
 
-METHODS: dict[str, type[MethodConfig]] = {
-    cls.name: cls for cls in (DenseConfig, SinkWindowConfig, QuestConfig, FreeKVConfig, ClusterKVConfig)
-}
+METHODS: dict[str, type[MethodConfig]] = {cls.name: cls for cls in (
+    DenseConfig, SinkWindowConfig, QuestConfig, FreeKVConfig, ClusterKVConfig, ReKVConfig, LiveVLMConfig)}
+ALIASES: dict[str, type[MethodConfig]] = {alias: cls for cls in METHODS.values() for alias in cls.aliases}
 
 
-def make_method(method: str | MethodConfig, *, ignore_unknown: bool = False, **knobs) -> MethodConfig:
-    """A method config from its name and knobs (``None`` knobs take the method's default).
+def names(context: str) -> list[str]:
+    """The names (aliases included) of the methods that run in ``context`` (``"text"`` or ``"stream"``)."""
+    return [name for name, cls in {**METHODS, **ALIASES}.items() if context in cls.contexts]
+
+
+def make_method(method: str | MethodConfig, *, context: str = "text", ignore_unknown: bool = False,
+                **knobs) -> MethodConfig:
+    """A method config from its name and knobs (``None`` knobs take the method's default), for ``context``.
 
     ``ignore_unknown`` drops knobs the method does not take (e.g. ``budget`` for ``dense``) instead of raising:
     for comparing several methods under one set of knobs.
     """
     if isinstance(method, MethodConfig):
         if knobs:
-            raise ValueError("pass knobs either in the MethodConfig or as keywords, not both")
+            raise ValueError("pass knobs either in the method's config or as keywords, not both")
+        cls = type(method)
+    else:
+        cls = METHODS.get(method) or ALIASES.get(method)
+        if cls is None or context not in cls.contexts:
+            raise ValueError(f"unknown {context} method {method!r}; choose one of {', '.join(names(context))}")
+    if context not in cls.contexts:
+        raise ValueError(f"{cls.name} is not a {context} method; choose one of {', '.join(names(context))}")
+    if isinstance(method, MethodConfig):
         return method
-    return configure(METHODS, method, knobs, ignore_unknown)
-
-
-def configure(registry: dict[str, type], method: str, knobs: dict, ignore_unknown: bool = False):
-    """Build ``registry[method]`` from ``knobs`` (``None`` values take the default), with clear errors for an
-    unknown method or knob (unknown knobs are dropped instead with ``ignore_unknown``)."""
-    if method not in registry:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(registry)}")
-    cls = registry[method]
     fields = {f.name for f in dataclasses.fields(cls)}
     knobs = {k: v for k, v in knobs.items() if v is not None}
     unknown = set(knobs) - fields
@@ -43,4 +50,4 @@ def configure(registry: dict[str, type], method: str, knobs: dict, ignore_unknow
     return cls(**{k: v for k, v in knobs.items() if k in fields})
 
 
-__all__ = ["METHODS", "configure", "MethodConfig", "Selector", "SparseConfig", "make_method"]
+__all__ = ["ALIASES", "METHODS", "MethodConfig", "SparseConfig", "StreamMethod", "make_method", "names"]

@@ -1,12 +1,9 @@
-"""What every method shares: its config, the selector interface and the sink / pages / window layout.
+"""What every method shares: a config dataclass whose fields are its knobs, checked on construction.
 
-A method is a small dataclass config (its knobs, with the papers' defaults) that says which layers stay dense and
-builds the selector of the others. A selector maps the current query to the tokens attention reads:
-
-    select(query [B, H, D], store: HostStore) -> token_idx [B, G, k]
-
-``token_idx`` holds logical token positions (no duplicates) for each KV head; all query heads of a GQA group read
-the same tokens. "Budget" counts the tokens attention reads per KV head, sink and window included.
+A method runs in a text cache (``LiveKVCache``: it builds each layer, ``make_layer``), in a video stream's memory
+(``StreamSession``: it plans what each chunk leaves in memory and what a question reads, ``StreamMethod``), or in
+both. Each knob is a dataclass field whose metadata holds its help text; the CLI and the server build their options
+from them. "Budget" counts the tokens attention reads per KV head, sink and window included.
 """
 
 from __future__ import annotations
@@ -17,23 +14,27 @@ import os
 import types
 import typing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
+from livekv.layers import DenseLayer, RecallableLayer
 
 if TYPE_CHECKING:
-    from livekv.store import HostStore
+    from livekv.layers import Plan, Recall, Selector
 
 
-class Selector(Protocol):
-    def select(self, query: torch.Tensor, store: "HostStore") -> torch.Tensor: ...
+def knob(default, help: str, **kwargs):
+    """A method knob: a dataclass field with its help text (shown by ``livekv methods`` and the CLI)."""
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
 @dataclass(kw_only=True)
 class MethodConfig:
-    """Base of every method's config. ``name`` is the registry key."""
+    """Base of every method's config. ``name`` is the registry key; ``contexts`` says where the method runs:
+    ``"text"`` (a ``LiveKVCache``) and/or ``"stream"`` (a ``StreamSession``)."""
 
     name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    contexts: ClassVar[tuple[str, ...]] = ("text",)
     uses_digests: ClassVar[bool] = True  # whether the selector reads the host tier's min/max page digests
     reuse_resident: ClassVar[bool] = False  # keep recalled tokens in the fast tier across steps (copy only new ones)
 
@@ -43,11 +44,12 @@ class MethodConfig:
         self.validate()
 
     def set_defaults(self) -> None:
-        """Fill the knobs left ``None`` (after their types were checked)."""
+        """Fill the knobs left ``None`` that do not depend on a model (after their types were checked)."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` for knobs that do not fit together."""
 
+    # --- text ---------------------------------------------------------------------------------------------------
     def dense_layer(self, layer_idx: int) -> bool:
         """True if layer ``layer_idx`` keeps its whole KV in the fast tier and attends densely."""
         return True
@@ -58,45 +60,65 @@ class MethodConfig:
     def make_layer(self, layer_idx: int):
         """The cache layer of ``layer_idx``: dense, or recallable with this method's selector. Methods that need
         their own decode step (e.g. speculative recall) override this."""
-        from livekv.cache import DenseLayer, RecallableLayer
-
         if self.dense_layer(layer_idx):
             return DenseLayer(layer_idx)
-        return RecallableLayer(
-            layer_idx,
-            self.make_selector(layer_idx),
-            self.page_size,
-            digests=self.uses_digests,
-            reuse=self.reuse_resident,
-            host=self.host,
-            host_dir=self.host_dir,
-        )
+        return RecallableLayer(layer_idx, self.make_selector(layer_idx), self.page_size, digests=self.uses_digests,
+                               reuse=self.reuse_resident, host=self.host, host_dir=self.host_dir)
+
+
+@dataclass(kw_only=True)
+class StreamMethod(MethodConfig):
+    """A method of a video stream's memory. Per layer the memory is ``[sink | long-term | short-term]``; after each
+    chunk, when short-term memory holds more than ``short_term`` tokens, the method plans what the overflow
+    becomes (``settle``: dropped, offloaded to the host tier, or kept as long-term memory, compressed); a question
+    reads what ``recall`` says. Methods never change a layer: the layer applies their plans.
+
+    Knobs left ``None`` are set by ``resolve`` for the model the session runs: each method owns its rule for a
+    fast-tier memory of about ``memory_tokens`` tokens per layer (``StreamSession`` takes it from the model).
+    """
+
+    contexts: ClassVar[tuple[str, ...]] = ("stream",)
+    vsb_rows: ClassVar[int] = 0  # > 0: the last r visual queries of each clip score the memory (livevlm)
+    short_term: int | None = knob(None, "tokens of the newest clips kept uncompressed (default: from the memory)")
+
+    def resolve(self, memory_tokens: int, tokens_per_frame: float) -> None:
+        """Fill the knobs left ``None`` for a memory of about ``memory_tokens`` tokens per layer (a frame adds about
+        ``tokens_per_frame``), then check the stream knobs fit together (``ValueError``)."""
+        self.validate_stream()
+
+    def validate_stream(self) -> None:
+        if self.short_term is not None and self.short_term < 1:
+            raise ValueError(f"{self.name}: short_term must be >= 1 token, got {self.short_term}")
+
+    def settle(self, layer, n: int) -> Plan:
+        """What becomes of the ``n`` oldest short-term tokens of ``layer`` (a ``StreamLayer``, read only)."""
+        raise NotImplementedError(f"{self.name} keeps everything: nothing overflows")
+
+    def short_term_start(self, cache) -> int | None:
+        """The position short-term memory moves to after a chunk (``None``: it stays): keeps positions bounded."""
+        return None
+
+    def recall(self, layer, queries, scaling: float) -> Recall | None:
+        """What a question reads of ``layer``, given its queries without rotary positions ``[H, m, D]`` (``None``:
+        the whole memory, in place)."""
+        return None
 
 
 @dataclass(kw_only=True)
 class SparseConfig(MethodConfig):
-    """Knobs shared by the sparse methods.
+    """Knobs shared by the sparse text methods. ``sink`` and ``window`` left ``None`` scale with the budget:
+    ``min(128, page_size * max(1, budget // (16 * page_size)))`` each, so that at small budgets most of the budget
+    is left to selection (budget 256: sink 16, window 16). ``page_size`` left ``None``: Quest's 16 from budget
+    1024 up; below, the page shrinks so that the budget still holds 64 pages (``budget // 64``, at least 4): at
+    budget 256 min/max digests of 16-token pages were too loose to find a needle (docs/results.md)."""
 
-    budget: tokens read per KV head per decode step (sink + selected + window).
-    sink, window: the first and the most recent tokens, always read. ``None`` scales them with the budget:
-        ``min(128, page_size * max(1, budget // (16 * page_size)))`` each, so that at small budgets most of the
-        budget is left to selection (budget 256: sink 16, window 16).
-    page_size: tokens per page. ``None``: Quest's 16 from budget 1024 up; below, the page shrinks so that the
-        budget still holds 64 pages (``budget // 64``, at least 4): budget 256 -> 4, 512 -> 8. Measured on
-        SmolLM2-135M (needle, 2k/4k, budget 256): min/max digests of 16-token pages are too loose to find the
-        needle (2/10); 4-token pages find it (10/10). See docs/results.md.
-    dense_layers: the first layers stay dense (Quest, FreeKV, ClusterKV keep the first ones dense).
-    host: the host tier: ``"ram"`` or ``"disk"`` (a memory-mapped file in ``host_dir``, default the temp dir,
-        kept out of the page cache: a cold tier where recall costs I/O; see ``store.DiskHostStore``).
-    """
-
-    budget: int = 2048
-    sink: int | None = None
-    window: int | None = None
-    page_size: int | None = None
-    dense_layers: int = 2
-    host: str = "ram"
-    host_dir: str | None = None
+    budget: int = knob(2048, "tokens read per KV head per decode step (sink + selected + window)")
+    sink: int | None = knob(None, "the first tokens, always read")
+    window: int | None = knob(None, "the most recent tokens, always read")
+    page_size: int | None = knob(None, "tokens per page of the host tier")
+    dense_layers: int = knob(2, "the first N layers stay dense")
+    host: str = knob("ram", "the host tier: 'ram', or 'disk' (a memory-mapped file kept out of the page cache)")
+    host_dir: str | None = knob(None, "directory of the disk host tier (default: the temp dir)")
 
     def set_defaults(self) -> None:
         if self.budget < 1:
@@ -124,10 +146,8 @@ class SparseConfig(MethodConfig):
             raise ValueError(f"sink ({self.sink}) must be a multiple of page_size ({self.page_size})")
         need = self.sink + self.window + self.page_size
         if self.budget < need:
-            raise ValueError(
-                f"budget {self.budget} is too small: it must cover sink ({self.sink}) + window ({self.window}) "
-                f"+ one page ({self.page_size}) = {need}"
-            )
+            raise ValueError(f"budget {self.budget} is too small: it must cover sink ({self.sink}) + window "
+                             f"({self.window}) + one page ({self.page_size}) = {need}")
 
     def dense_layer(self, layer_idx: int) -> bool:
         return layer_idx < self.dense_layers
@@ -167,41 +187,3 @@ def _type_name(hint) -> str:
     if origin is typing.Literal:
         return " or ".join(repr(arg) for arg in typing.get_args(hint))
     return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
-
-
-def all_tokens(store: "HostStore", batch: int, kv_heads: int, device: torch.device) -> torch.Tensor:
-    """Every stored token, ``[B, G, T]``."""
-    return torch.arange(store.length, device=device).expand(batch, kv_heads, -1)
-
-
-def sink_pages_window(
-    store: "HostStore", cfg: SparseConfig, page_scores: "PageScorer", query: torch.Tensor, length: int | None = None
-) -> torch.Tensor:
-    """Sink + the best-scoring full pages between sink and window + the window, as token ids ``[B, G, k]``.
-
-    The window starts at the page boundary at or before ``T - window`` so that no token falls between the last
-    candidate page and the window; with ``T <= budget`` every token is read (exactness). ``length``: select for
-    a sequence of that many tokens instead of ``store.length`` (speculative selection for the next step: its
-    candidate pages are all full already).
-    """
-    B, H, _ = query.shape
-    G = store.key_max.shape[1]
-    T, p = (store.length if length is None else length), cfg.page_size
-    if T <= cfg.budget:
-        return torch.arange(T, device=query.device).expand(B, G, -1)
-    window_start = max(cfg.sink, (T - cfg.window) // p * p)
-    first, last = cfg.sink // p, window_start // p
-    n_select = min(last - first, (cfg.budget - cfg.sink - (T - window_start)) // p)
-    device = query.device
-    parts = [torch.arange(cfg.sink, device=device).expand(B, G, -1)]
-    if n_select > 0:
-        scores = page_scores(query, store, first, last)  # [B, G, last - first]
-        pages = scores.topk(n_select, dim=-1, sorted=False).indices + first  # [B, G, n]
-        offsets = torch.arange(p, device=device)
-        parts.append((pages.unsqueeze(-1) * p + offsets).flatten(2))
-    parts.append(torch.arange(window_start, T, device=device).expand(B, G, -1))
-    return torch.cat(parts, dim=-1)
-
-
-class PageScorer(Protocol):
-    def __call__(self, query: torch.Tensor, store: "HostStore", first: int, last: int) -> torch.Tensor: ...

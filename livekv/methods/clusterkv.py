@@ -32,93 +32,20 @@ Choices the paper leaves OPEN, made here:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
-from livekv.methods.base import SparseConfig, all_tokens
-from livekv.methods.quest import pool_group
+from livekv import retrieval
+from livekv.methods.base import SparseConfig, knob
+from livekv.methods.kmeans import TWO_LEVEL_FROM, kmeans, two_level_kmeans
+from livekv.store import Bytes
 
 if TYPE_CHECKING:
     from livekv.cache import LiveKVCache
     from livekv.store import HostStore
-
-
-TWO_LEVEL_FROM = 64  # more clusters than this: two-level k-means (the flat one's cost grows with the clusters)
-
-
-def kmeans(x: torch.Tensor, n_clusters: int, iters: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched k-means with cosine assignment: ``x [R, N, D]`` -> ``assign [R, N]``, ``centroids [R, C, D]``.
-
-    A centroid is the mean of its members (not normalised); an empty cluster keeps its previous centroid. Stops
-    after ``iters`` assignments or when the assignment no longer changes.
-    """
-    x = x.float()
-    init = torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(seed))[:n_clusters].to(x.device)
-    return _lloyd(x, x[:, init], iters)
-
-
-def two_level_kmeans(x: torch.Tensor, n_clusters: int, iters: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``kmeans`` in two levels, for many clusters: ``x [R, N, D]`` -> ``assign [R, N]``, ``centroids [R, C', D]``
-    with ``C' = c * k >= n_clusters`` (``k = ceil(sqrt(n_clusters))``, ``c = ceil(n_clusters / k)``).
-
-    First ``c`` coarse clusters over all tokens, then each split into ``k`` by k-means among its own members only
-    (init: ``k`` members spread over the coarse cluster in position order). An iteration costs ``N (c + k)``
-    similarities instead of ``N C``: on SmolLM2's keys (4k tokens, C = 1018) 6-11x faster than ``kmeans`` and as
-    tight (mean member-centroid cosine 0.906 vs 0.905). Fine clusters of an empty coarse cluster stay empty.
-    """
-    R, N, D = x.shape
-    k = math.ceil(math.sqrt(n_clusters))
-    c = math.ceil(n_clusters / k)
-    coarse, _ = kmeans(x, c, iters, seed)
-    x = x.float()
-    order = coarse.argsort(dim=-1, stable=True)  # token ids grouped by coarse cluster
-    sizes = torch.zeros(R, c, dtype=torch.long, device=x.device).scatter_add_(-1, coarse, torch.ones_like(coarse))
-    starts = sizes.cumsum(-1) - sizes
-    M = int(sizes.max())
-    slot = torch.arange(M, device=x.device)
-    valid = slot < sizes[..., None]  # [R, c, M]: a coarse cluster's members, padded to the largest
-    member = order.gather(-1, (starts[..., None] + slot).clamp(max=N - 1).flatten(1)).view(R, c, M)
-    gather = lambda ids: x.gather(1, ids.flatten(1)[..., None].expand(-1, -1, D))  # noqa: E731
-    init = (starts[..., None] + torch.arange(k, device=x.device) * sizes[..., None] // k).clamp(max=N - 1)
-    # one row per coarse cluster: its members (padded) split into k
-    assign, centroids = _lloyd(gather(member).view(R * c, M, D), gather(order.gather(-1, init.flatten(1))).view(R * c, k, D),
-                               iters, valid.view(R * c, M))
-    fine = assign.view(R, c, M) + torch.arange(c, device=x.device)[:, None] * k  # cluster ids within the row
-    out = torch.empty(R, N, dtype=torch.long, device=x.device)
-    rows = torch.arange(R, device=x.device)[:, None, None].expand(R, c, M)
-    out[rows[valid], member[valid]] = fine[valid]
-    return out, centroids.view(R, c * k, D)
-
-
-def _lloyd(x: torch.Tensor, centroids: torch.Tensor, iters: int,
-           valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd iterations with cosine assignment: ``x [R, N, D]`` (float), initial ``centroids [R, C, D]`` ->
-    ``assign [R, N]``, ``centroids``. ``valid [R, N]`` (bool): the tokens that count; the others are padding,
-    assigned but never members."""
-    R, N, D = x.shape
-    C = centroids.shape[1]
-    xn = F.normalize(x, dim=-1)
-    members = x.flatten(0, 1) if valid is None else x[valid]
-    row_base = torch.arange(R, device=x.device)[:, None] * C
-    assign = None
-    for _ in range(iters):
-        cn = F.normalize(centroids, dim=-1).transpose(1, 2)
-        # nearest centroid by cosine, [R, N]; in chunks of tokens so the [R, N, C] similarities never all exist
-        new = torch.cat([(part @ cn).argmax(-1) for part in xn.split(4096, dim=1)], dim=1)
-        if assign is not None and (torch.equal(new, assign) if valid is None else torch.equal(new[valid], assign[valid])):
-            break
-        assign = new
-        flat = assign + row_base  # cluster ids numbered across rows: one index_add for all rows
-        flat = flat.flatten() if valid is None else flat[valid]
-        sums = torch.zeros(R * C, D, device=x.device).index_add_(0, flat, members).view(R, C, D)
-        counts = torch.bincount(flat, minlength=R * C).view(R, C, 1)
-        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
-    return assign, centroids
 
 
 @dataclass(kw_only=True)
@@ -140,13 +67,14 @@ class ClusterKVConfig(SparseConfig):
     name: ClassVar[str] = "clusterkv"
     uses_digests: ClassVar[bool] = False
     reuse_resident: ClassVar[bool] = True
-    budget: int = 1024
-    sink: int | None = 16
-    page_size: int | None = 16
-    tokens_per_cluster: int | None = None
-    new_clusters: int = 8
-    kmeans_iters: int = 20
-    gqa_pool: Literal["max", "softmax_mean"] = "max"
+    budget: int = knob(1024, "tokens read per KV head per decode step (sink + clustered + recent)")
+    sink: int | None = knob(16, "the first tokens, always read")
+    page_size: int | None = knob(16, "tokens per page of the host tier (its layout only)")
+    tokens_per_cluster: int | None = knob(None, "initial clusters = tokens / this (default: 80 from budget 1024, "
+                                                "budget // 80 below)")
+    new_clusters: int = knob(8, "clusters made of every `window` decoded tokens")
+    kmeans_iters: int = knob(20, "at most this many k-means iterations")
+    gqa_pool: Literal["max", "softmax_mean"] = knob("max", "pooling of the cluster scores over a GQA group")
 
     def set_defaults(self) -> None:
         if self.sink is not None and self.window is None:
@@ -186,15 +114,12 @@ class ClusterKVSelector:
         cfg, T, device = self.cfg, store.length, query.device
         B, G = query.shape[0], store.pages.shape[2]
         if T <= cfg.budget:
-            return all_tokens(store, B, G, device)
+            return torch.arange(T, device=device).expand(B, G, -1)
         if self.members is None or T - 1 - self.clustered >= cfg.window:
             self._cluster(store, T - 1)  # the current token stays recent
         fill = cfg.budget - cfg.sink - (T - self.clustered)
-        # Clusters in descending score, as many as can contribute: each non-empty one gives at least one token.
-        scores = self.score(query).masked_fill(self.sizes == 0, float("-inf"))
-        order = scores.topk(min(fill, scores.shape[-1]), dim=-1).indices  # [B, G, <= fill]
+        order, ends = retrieval.ranked_prefix(self.score(query), self.sizes, fill)  # [B, G, <= fill], best first
         sizes = self.sizes.gather(-1, order)
-        ends = sizes.cumsum(-1)  # [B, G, <= fill]: end of each cluster in the selection, best first
         slot = torch.arange(fill, device=device).expand(B, G, fill).contiguous()
         rank = torch.searchsorted(ends, slot, right=True)  # [B, G, fill]: which ranked cluster fills each slot
         offset = slot - (ends - sizes).gather(-1, rank)
@@ -212,9 +137,7 @@ class ClusterKVSelector:
 
     def score(self, query: torch.Tensor) -> torch.Tensor:
         """query ``[B, H, D]`` -> cluster scores ``[B, G, C]``: ``q . centroid`` pooled over the GQA group."""
-        B, H, D = query.shape
-        G = self.centroids.shape[1]
-        return pool_group(query.view(B, G, H // G, D).float() @ self.centroids.transpose(-1, -2), self.cfg.gqa_pool)
+        return retrieval.pool_group(retrieval.dot(query, self.centroids), self.cfg.gqa_pool)
 
     def _cluster(self, store: "HostStore", end: int) -> None:
         """Cluster tokens ``[clustered, end)`` and append their clusters to the index."""
@@ -242,6 +165,22 @@ class ClusterKVSelector:
         self.clustered = end
         self.clusterings += 1
         self.cluster_s += time.perf_counter() - t0
+
+    INDEX = ("centroids", "sizes", "starts", "members")
+
+    @property
+    def memory(self) -> Bytes:
+        """The index lives in the fast tier, all of it used."""
+        return Bytes(self.nbytes, self.nbytes)
+
+    def state(self) -> tuple[dict, dict]:
+        tensors = {} if self.members is None else {k: getattr(self, k) for k in self.INDEX}
+        return tensors, {"clustered": self.clustered, "clusterings": self.clusterings, "cluster_s": self.cluster_s}
+
+    def load_state(self, tensors: dict, meta: dict, device: torch.device | str = "cpu") -> None:
+        for k in self.INDEX:
+            setattr(self, k, tensors[k].to(device) if k in tensors else None)
+        self.clustered, self.clusterings, self.cluster_s = meta["clustered"], meta["clusterings"], meta["cluster_s"]
 
     @property
     def select_nbytes(self) -> int:

@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from livekv.attention import attend
-from livekv.cache import DenseLayer, RecallableLayer
-from livekv.methods.base import sink_pages_window
-from livekv.methods.quest import QuestConfig
+from livekv.layers import DenseLayer, Memory, RecallableLayer
+from livekv.methods.base import knob
+from livekv.methods.quest import QuestConfig, sink_pages_window
 from livekv.recall import PageSlots, copy_pages, engine, wait_cuda
 
 if TYPE_CHECKING:
@@ -62,8 +62,9 @@ class FreeKVConfig(QuestConfig):
     """
 
     name: ClassVar[str] = "freekv"
-    gqa_pool: Literal["max", "softmax_mean"] | None = None
-    tau: float = 0.8
+    gqa_pool: Literal["max", "softmax_mean"] | None = knob(None, "pooling over a GQA group (default: softmax_mean "
+                                                               "from budget 2048, max below)")
+    tau: float = knob(0.8, "correction threshold on the adjacent-query cosine")
 
     def set_defaults(self) -> None:
         paper = self.budget >= 2048
@@ -91,6 +92,13 @@ class FreeKVDiagnostics:
     background_pages: int = 0
     blocking_pages: int = 0
     cosines: torch.Tensor = field(default_factory=lambda: torch.zeros(COSINE_BINS))
+
+    def state(self) -> dict:
+        return {**{k: v for k, v in self.__dict__.items() if k != "cosines"}, "cosines": self.cosines.tolist()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> FreeKVDiagnostics:
+        return cls(**{**state, "cosines": torch.tensor(state["cosines"])})
 
 
 class FreeKVLayer(RecallableLayer):
@@ -216,11 +224,34 @@ class FreeKVLayer(RecallableLayer):
         self.stats.bytes_recalled += copied * self.token_bytes
         self.spec_length = length
 
-    def nbytes(self) -> tuple[int, int]:
-        if not self.is_initialized:
-            return 0, 0
-        fast, host = super().nbytes()
-        return fast + self.slots.nbytes, host
+    def memory(self) -> Memory:
+        memory = super().memory()
+        if self.is_initialized:
+            memory.fast_used += self.slots.used
+            memory.fast_reserved += self.slots.nbytes
+        return memory
+
+    def state(self) -> tuple[dict, dict]:
+        """Besides the host tier: the page slots and the speculation for the next step (``state`` waits for it)."""
+        tensors, meta = super().state()
+        if not tensors:
+            return tensors, meta
+        tensors.update({f"slots.{k}": v for k, v in self.slots.state().items()})
+        if self.spec is not None:
+            tensors.update(spec=self.spec, q_prev=self.q_prev)
+        meta.update(spec_length=self.spec_length, exact_next=self.exact_next, diag=self.diag.state())
+        return tensors, meta
+
+    def load_state(self, tensors: dict, meta: dict, device: torch.device | str = "cpu") -> None:
+        super().load_state(tensors, meta, device)
+        if not tensors:
+            return
+        slots = {k[6:]: v for k, v in tensors.items() if k.startswith("slots.")}
+        self.slots = PageSlots.from_state(slots, self.page_size, device)
+        self.spec = tensors["spec"].to(device) if "spec" in tensors else None
+        self.q_prev = tensors["q_prev"].to(device) if "q_prev" in tensors else None
+        self.spec_length, self.exact_next = meta["spec_length"], meta["exact_next"]
+        self.diag = FreeKVDiagnostics.from_state(meta["diag"])
 
     def diagnostics(self) -> dict:
         """Correction trigger rate, adjacent-query cosines, pages and bytes recalled per step (background and

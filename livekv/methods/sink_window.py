@@ -1,7 +1,11 @@
-"""StreamingLLM: attention reads only the first ``sink`` tokens and the most recent ones.
+"""StreamingLLM (Xiao et al., 2024): attention reads the sink and the most recent tokens only; nothing is recalled,
+so this is the floor the recall methods must beat.
 
-Tokens keep the positions they were written with (keys are stored post-RoPE); StreamingLLM instead re-numbers
-positions inside the cache. Nothing is ever recalled, so this is the floor the recall methods must beat.
+* In a text cache every token stays in the host tier and keeps the position it was written with (keys are stored
+  post-RoPE; StreamingLLM re-numbers positions inside its cache instead): a decode step reads the first ``sink``
+  tokens and the last ``window``.
+* In a video stream the sink is the system prompt; tokens that leave the newest ``short_term`` are dropped and the
+  window moves up to right after the sink, so positions stay bounded however long the stream runs.
 """
 
 from __future__ import annotations
@@ -11,20 +15,20 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from livekv.methods.base import SparseConfig, all_tokens
+from livekv.layers import Plan
+from livekv.methods.base import SparseConfig, StreamMethod
 
 if TYPE_CHECKING:
     from livekv.store import HostStore
 
 
 @dataclass(kw_only=True)
-class SinkWindowConfig(SparseConfig):
-    """StreamingLLM (Xiao et al., 2024): 4 sink tokens, the rest of the budget is the window; every layer sparse.
-
-    ``window`` defaults to ``budget - sink``.
-    """
+class SinkWindowConfig(SparseConfig, StreamMethod):
+    """StreamingLLM: the sink + the most recent tokens (text: 4 sink tokens, the rest of the budget the window,
+    every layer sparse; streams: the system prompt + the newest ``short_term`` tokens)."""
 
     name: ClassVar[str] = "sink_window"
+    contexts: ClassVar[tuple[str, ...]] = ("text", "stream")
     uses_digests: ClassVar[bool] = False
     sink: int | None = 4
     dense_layers: int = 0
@@ -39,22 +43,34 @@ class SinkWindowConfig(SparseConfig):
 
     def validate(self) -> None:
         if self.budget < self.sink + self.window:
-            raise ValueError(
-                f"budget {self.budget} is smaller than sink ({self.sink}) + window ({self.window})"
-            )
+            raise ValueError(f"budget {self.budget} is smaller than sink ({self.sink}) + window ({self.window})")
 
-    def make_selector(self, layer_idx: int) -> "SinkWindowSelector":
+    def make_selector(self, layer_idx: int) -> SinkWindowSelector:
         return SinkWindowSelector(self)
+
+    # --- streams ------------------------------------------------------------------------------------------------
+    def resolve(self, memory_tokens: int, tokens_per_frame: float) -> None:
+        """The whole memory is the window."""
+        if self.short_term is None:
+            self.short_term = memory_tokens
+        super().resolve(memory_tokens, tokens_per_frame)
+
+    def settle(self, layer, n: int) -> Plan:
+        S, N = layer.n_sink, layer.ctx.length
+        return Plan(keep=torch.cat([torch.arange(S), torch.arange(S + n, N)]), n_long=0)
+
+    def short_term_start(self, cache) -> int:
+        return cache.sink_end
 
 
 class SinkWindowSelector:
     def __init__(self, cfg: SinkWindowConfig):
         self.cfg = cfg
 
-    def select(self, query: torch.Tensor, store: "HostStore") -> torch.Tensor:
+    def select(self, query: torch.Tensor, store: HostStore) -> torch.Tensor:
         """query ``[B, H, D]`` -> token ids ``[B, G, sink + window]`` (all tokens while T <= budget)."""
-        B, G, T = query.shape[0], store.key_max.shape[1], store.length
+        B, G, T = query.shape[0], store.pages.shape[2], store.length
         if T <= self.cfg.budget:
-            return all_tokens(store, B, G, query.device)
+            return torch.arange(T, device=query.device).expand(B, G, -1)
         ids = torch.cat((torch.arange(self.cfg.sink), torch.arange(T - self.cfg.window, T))).to(query.device)
         return ids.expand(B, G, -1)

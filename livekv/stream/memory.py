@@ -1,32 +1,36 @@
-"""The stream memory: a transformers ``Cache`` for a live video stream, shaped by a streaming method.
+"""The memory of a live video stream: a transformers ``Cache`` whose layers keep the stream in the two tiers.
 
 Per layer the fast tier holds one contiguous context, in temporal order::
 
     [ sink (system prompt) | long-term memory | short-term memory (newest tokens, uncompressed) ]
 
-Keys are stored post-RoPE at the positions they hold *in the memory* (``pos``, ``[P, N]``), not at their
-arrival time: when tokens leave, the rest is re-positioned (keys rotated by the position delta), so positions
-stay bounded however long the stream runs. The layout of positions:
+and the host tier holds what a method offloaded (ReKV's frames; what LiveVLM's compression evicted, with
+``offload``), with keys stored without their rotary positions, in blocks (a frame, a page) with a mean key each.
+Fast-tier keys are stored post-RoPE at the positions they hold *in the memory* (``pos``, ``[P, N]``), not at their
+arrival time: when tokens leave, the rest can be re-positioned (keys rotated by the position delta), so positions
+stay bounded however long the stream runs.
 
-* the sink keeps its positions ``[0, sink_end)``;
-* short-term memory keeps its internal positions (for Qwen2-VL its 3-D grid) and is shifted as a whole when
-  the method says so (a uniform shift changes no relative position inside it);
-* long-term memory is method-specific (see ``livekv.stream.methods``): dropped (``sink_window``), offloaded to
-  the host tier (``rekv``), or kept and compressed, re-packed 1-D right before short-term memory (``livevlm``).
-
-A clip is prefilled attending to the whole context (plus itself, causally). A question is answered over an
-*answer context* the method builds from the memory with the question's queries (retrieval), to which the
-question and answer tokens are appended; afterwards the memory is exactly as before the question.
+The protocol (``livekv.layers``): the session runs each chunk (a clip, text, or a question's tokens) inside
+``cache.chunk(Chunk(...))``; a clip or text is appended to the memory, attending to it; a question is answered over
+an *answer context* its layer builds from what the method's ``recall`` says, and leaves the memory as it was. After
+a clip, ``settle`` asks the method what the overflow of short-term memory becomes (a ``Plan``) and each layer
+applies it; the method never changes a layer itself.
 """
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache
 
 from livekv.attention import attend, set_pending
-from livekv.cache import _LiveKVLayer
-from livekv.store import FastBuffer
+from livekv.layers import Layer, Memory, Plan, Recall
+from livekv.retrieval import received_attention
+from livekv.store import BlockSummaries, FastBuffer, HostStore
+
+HOST_PAGE = 16  # tokens per page of a stream's host tier (its layout only; blocks are the method's)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -39,49 +43,50 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotate_half(x) * sin
 
 
-def received_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float,
-                       seen: torch.Tensor | None = None) -> torch.Tensor:
-    """The mean attention ``[N]`` keys ``[G, N, D]`` receive from queries ``[H, r, D]`` (softmax per head and
-    query, then the mean over all of them). ``seen [H / G * r]``: how many keys each query of a KV head's group
-    sees (the first ones; ``None``: all)."""
-    H, r, D = queries.shape
-    G, N = keys.shape[0], keys.shape[1]
-    logits = (queries.reshape(G, H // G * r, D) @ keys.transpose(1, 2)).float() * scaling  # [G, H/G * r, N]
-    if seen is not None:
-        logits.masked_fill_(torch.arange(N, device=keys.device) >= seen[:, None], float("-inf"))
-    return logits.softmax(-1).mean(dim=(0, 1))
+@dataclass
+class Chunk:
+    """What the session hands down with each forward: the tokens' absolute ``positions [P, n]`` and ``frames [n]``
+    (-1: text); ``score_rows``: the rows whose queries score the memory (Vision Sink Bucketing), or ``None``;
+    ``question``: the tokens of a question or its answer, read over an answer context, never stored."""
+
+    positions: torch.Tensor
+    frames: torch.Tensor
+    score_rows: torch.Tensor | None = None
+    question: bool = False
 
 
-class StreamLayer(_LiveKVLayer):
-    """One layer's stream memory. ``ctx`` keys/values ``[1, G, N, D]`` (fast tier), ``pos [P, N]`` their positions,
-    ``frame [N]`` the stream frame of each token (-1: text). ``n_sink`` and ``n_long`` count the first two regions
-    of ``ctx``; the rest is short-term memory. ``host`` holds what a method offloaded (``rekv``)."""
+class StreamLayer(Layer):
+    """One layer's stream memory. Fast tier: ``ctx`` keys/values ``[1, G, N, D]``, ``pos [P, N]`` their positions,
+    ``frame [N]`` the stream frame of each token (-1: text), ``scores [N]`` the attention each token received from
+    the last clip's scoring rows; ``n_sink`` and ``n_long`` count the first two regions. Host tier: ``host`` (keys
+    without positions) and ``blocks`` (their blocks and mean keys), made when a method first offloads."""
 
     def __init__(self, layer_idx: int, cache: StreamCache):
         super().__init__(layer_idx)
-        self.cache = cache
-        self.n_long = 0
-        self.scores: torch.Tensor | None = None  # [N]: attention each token received from the last scoring rows
+        self.method, self.rope, self.position_dims = cache.method, cache.rope, cache.position_dims
+        self.n_sink = self.n_long = 0
+        self.sink_end, self.packed = 0, False  # the first position after the sink; long-term memory was re-packed
+        self.scores: torch.Tensor | None = None
+        self.host: HostStore | None = None
+        self.blocks: BlockSummaries | None = None
         self.answer: FastBuffer | None = None  # the answer context while a question is answered
-        self.host = None  # what a method offloaded to the host tier (an object with ``nbytes``), e.g. rekv's frames
-        self._new: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._undo, self._undo_scores = 0, None  # what to restore if the current chunk fails
+        self._new: tuple[torch.Tensor, torch.Tensor, Chunk] | None = None
+        self._undo = (0, None, 0)  # (length, scores, capacity): what to restore after a failed chunk or an answer
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, G, _, D = key_states.shape
         if B != 1:
             raise ValueError(f"a stream memory holds one stream (batch 1), got batch {B}")
         self.ctx = FastBuffer(1, G, D, key_states.dtype, key_states.device)
-        P = self.cache.position_dims
-        self.pos = torch.empty(P, 0, dtype=torch.long)
+        self.pos = torch.empty(self.position_dims, 0, dtype=torch.long)
         self.frame = torch.empty(0, dtype=torch.long)
         self.is_initialized = True
 
     # --- transformers' side -----------------------------------------------------------------------------------
-    def update(self, key_states, value_states, *args, **kwargs):
+    def update(self, key_states, value_states, chunk: Chunk | None = None, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._new = (key_states, value_states)
+        self._new = (key_states, value_states, chunk)
         set_pending(self)
         return key_states, value_states
 
@@ -95,24 +100,22 @@ class StreamLayer(_LiveKVLayer):
 
     def attend(self, query, key_new, value_new, mask, scaling) -> torch.Tensor:
         """Attention of the newest tokens; ``mask`` is ignored: one stream, no padding, causal by construction."""
-        cache = self.cache
-        k, v = self._new
+        k, v, chunk = self._new
         self._new = None
-        if cache.answering:
+        if chunk.question:
             if self.answer is None:
-                built = cache.method.answer_context(self, query, scaling)
-                self.answer = self.ctx if built is None else built  # None: read the memory in place
-                self._undo, self._undo_capacity = self.ctx.length, self.ctx.capacity
+                self._undo = (self.ctx.length, self.scores, self.ctx.capacity)
+                self.answer = self.answer_context(self.method.recall(self, self.unrotated_queries(query, chunk),
+                                                                     scaling))
             self.answer.append(k, v)
-            keys, values = self.answer.view()
-            return attend(query, keys, values, scaling)
-        self._undo, self._undo_scores = self.ctx.length, self.scores
+            return attend(query, *self.answer.view(), scaling)
+        self._undo = (self.ctx.length, self.scores, self.ctx.capacity)
         self.ctx.append(k, v)
-        self.pos = torch.cat([self.pos, cache.chunk_positions], dim=1)
-        self.frame = torch.cat([self.frame, cache.chunk_frames])
+        self.pos = torch.cat([self.pos, chunk.positions], dim=1)
+        self.frame = torch.cat([self.frame, chunk.frames])
         keys, values = self.ctx.view()
-        if cache.score_rows is not None:
-            self.scores = self._received_attention(query, keys, cache.score_rows, scaling)
+        if chunk.score_rows is not None:
+            self.scores = self._received_attention(query, keys, chunk.score_rows, scaling)
         return attend(query, keys, values, scaling)
 
     @staticmethod
@@ -124,75 +127,154 @@ class StreamLayer(_LiveKVLayer):
         seen = (N - n + rows + 1).repeat(H // G)  # each row sees the keys before it and itself
         return received_attention(query[0, :, rows], keys[0], scaling, seen)
 
-    # --- the stream side: called by the cache -----------------------------------------------------------------
-    def rollback(self) -> None:
-        """Undo the last chunk (its forward failed part-way)."""
-        if self.is_initialized and self.ctx.length > self._undo:
-            self.ctx.length = self._undo
-            self.pos, self.frame = self.pos[:, : self._undo], self.frame[: self._undo]
-            self.scores = self._undo_scores
-
-    @property
-    def n_sink(self) -> int:
-        return self.cache.n_sink
-
+    # --- what methods read --------------------------------------------------------------------------------------
     @property
     def n_short(self) -> int:
         return self.ctx.length - self.n_sink - self.n_long
 
-    def short_start(self) -> int:
-        """The lowest position in short-term memory (the cursor if it is empty)."""
+    def short_start(self, cursor: int | None = None) -> int:
+        """The lowest position in short-term memory (if it is empty: ``cursor``, or after the last token)."""
         first = self.n_sink + self.n_long
-        return int(self.pos[:, first:].min()) if self.ctx.length > first else self.cache.cursor
+        if self.ctx.length > first:
+            return int(self.pos[:, first:].min())
+        return cursor if cursor is not None else int(self.pos.max()) + 1 if self.ctx.length else 0
 
-    def keep(self, idx: torch.Tensor, n_long: int) -> None:
-        """Keep only the ctx tokens ``idx [n]`` (ascending), of which the first ``n_long`` after the sink are long-term."""
-        if self.scores is not None and self.scores.shape[0] == self.ctx.length:
-            self.scores = self.scores[idx]
-        self.ctx.compact(idx)
-        self.pos, self.frame = self.pos[:, idx], self.frame[idx]
-        self.n_long = n_long
+    def unrotated(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        """Keys of ctx tokens ``idx`` without their rotary positions (pre-RoPE), ``[1, G, n, D]``."""
+        cos, sin = self.rope(-self.pos[:, idx], self.ctx.keys.dtype)
+        return rotate(self.ctx.keys[:, :, : self.ctx.length][:, :, idx], cos, sin)
+
+    def unrotated_queries(self, query: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        """The chunk's queries ``[1, H, m, D]`` without their rotary positions: ``[H, m, D]``."""
+        cos, sin = self.rope(-chunk.positions, query.dtype)
+        return rotate(query[0], cos, sin)
+
+    # --- applying a method's plans ------------------------------------------------------------------------------
+    def apply(self, plan: Plan) -> None:
+        """Offload, keep and re-position as the method planned (see ``Plan``)."""
+        if plan.offload is not None and len(plan.offload):
+            self._offload(plan.offload, plan.blocks)
+        if plan.keep is not None:
+            if self.scores is not None and self.scores.shape[0] == self.ctx.length:
+                self.scores = self.scores[plan.keep]
+            self.ctx.compact(plan.keep)
+            self.pos, self.frame = self.pos[:, plan.keep], self.frame[plan.keep]
+        self.n_long = plan.n_long
+        if plan.long_positions is not None:
+            self.packed = True
+            S = self.n_sink
+            self.shift(S, S + plan.n_long, plan.long_positions - self.pos[:, S : S + plan.n_long])
+
+    def _offload(self, idx: torch.Tensor, blocks: torch.Tensor) -> None:
+        """Move ctx tokens ``idx`` to the host tier: keys without positions, values, a block key per token."""
+        keys = self.unrotated(idx)
+        if self.host is None:
+            G, D = keys.shape[1], keys.shape[3]
+            self.host = HostStore(1, G, D, HOST_PAGE, keys.dtype, torch.device("cpu"), digests=False)
+            self.blocks = BlockSummaries(G, D, keys.dtype)
+        keys, values = keys.cpu(), self.ctx.values[:, :, idx].cpu()
+        self.blocks.add(keys[0], blocks)
+        self.host.append(keys, values)
 
     def shift(self, start: int, stop: int, delta: torch.Tensor) -> None:
         """Move the ctx tokens ``[start, stop)`` by ``delta`` positions, ``[P, stop - start]`` or ``[P, 1]`` (one shift
-        for all): their keys are rotated by the delta."""
+        for all): their keys are rotated by the delta (only the tokens that move, with the angles of each distinct
+        delta computed once)."""
         if stop <= start or not bool(delta.any()):
             return
         if delta.shape[1] == 1:
             keys = self.ctx.keys[:, :, start:stop]
-            cos, sin = self.cache.rope(delta, keys.dtype)
+            cos, sin = self.rope(delta, keys.dtype)
             keys.copy_(rotate(keys, cos, sin))
             self.pos[:, start:stop] += delta
             return
-        # per-token deltas: rotate only the tokens that move, with the angles of each distinct delta computed once
         cols = delta.any(dim=0).nonzero()[:, 0]
         distinct, which = torch.unique(delta[:, cols], dim=1, return_inverse=True)
-        cos, sin = self.cache.rope(distinct, self.ctx.keys.dtype)
+        cos, sin = self.rope(distinct, self.ctx.keys.dtype)
         idx = (start + cols).to(self.ctx.keys.device)
         keys = self.ctx.keys.index_select(2, idx)
         self.ctx.keys.index_copy_(2, idx, rotate(keys, cos[which], sin[which]))
         self.pos[:, start + cols] += delta[:, cols]
 
-    def unrotated(self, start: int, stop: int) -> torch.Tensor:
-        """Keys of ctx tokens ``[start, stop)`` without their rotary position (pre-RoPE), ``[1, G, n, D]``."""
-        cos, sin = self.cache.rope(-self.pos[:, start:stop], self.ctx.keys.dtype)
-        return rotate(self.ctx.keys[:, :, start:stop], cos, sin)
+    def answer_context(self, recall: Recall | None) -> FastBuffer:
+        """The KV a question reads: the memory itself (``None``: read in place, the question's tokens appended and
+        dropped afterwards), or a fresh buffer with the sink, the recalled host tokens (rotated to their
+        positions), then the rest of what ``recall`` reads."""
+        if recall is None:
+            return self.ctx
+        keys, values = self.ctx.view()
+        out = FastBuffer(1, keys.shape[1], keys.shape[3], keys.dtype, keys.device)
+        read = recall.read
+        sink, rest = read[read < self.n_sink], read[read >= self.n_sink]
+        out.append(keys[:, :, sink], values[:, :, sink])
+        if recall.host is not None and len(recall.host):
+            k, v = self.host.gather(recall.host.expand(1, keys.shape[1], -1))
+            cos, sin = self.rope(recall.positions, k.dtype)
+            out.append(rotate(k.to(keys.device), cos, sin), v.to(keys.device))
+        out.append(keys[:, :, rest], values[:, :, rest])
+        return out
 
-    def nbytes(self) -> tuple[int, int]:
+    def end_answer(self) -> None:
+        """Drop the answer context: the memory is as it was before the question."""
+        if self.answer is self.ctx:
+            self.ctx.truncate(self._undo[0], self._undo[2])
+        self.answer = None
+
+    def rollback(self) -> None:
+        """Undo the last chunk (its forward failed part-way)."""
+        length, scores, _ = self._undo
+        if self.is_initialized and self.ctx.length > length:
+            self.ctx.length = length
+            self.pos, self.frame = self.pos[:, :length], self.frame[:length]
+            self.scores = scores
+
+    # --- accounting and snapshots -------------------------------------------------------------------------------
+    def memory(self) -> Memory:
         if not self.is_initialized:
-            return 0, 0
+            return Memory()
         separate = self.answer is not None and self.answer is not self.ctx
-        fast = self.ctx.nbytes + (self.answer.nbytes if separate else 0)
-        return fast, self.host.nbytes if self.host is not None else 0
+        fast = [self.ctx] + ([self.answer] if separate else [])
+        host = [self.host, self.blocks] if self.host is not None else []
+        return Memory(sum(b.used for b in fast), sum(b.nbytes for b in fast),
+                      sum(b.used for b in host), sum(b.nbytes for b in host))
+
+    def state(self) -> tuple[dict, dict]:
+        if not self.is_initialized:
+            return {}, {}
+        tensors = {**{f"ctx.{k}": v for k, v in self.ctx.state().items()}, "pos": self.pos, "frame": self.frame}
+        if self.scores is not None:
+            tensors["scores"] = self.scores
+        meta = {"n_sink": self.n_sink, "n_long": self.n_long, "sink_end": self.sink_end, "packed": self.packed}
+        if self.host is not None:
+            tensors.update({f"host.{k}": v for k, v in self.host.state().items()})
+            blocks, meta["blocks"] = self.blocks.state()
+            tensors.update({f"blocks.{k}": v for k, v in blocks.items()})
+            meta["host_length"] = self.host.length
+        return tensors, meta
+
+    def load_state(self, tensors: dict, meta: dict, device: torch.device | str = "cpu") -> None:
+        if not tensors:
+            return
+        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        self.ctx = FastBuffer.from_state(part("ctx."), device)
+        self.pos, self.frame, self.scores = tensors["pos"], tensors["frame"], tensors.get("scores")
+        self.n_sink, self.n_long = meta["n_sink"], meta["n_long"]
+        self.sink_end, self.packed = meta["sink_end"], meta["packed"]
+        self.is_initialized = True
+        if "host_length" in meta:
+            pages = tensors["host.pages"]
+            self.host = HostStore(1, pages.shape[2], pages.shape[-1], HOST_PAGE, pages.dtype, torch.device("cpu"),
+                                  digests=False)
+            self.host.load_state(part("host."), meta["host_length"])
+            self.blocks = BlockSummaries.from_state(part("blocks."), meta["blocks"])
 
 
 class StreamCache(Cache):
-    """The stream memory of one video stream, for a ``VideoLMAdapter``'s language model.
+    """The memory of one video stream, for a ``VideoLMAdapter``'s language model and a ``StreamMethod``.
 
-    The session drives it: ``begin_chunk`` before each forward (positions, frames, scoring rows), ``settle`` after
-    it (the method moves what left short-term memory), ``begin_answer``/``end_answer`` around a question.
-    ``cursor`` is the position the next token gets.
-    """
+    ``cursor`` is the position the next token gets; ``sink_end`` the first position after the sink, fixed (sealed)
+    when the first clip arrives; ``long_term_packed``: long-term memory was re-packed (positions no longer those of
+    arrival; every layer knows it as ``packed``)."""
 
     def __init__(self, adapter, method):
         self.adapter, self.method = adapter, method
@@ -200,73 +282,83 @@ class StreamCache(Cache):
         n_layers = adapter.language_model.config.num_hidden_layers
         super().__init__(layers=[StreamLayer(i, self) for i in range(n_layers)])
         self.cursor = 0
-        self.n_sink = 0
-        self.sink_end = 0  # first position after the sink
-        self.sealed = False  # the sink is fixed once the first clip arrives
-        self.long_term_packed = False  # long-term memory was re-packed (positions no longer those of arrival)
-        self.answering = False
-        self.chunk_positions = self.chunk_frames = self.score_rows = None
+        self.sink_end = 0
+        self.sealed = False
+        self._chunk: Chunk | None = None
 
     @property
-    def stream_layers(self) -> list[StreamLayer]:
-        return self.layers
+    def long_term_packed(self) -> bool:
+        return self.layers[0].packed
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         return self.adapter.rope(positions, dtype)
 
-    def begin_chunk(self, positions: torch.Tensor, frames: torch.Tensor, score_rows: torch.Tensor | None) -> None:
-        """Before a forward of ``n`` tokens: their absolute positions ``[P, n]``, frames ``[n]`` and the chunk rows whose
-        queries score the memory (``None``: no scoring)."""
-        self.chunk_positions, self.chunk_frames, self.score_rows = positions, frames, score_rows
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        return self.layers[layer_idx].update(key_states, value_states, self._chunk)
+
+    @contextlib.contextmanager
+    def chunk(self, chunk: Chunk):
+        """Run one forward of ``chunk``'s tokens; a forward that fails leaves the memory as it was."""
+        self._chunk = chunk
+        try:
+            yield
+        except BaseException:
+            if not chunk.question:
+                for layer in self.layers:
+                    layer.rollback()
+            raise
+        finally:
+            self._chunk = None
+
+    @contextlib.contextmanager
+    def answering(self):
+        """Questions and their answers inside: afterwards every layer drops its answer context."""
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.end_answer()
 
     def seal_sink(self) -> None:
         """Everything in the memory so far is the sink (called when the first clip arrives)."""
         if not self.sealed:
-            self.n_sink = self.layers[0].ctx.length if self.layers[0].is_initialized else 0
+            n_sink = self.layers[0].ctx.length if self.layers[0].is_initialized else 0
             self.sink_end = self.cursor
+            for layer in self.layers:
+                layer.n_sink, layer.sink_end = n_sink, self.sink_end
             self.sealed = True
 
     def settle(self) -> None:
-        """After a chunk: what overflows short-term memory goes where the method sends it."""
-        limit = self.method.short_term
-        layer0 = self.layers[0]
+        """After a clip or text: what overflows short-term memory goes where the method's plan sends it, then
+        short-term memory moves to where the method says (one shift for all layers)."""
+        limit, layer0 = self.method.short_term, self.layers[0]
         if not self.sealed or limit is None or layer0.n_short <= limit:
             return
         n = layer0.n_short - limit
         for layer in self.layers:
-            self.method.overflow(layer, n)
+            layer.apply(self.method.settle(layer, n))
         target = self.method.short_term_start(self)
         if target is not None:
-            delta = target - layer0.short_start()
+            delta = target - layer0.short_start(self.cursor)
             if delta:
                 shift = torch.full((self.position_dims, 1), delta, dtype=torch.long)
                 for layer in self.layers:
                     layer.shift(layer.n_sink + layer.n_long, layer.ctx.length, shift)
                 self.cursor += delta
 
-    def rollback(self) -> None:
-        for layer in self.layers:
-            layer.rollback()
-
-    def begin_answer(self) -> None:
-        self.answering = True
-
-    def end_answer(self) -> None:
-        """Drop the answer contexts: the memory is as it was before the question."""
-        self.answering = False
-        for layer in self.layers:
-            if layer.answer is layer.ctx:
-                layer.ctx.truncate(layer._undo, layer._undo_capacity)
-            layer.answer = None
-
     def memory(self) -> dict[str, int]:
-        """KV bytes in the fast tier (memory + any answer context) and in the host tier, and tokens held."""
-        fast = host = 0
-        for layer in self.layers:
-            f, h = layer.nbytes()
-            fast, host = fast + f, host + h
+        """KV bytes used and reserved per tier (the fast tier with any answer context), and the tokens held."""
+        total = sum((layer.memory() for layer in self.layers), Memory())
         layer0 = self.layers[0]
         tokens = 0
         if layer0.is_initialized:  # the memory's own tokens, not a question being answered in place
-            tokens = layer0._undo if layer0.answer is layer0.ctx else layer0.ctx.length
-        return {"fast_kv_bytes": fast, "host_kv_bytes": host, "memory_tokens": tokens}
+            tokens = layer0._undo[0] if layer0.answer is layer0.ctx else layer0.ctx.length
+        return {"fast_kv_bytes": total.fast_used, "host_kv_bytes": total.host_used,
+                "fast_kv_reserved_bytes": total.fast_reserved, "host_kv_reserved_bytes": total.host_reserved,
+                "memory_tokens": tokens}
+
+    def state(self) -> dict:
+        return {"cursor": self.cursor, "sink_end": self.sink_end, "sealed": self.sealed}
+
+    def load_state(self, meta: dict) -> None:
+        self.cursor, self.sink_end, self.sealed = meta["cursor"], meta["sink_end"], meta["sealed"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -19,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from livekv import snapshot
+from livekv.methods import StreamMethod, make_method
 from livekv.stream.adapters.base import Segment, VideoLMAdapter, as_frames
-from livekv.stream.memory import StreamCache
-from livekv.stream.methods import StreamMethod, make_stream_method
+from livekv.stream.memory import Chunk, StreamCache
 
 
 @dataclass
@@ -57,11 +59,12 @@ class StreamSession:
     def __init__(self, adapter: VideoLMAdapter, method: str | StreamMethod = "livevlm", system=None,
                  memory_tokens: int | None = None, max_question_tokens: int = 1024, **knobs):
         self.adapter = adapter
-        self.method = dataclasses.replace(make_stream_method(method, **knobs))  # resolved below: a copy
-        memory = adapter.default_memory_tokens if memory_tokens is None else memory_tokens
-        if memory < 1:
-            raise ValueError(f"memory_tokens must be >= 1, got {memory}")
-        self.method.resolve(memory, adapter.tokens_per_frame)
+        self.method = dataclasses.replace(make_method(method, context="stream", **knobs))  # resolved below: a copy
+        self._knobs = dataclasses.asdict(self.method)  # as given, before resolve: what a snapshot restores
+        self.memory_tokens = adapter.default_memory_tokens if memory_tokens is None else memory_tokens
+        if self.memory_tokens < 1:
+            raise ValueError(f"memory_tokens must be >= 1, got {self.memory_tokens}")
+        self.method.resolve(self.memory_tokens, adapter.tokens_per_frame)
         self.cache = StreamCache(adapter, self.method)
         self.stats = StreamStats()
         self.max_question_tokens = max_question_tokens
@@ -121,12 +124,8 @@ class StreamSession:
         if self.method.vsb_rows:
             visual = segment.visual.nonzero()[:, 0]
             rows = (visual if len(visual) else torch.arange(len(segment)))[-self.method.vsb_rows :]
-        self.cache.begin_chunk(positions, segment.frame, rows)
-        try:
+        with self.cache.chunk(Chunk(positions, segment.frame, rows)):
             hidden = self.adapter.forward(segment.embeds, positions, self.cache)
-        except BaseException:
-            self.cache.rollback()
-            raise
         self.cache.cursor += segment.span
         self.cache.settle()
         return hidden
@@ -157,36 +156,42 @@ class StreamSession:
         adapter = self.adapter
         ids: list[int] = []
         shown = ""
-        with self._exclusive("push() or ask()"), torch.inference_mode():
+        with self._exclusive("push() or ask()"), torch.inference_mode(), self.cache.answering():
             t0 = time.perf_counter()
             self.stats.ttft_s = None
-            self.cache.begin_answer()
-            try:
-                position = self.cache.cursor
-                embeds, positions = segment.embeds, segment.positions + position
-                position += segment.span
-                for step in range(max_new_tokens):
-                    self.cache.begin_chunk(positions, torch.full((embeds.shape[1],), -1), None)
+            position = self.cache.cursor
+            embeds, positions = segment.embeds, segment.positions + position
+            position += segment.span
+            for step in range(max_new_tokens):
+                with self.cache.chunk(Chunk(positions, torch.full((embeds.shape[1],), -1), question=True)):
                     hidden = adapter.forward(embeds, positions, self.cache)
-                    token = int(adapter.lm_head(hidden[:, -1]).argmax(-1))
-                    if step == 0:
-                        self.stats.ttft_s = time.perf_counter() - t0  # the first token, an end token included
-                    if token in adapter.eos_ids:
-                        break
-                    ids.append(token)
-                    if adapter.tokenizer is None:
-                        yield token
-                    else:
-                        text = adapter.tokenizer.decode(ids, skip_special_tokens=True)
-                        if len(text) > len(shown) and not text.endswith("\ufffd"):
-                            yield text[len(shown) :]
-                            shown = text
-                    embeds = adapter.language_model.get_input_embeddings()(torch.tensor([[token]], device=adapter.device))
-                    positions = torch.full((adapter.position_dims, 1), position)
-                    position += 1
-            finally:
-                self.cache.end_answer()
+                token = int(adapter.lm_head(hidden[:, -1]).argmax(-1))
+                if step == 0:
+                    self.stats.ttft_s = time.perf_counter() - t0  # the first token, an end token included
+                if token in adapter.eos_ids:
+                    break
+                ids.append(token)
+                if adapter.tokenizer is None:
+                    yield token
+                else:
+                    text = adapter.tokenizer.decode(ids, skip_special_tokens=True)
+                    if len(text) > len(shown) and not text.endswith("\ufffd"):
+                        yield text[len(shown) :]
+                        shown = text
+                embeds = adapter.language_model.get_input_embeddings()(torch.tensor([[token]], device=adapter.device))
+                positions = torch.full((adapter.position_dims, 1), position)
+                position += 1
             self.stats.questions += 1
+
+    @torch.inference_mode()
+    def logits(self, question) -> torch.Tensor:
+        """The next-token logits ``[1, V]`` after ``question`` (token ids, or text as it is, no template) read over
+        the memory as an answer reads it; the memory is unchanged (for exactness checks)."""
+        segment = self.adapter.text(question)
+        positions = segment.positions + self.cache.cursor
+        with self._exclusive("logits()"), self.cache.answering(), self.cache.chunk(
+                Chunk(positions, segment.frame, question=True)):
+            return self.adapter.lm_head(self.adapter.forward(segment.embeds, positions, self.cache))[:, -1]
 
     def answer(self, question, max_new_tokens: int = 64) -> str | list[int]:
         """The whole answer at once (a string with a tokenizer, else token ids)."""
@@ -194,5 +199,36 @@ class StreamSession:
         return "".join(pieces) if self.adapter.tokenizer is not None else pieces
 
     def memory(self) -> dict[str, int]:
-        """KV bytes in the fast and host tiers, and the tokens the memory holds (per layer)."""
+        """KV bytes used and reserved in the fast and host tiers, and the tokens the memory holds (per layer)."""
         return self.cache.memory()
+
+    # --- snapshots ----------------------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the session to ``directory`` (replaced atomically): its memory in both tiers, the method and its
+        knobs, the counters and the model's fingerprint. ``StreamSession.load`` continues it bit-identically. Waits
+        for a push or an answer in progress (in another thread) to finish."""
+        with self._exclusive("save()"):
+            tensors, layers = {}, []
+            for i, layer in enumerate(self.cache.layers):
+                layer_tensors, meta = layer.state()
+                tensors.update({f"layers.{i}.{k}": v for k, v in layer_tensors.items()})
+                layers.append(meta)
+            meta = {"method": self.method.name, "knobs": self._knobs, "memory_tokens": self.memory_tokens,
+                    "max_question_tokens": self.max_question_tokens, "stats": dataclasses.asdict(self.stats),
+                    "cache": self.cache.state(), "layers": layers}
+            snapshot.write(directory, "livekv-stream", self.adapter.model, meta, tensors)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, adapter: VideoLMAdapter) -> StreamSession:
+        """The session saved in ``directory`` by ``save``, on ``adapter`` (the same model: ``SnapshotError``
+        otherwise, and for a damaged snapshot; nothing is loaded then)."""
+        manifest, tensors = snapshot.read(directory, "livekv-stream", adapter.model)
+        session = cls(adapter, manifest["method"], memory_tokens=manifest["memory_tokens"],
+                      max_question_tokens=manifest["max_question_tokens"], **manifest["knobs"])
+        session.stats = StreamStats(**manifest["stats"])
+        session.cache.load_state(manifest["cache"])
+        for i, (layer, meta) in enumerate(zip(session.cache.layers, manifest["layers"])):
+            prefix = f"layers.{i}."
+            layer.load_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta,
+                             adapter.device)
+        return session

@@ -1,0 +1,339 @@
+"""The cache layer protocol, and the two layers of a text cache.
+
+A layer holds the KV of one attention layer. transformers calls ``update(keys, values)`` right before attention; a
+livekv layer stores the new tokens and hands itself to livekv's attention function (``livekv.attention``), which
+calls ``attend``. Every layer (``DenseLayer``, ``RecallableLayer`` here, ``StreamLayer`` in ``livekv.stream.memory``)
+implements:
+
+    append(keys, values)                        store new post-RoPE keys and values, [B, G, n, D] each
+    attend(query, key_new, value_new, mask, scaling) -> [B, n, H, D]
+                                                query [B, H, n, D]; the newest n tokens attend
+    get_seq_length() -> int                     the logical sequence length, tracked by the layer itself
+    memory() -> Memory                          bytes used (what the content needs) and reserved, per tier
+    state() -> (tensors, meta)                  what a snapshot saves; load_state(tensors, meta) restores it
+    select_rows(rows)                           beam search: row b becomes row rows[b]
+
+B batch, G KV heads, H query heads, n new tokens, D head dim.
+
+* ``DenseLayer`` keeps the whole KV in the fast tier and attends to all of it (method ``dense``, and the first
+  ``dense_layers`` of the sparse methods).
+* ``RecallableLayer`` keeps everything in the host tier; a decode step (one new token) reads only the tokens its
+  method's selector picks, recalled into the fast tier. Multi-token steps (prefill, possibly chunked) attend
+  densely, as in the papers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from livekv.attention import attend, set_pending
+from livekv.store import FastBuffer, HostStore, ResidentSet, make_host_store
+
+
+@dataclass
+class Memory:
+    """KV bytes per tier: ``used`` what the content needs, ``reserved`` what is allocated for it."""
+
+    fast_used: int = 0
+    fast_reserved: int = 0
+    host_used: int = 0
+    host_reserved: int = 0
+
+    def __add__(self, other: Memory) -> Memory:
+        return Memory(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+@dataclass
+class LayerStats:
+    """Counters of the sparse decode steps of one layer (timings only when the cache is profiled)."""
+
+    steps: int = 0
+    tokens_read: int = 0  # per KV head, summed over steps
+    tokens_copied: int = 0  # (token, KV head) pairs copied from the host tier; < tokens_read * G when reused
+    bytes_recalled: int = 0
+    select_s: float = 0.0
+    recall_s: float = 0.0
+    background_s: float = 0.0  # recall work done off the critical path (speculative methods)
+    waited_s: float = 0.0  # of which the critical path waited for
+
+    @property
+    def recall_hidden(self) -> float | None:
+        """Share of the background recall time the critical path did not wait for (``None``: no background
+        recall). It does not say the work was free: on a CPU whose cores all compute, the worker's time lengthens
+        the compute instead (measured: docs/results.md, "what background work costs")."""
+        return max(0.0, 1 - self.waited_s / self.background_s) if self.background_s else None
+
+
+class Selector(Protocol):
+    """Maps a decode step's query to the tokens attention reads: ``query [B, H, D]`` -> token ids ``[B, G, k]``
+    (logical positions, no duplicates per row; all query heads of a GQA group read the same tokens)."""
+
+    def select(self, query: torch.Tensor, store: HostStore) -> torch.Tensor: ...
+
+
+class Layer(CacheLayerMixin):
+    """Base of every livekv layer: transformers' side of the protocol (see the module docstring)."""
+
+    is_sliding = False
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Called by the modeling code right before attention: store, then hand this layer to the attention."""
+        self.append(key_states, value_states)
+        set_pending(self)
+        return key_states, value_states
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def check_positions(self, position_ids: torch.Tensor | None) -> None:
+        """Without padding, the newest token of every row sits at position ``length - 1``: other positions mean the
+        input does not continue the sequence stored here (e.g. a shorter, unrelated prompt given to ``generate``)."""
+        if position_ids is None or position_ids.ndim != 2:
+            return
+        last = self.get_seq_length() - 1
+        if not bool((position_ids[:, -1] == last).all()):
+            raise ValueError(f"the input's positions end at {position_ids[:, -1].tolist()}, but this cache now holds "
+                             f"{last + 1} tokens: the input does not continue the sequence it holds. {ONE_SEQUENCE}")
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: row ``b`` becomes what row ``beam_idx[b]`` was."""
+        if self.is_initialized:
+            self.select_rows(beam_idx)
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("livekv caches do not support cropping or batch re-indexing (assisted or "
+                                  "contrastive decoding); greedy, sampling and beam search work")
+
+    crop = batch_repeat_interleave = batch_select_indices = _unsupported
+
+    def wait(self) -> None:
+        """Finish this layer's background work (layers that recall in the background override this)."""
+
+
+ONE_SEQUENCE = "A LiveKVCache holds one sequence: call cache.reset() (or make a new cache) before an unrelated prompt"
+
+
+class DenseLayer(Layer):
+    """The whole KV in the fast tier, ``[B, G, T, D]`` (a growable buffer, not a concat per step)."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, G, _, D = key_states.shape
+        self.fast = FastBuffer(B, G, D, key_states.dtype, key_states.device)
+        self.is_initialized = True
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.fast.append(key_states, value_states)
+        self.keys, self.values = self.fast.view()
+
+    def get_seq_length(self) -> int:
+        return self.fast.length if self.is_initialized else 0
+
+    def attend(self, query, key_new, value_new, mask, scaling) -> torch.Tensor:
+        keys, values = self.fast.view()
+        return attend(query, keys, values, scaling, mask)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.fast.select_rows(rows)
+        self.keys, self.values = self.fast.view()
+
+    def memory(self) -> Memory:
+        return Memory(self.fast.used, self.fast.nbytes) if self.is_initialized else Memory()
+
+    def state(self) -> tuple[dict, dict]:
+        return (self.fast.state() if self.is_initialized else {}), {}
+
+    def load_state(self, tensors: dict, meta: dict, device: torch.device | str = "cpu") -> None:
+        if tensors:
+            self.fast = FastBuffer.from_state(tensors, device)
+            self.keys, self.values = self.fast.view()
+            self.is_initialized = True
+
+
+class RecallableLayer(Layer):
+    """Everything in the host tier; decode steps read ``selector``'s tokens, recalled into the fast tier."""
+
+    background = False  # whether the layer recalls on a worker thread, off the critical path
+
+    def __init__(self, layer_idx: int, selector: Selector, page_size: int, digests: bool = True, reuse: bool = False,
+                 host: str = "ram", host_dir: str | None = None):
+        super().__init__(layer_idx)
+        self.selector = selector
+        self.page_size = page_size
+        self.digests = digests
+        self.reuse = reuse  # keep recalled tokens resident across steps, copy only the missing ones
+        self.host_kind, self.host_dir = host, host_dir  # see store.make_host_store
+        self.stats = LayerStats()
+        self.profile = False
+        # Called after each sparse step as observer(layer, query [B,H,D], token_idx [B,G,k], output [B,1,H,D]).
+        self.observers: list[Callable] = []
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, G, _, D = key_states.shape
+        self._make_tiers(B, G, D, key_states.dtype, key_states.device)
+
+    def _make_tiers(self, B: int, G: int, D: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.host = make_host_store(self.host_kind, B, G, D, self.page_size, dtype, device, digests=self.digests,
+                                    directory=self.host_dir)
+        self.fast = FastBuffer(B, G, D, dtype, device)
+        self.resident = ResidentSet(B, G, D, dtype, device) if self.reuse else None
+        self.is_initialized = True
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Store ``[B, G, n, D]`` keys (post-RoPE) and values in the host tier."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.host.append(key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.host.length if self.is_initialized else 0
+
+    def attend(self, query, key_new, value_new, mask, scaling) -> torch.Tensor:
+        n = query.shape[2]
+        if n > 1:  # prefill: dense over everything stored
+            keys, values = (key_new, value_new) if self.host.length == n else self.host.all_tokens()
+            return attend(query, keys, values, scaling, mask)
+        t0 = self._clock()
+        q = query[:, :, 0]
+        token_idx = self.selector.select(q, self.host)  # [B, G, k]
+        t1 = self._clock()
+        keys, values, columns, copied = self.recall(token_idx)
+        t2 = self._clock()
+        out = attend(query, keys, values, scaling, self._step_mask(mask, columns))
+        self._count(token_idx, copied, t1 - t0, t2 - t1)
+        for observer in self.observers:
+            observer(self, q, token_idx, out)
+        return out
+
+    def recall(self, token_idx: torch.Tensor):
+        """Bring ``token_idx [B, G, k]`` into the fast tier. Returns keys, values ``[B, G, S, D]``, the logical
+        token of each of the S columns (-1: a stale slot, not to be read) and the number of tokens copied."""
+        if self.resident is None:
+            keys, values = self.host.gather(token_idx, out=self.fast.reserve(token_idx.shape[-1]))
+            return keys, values, token_idx, token_idx.numel()
+        keys, values, valid, copied = self.resident.recall(self.host, token_idx)
+        columns = self.resident.token if valid is None else self.resident.token.masked_fill(~valid, -1)
+        return keys, values, columns, copied
+
+    @staticmethod
+    def _step_mask(mask: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor | None:
+        """The decode step's mask ``[B, G, 1, S]`` over the recalled columns: stale slots are masked out (and, with
+        a mask over logical positions, what it masks)."""
+        stale = columns < 0
+        if mask is None and not bool(stale.any()):
+            return None
+        B, G, S = columns.shape
+        visible = ~stale
+        if mask is not None:
+            visible &= mask[:, :, -1:].expand(B, G, 1, -1).gather(-1, columns.clamp(min=0).unsqueeze(2))[:, :, 0]
+        return visible.unsqueeze(2)
+
+    def _count(self, token_idx: torch.Tensor, copied: int, select_s: float, recall_s: float) -> None:
+        s = self.stats
+        s.steps += 1
+        s.tokens_read += token_idx.shape[-1]
+        s.tokens_copied += copied
+        s.bytes_recalled += copied * self.token_bytes
+        s.select_s += select_s
+        s.recall_s += recall_s
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one token's key and value (one KV head)."""
+        return 2 * self.host.pages.shape[-1] * self.host.pages.element_size()
+
+    def _clock(self) -> float:
+        if not self.profile:
+            return 0.0
+        if self.host.device.type == "cuda":
+            torch.cuda.synchronize(self.host.device)
+        return time.perf_counter()
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Row ``b`` of every per-row state becomes row ``rows[b]`` (beam search)."""
+        self.wait()
+        self.host.select_rows(rows)
+        if self.resident is not None:
+            self.resident.select_rows(rows)
+        if hasattr(self.selector, "select_rows"):
+            self.selector.select_rows(rows)
+
+    def memory(self) -> Memory:
+        """Fast tier: the recall buffer (and resident slots), page digests, a selector's own index; host: pages."""
+        if not self.is_initialized:
+            return Memory()
+        fast = [self.fast, self.resident, self.host.digest_memory(), getattr(self.selector, "memory", None)]
+        used = sum(part.used for part in fast if part is not None)
+        reserved = sum(part.nbytes for part in fast if part is not None)
+        return Memory(used, reserved, self.host.used, self.host.nbytes)
+
+    def state(self) -> tuple[dict, dict]:
+        """Host pages and digests, resident slots, the selector's index and the counters."""
+        self.wait()
+        if not self.is_initialized:
+            return {}, {}
+        tensors = {f"host.{k}": v for k, v in self.host.state().items()}
+        if self.resident is not None:
+            tensors.update({f"resident.{k}": v for k, v in self.resident.state().items()})
+        selector_tensors, selector_meta = self.selector.state() if hasattr(self.selector, "state") else ({}, {})
+        tensors.update({f"selector.{k}": v for k, v in selector_tensors.items()})
+        return tensors, {"host_length": self.host.length, "selector": selector_meta,
+                         "stats": dataclasses.asdict(self.stats)}
+
+    def load_state(self, tensors: dict, meta: dict, device: torch.device | str = "cpu") -> None:
+        if not tensors:
+            return
+        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        pages = tensors["host.pages"]
+        B, _, G, _, _, D = pages.shape
+        self._make_tiers(B, G, D, pages.dtype, torch.device(device))
+        self.host.load_state(part("host."), meta["host_length"])
+        if self.resident is not None:
+            self.resident.load_state(part("resident."))  # onto the fast tier's device
+        if hasattr(self.selector, "load_state"):
+            self.selector.load_state(part("selector."), meta["selector"], device)
+        self.stats = LayerStats(**meta["stats"])
+
+
+@dataclass
+class Plan:
+    """What a stream method tells a layer to do with its memory after a chunk (``StreamLayer.apply``).
+
+    keep: ctx indices ``[m]`` (ascending) kept in the fast tier (``None``: all); ``n_long`` of them, after the sink,
+        are long-term.
+    offload: ctx indices ``[o]`` moved to the host tier (keys without their rotary positions), with ``blocks [o]``,
+        a key per token: a new host block (a frame, a page) starts wherever it changes.
+    long_positions: ``[P, n_long]``, the positions long-term tokens move to (their keys rotated there), or ``None``.
+    """
+
+    keep: torch.Tensor | None
+    n_long: int
+    offload: torch.Tensor | None = None
+    blocks: torch.Tensor | None = None
+    long_positions: torch.Tensor | None = None
+
+
+@dataclass
+class Recall:
+    """What a question reads of a stream layer (``StreamLayer.answer_context``): the ctx tokens ``read [k]``
+    (ascending, the sink among them) in place, and host tokens ``host [j]`` (ascending) placed right after the sink
+    at ``positions [P, j]`` (their keys rotated there)."""
+
+    read: torch.Tensor
+    host: torch.Tensor | None = None
+    positions: torch.Tensor | None = None

@@ -1,0 +1,107 @@
+"""The one block-retrieval primitive every method stands on: blocks of tokens, scored against queries through a
+summary of each block, pooled over a GQA group, picked under a token budget, expanded back to token ids.
+
+A block is a set of tokens with one summary per KV head: a page of the text cache (its min/max key digest: Quest,
+FreeKV), a k-means cluster of keys (its centroid: ClusterKV), a frame of an offloaded video (its mean key: ReKV), a
+page of a stream's long-term memory (the attention the question pays its tokens: LiveVLM's PaR). The steps:
+
+1. score: ``[B, G, r, n]`` per query head of each group (or, for per-layer retrieval, one score per block);
+2. pool the group (``pool_group``): ``max`` (Quest), ``softmax_mean`` (FreeKV), ``mean``;
+3. pick (``top_blocks`` for blocks of one size, ``ranked_prefix`` for blocks of many sizes);
+4. expand to token ids (``page_tokens``; a method with its own block table, e.g. clusters, maps them itself).
+
+B batch, G KV heads, r = H / G query heads per group, n blocks, D head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Pool = Literal["max", "softmax_mean", "mean"]
+
+
+# --- 1. scores ---------------------------------------------------------------------------------------------------
+def minmax_bound(query: torch.Tensor, key_max: torch.Tensor, key_min: torch.Tensor) -> torch.Tensor:
+    """Quest's upper bound of ``q . k`` over a block: query ``[B, H, D]``, digests ``[B, G, n, D]`` -> ``[B, G, r, n]``.
+
+    ``sum_d max(q_d * max_d, q_d * min_d) = relu(q) . max + min(q, 0) . min`` because ``max >= min``: two matmuls
+    instead of a ``[.., n, D]`` temporary."""
+    B, H, D = query.shape
+    q = query.view(B, key_max.shape[1], -1, D).to(key_max.dtype)  # [B, G, r, D]
+    return q.clamp(min=0) @ key_max.transpose(-1, -2) + q.clamp(max=0) @ key_min.transpose(-1, -2)
+
+
+def dot(query: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+    """``q . s`` in float32: query ``[B, H, D]``, summaries ``[B, G, n, D]`` (e.g. centroids) -> ``[B, G, r, n]``."""
+    B, H, D = query.shape
+    G = summaries.shape[1]
+    return query.view(B, G, H // G, D).float() @ summaries.transpose(-1, -2)
+
+
+def cosine(query: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+    """Cosine of each query head with each block summary: query ``[H, D]``, summaries ``[G, n, D]`` ->
+    ``[G, r, n]`` (ReKV's frame retrieval, with the question's mean query and each frame's mean key)."""
+    G, D = summaries.shape[0], summaries.shape[2]
+    return F.cosine_similarity(query.to(summaries.dtype).view(G, -1, 1, D), summaries[:, None], dim=-1)
+
+
+def received_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float,
+                       seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean attention ``[N]`` keys ``[G, N, D]`` receive from queries ``[H, m, D]`` (softmax per head and query,
+    then the mean over all of them: one score per token for the whole layer). ``seen [H / G * m]``: how many keys
+    each query of a KV head's group sees (the first ones; ``None``: all). Vision Sink Bucketing scores tokens by it,
+    LiveVLM's retrieval scores pages by its sums."""
+    H, m, D = queries.shape
+    G, N = keys.shape[0], keys.shape[1]
+    logits = (queries.reshape(G, H // G * m, D) @ keys.transpose(1, 2)).float() * scaling  # [G, H/G * m, N]
+    if seen is not None:
+        logits.masked_fill_(torch.arange(N, device=keys.device) >= seen[:, None], float("-inf"))
+    return logits.softmax(-1).mean(dim=(0, 1))
+
+
+def block_sums(token_scores: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Scores of blocks of ``block_size`` consecutive tokens (the last may be short): ``[N]`` -> ``[ceil(N / size)]``."""
+    N = token_scores.shape[0]
+    block_of = torch.arange(N, device=token_scores.device) // block_size
+    return torch.zeros(-(-N // block_size), device=token_scores.device).index_add_(0, block_of, token_scores)
+
+
+# --- 2. pooling over a GQA group ----------------------------------------------------------------------------------
+def pool_group(scores: torch.Tensor, how: Pool) -> torch.Tensor:
+    """Pool per-query-head block scores ``[..., r, n]`` over the GQA group -> ``[..., n]``, so that all query
+    heads of a group read the same blocks. ``max``: Quest. ``softmax_mean``: FreeKV's best, a softmax over blocks
+    per query head, then the group mean. ``mean``: the group mean of the raw scores."""
+    if how == "max":
+        return scores.amax(dim=-2)
+    if how == "softmax_mean":
+        return scores.float().softmax(dim=-1).mean(dim=-2)
+    if how == "mean":
+        return scores.mean(dim=-2)
+    raise ValueError(f"unknown GQA pooling {how!r}; expected 'max', 'softmax_mean' or 'mean'")
+
+
+# --- 3. picking under a budget -----------------------------------------------------------------------------------
+def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` best blocks of one size, ``[..., n]`` -> ids ``[..., k]`` (in no particular order)."""
+    return scores.topk(k, dim=-1, sorted=False).indices
+
+
+def ranked_prefix(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks of many sizes, best first, as far as ``budget`` tokens reach: ``scores, sizes [..., n]`` ->
+    ``order [..., m]`` (block ids, descending score, empty blocks last) and ``ends [..., m]`` (the running token
+    count after each). ``m = min(n, budget)``: enough blocks to fill the budget, since each non-empty one gives at
+    least a token. Blocks with ``ends <= budget`` fit whole; the first beyond is the one to cut (ClusterKV) or to
+    stop at (ReKV)."""
+    scores = scores.masked_fill(sizes == 0, float("-inf"))
+    order = scores.topk(min(budget, scores.shape[-1]), dim=-1).indices
+    return order, sizes.gather(-1, order).cumsum(-1)
+
+
+# --- 4. token ids --------------------------------------------------------------------------------------------------
+def page_tokens(pages: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Token ids of pages: ``[..., k]`` -> ``[..., k * page_size]``, each page's tokens in order."""
+    offsets = torch.arange(page_size, device=pages.device)
+    return (pages.unsqueeze(-1) * page_size + offsets).flatten(-2)
