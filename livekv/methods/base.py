@@ -105,7 +105,21 @@ class StreamMethod(MethodConfig):
 
 
 @dataclass(kw_only=True)
-class SparseConfig(MethodConfig):
+class HostTier:
+    """The host tier's knobs, for methods that keep tokens there."""
+
+    host: str = knob("ram", "the host tier: 'ram', or 'disk' (a memory-mapped file kept out of the page cache)")
+    host_dir: str | None = knob(None, "directory of the disk host tier (default: the temp dir)")
+
+    def check_host(self) -> None:
+        if self.host not in ("ram", "disk"):
+            raise ValueError(f"host must be 'ram' or 'disk', got {self.host!r}")
+        if self.host_dir is not None and not os.path.isdir(self.host_dir):
+            raise ValueError(f"host_dir {self.host_dir!r} is not a directory (the disk host tier keeps its file there)")
+
+
+@dataclass(kw_only=True)
+class SparseConfig(HostTier, MethodConfig):
     """Knobs shared by the sparse text methods. ``sink`` and ``window`` left ``None`` scale with the budget:
     ``min(128, page_size * max(1, budget // (16 * page_size)))`` each, so that at small budgets most of the budget
     is left to selection (budget 256: sink 16, window 16). ``page_size`` left ``None``: Quest's 16 from budget
@@ -117,8 +131,6 @@ class SparseConfig(MethodConfig):
     window: int | None = knob(None, "the most recent tokens, always read")
     page_size: int | None = knob(None, "tokens per page of the host tier")
     dense_layers: int = knob(2, "the first N layers stay dense")
-    host: str = knob("ram", "the host tier: 'ram', or 'disk' (a memory-mapped file kept out of the page cache)")
-    host_dir: str | None = knob(None, "directory of the disk host tier (default: the temp dir)")
 
     def set_defaults(self) -> None:
         if self.budget < 1:
@@ -135,10 +147,7 @@ class SparseConfig(MethodConfig):
             raise ValueError(f"need sink >= 0 and window >= 1, got sink={self.sink}, window={self.window}")
         if self.dense_layers < 0:
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
-        if self.host not in ("ram", "disk"):
-            raise ValueError(f"host must be 'ram' or 'disk', got {self.host!r}")
-        if self.host_dir is not None and not os.path.isdir(self.host_dir):
-            raise ValueError(f"host_dir {self.host_dir!r} is not a directory (the disk host tier keeps its file there)")
+        self.check_host()
 
     def validate(self) -> None:
         """Paged methods: the window is extended back to a page boundary, so it may take up to p - 1 more tokens."""

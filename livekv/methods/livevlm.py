@@ -36,11 +36,11 @@ import torch
 
 from livekv import retrieval
 from livekv.layers import Plan, Recall
-from livekv.methods.base import StreamMethod, knob
+from livekv.methods.base import HostTier, StreamMethod, knob
 
 
 @dataclass(kw_only=True)
-class LiveVLMConfig(StreamMethod):
+class LiveVLMConfig(HostTier, StreamMethod):
     """Short-term + VSB-compressed long-term memory, position-agnostic page retrieval (LiveVLM); ``offload`` keeps
     what compression removes in the host tier, for questions to recall."""
 
@@ -75,6 +75,7 @@ class LiveVLMConfig(StreamMethod):
 
     def validate_stream(self) -> None:
         super().validate_stream()
+        self.check_host()
         if not 1 <= self.bucket <= self.long_term:
             raise ValueError(f"livevlm: need 1 <= bucket ({self.bucket}) <= long_term ({self.long_term})")
         if not 0 <= self.vision_sinks <= self.long_term:

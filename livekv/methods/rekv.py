@@ -16,11 +16,11 @@ import torch
 
 from livekv import retrieval
 from livekv.layers import Plan, Recall
-from livekv.methods.base import StreamMethod, knob
+from livekv.methods.base import HostTier, StreamMethod, knob
 
 
 @dataclass(kw_only=True)
-class ReKVConfig(StreamMethod):
+class ReKVConfig(HostTier, StreamMethod):
     """Sliding window; older frames offloaded to the host tier, the most similar retrieved per layer (ReKV)."""
 
     name: ClassVar[str] = "rekv"
@@ -38,6 +38,7 @@ class ReKVConfig(StreamMethod):
 
     def validate_stream(self) -> None:
         super().validate_stream()
+        self.check_host()
         if self.top_frames < 1:
             raise ValueError(f"rekv: top_frames must be >= 1, got {self.top_frames}")
 

@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache
 from livekv.attention import attend, set_pending
 from livekv.layers import Layer, Memory, Plan, Recall
 from livekv.retrieval import received_attention
-from livekv.store import BlockSummaries, FastBuffer, HostStore
+from livekv.store import BlockSummaries, FastBuffer, HostStore, make_host_store
 
 HOST_PAGE = 16  # tokens per page of a stream's host tier (its layout only; blocks are the method's)
 
@@ -170,11 +170,15 @@ class StreamLayer(Layer):
         keys = self.unrotated(idx)
         if self.host is None:
             G, D = keys.shape[1], keys.shape[3]
-            self.host = HostStore(1, G, D, HOST_PAGE, keys.dtype, torch.device("cpu"), digests=False)
+            self.host = self._host_store(G, D, keys.dtype)
             self.blocks = BlockSummaries(G, D, keys.dtype)
         keys, values = keys.cpu(), self.ctx.values[:, :, idx].cpu()
         self.blocks.add(keys[0], blocks)
         self.host.append(keys, values)
+
+    def _host_store(self, kv_heads: int, head_dim: int, dtype: torch.dtype) -> HostStore:
+        return make_host_store(self.method.host, 1, kv_heads, head_dim, HOST_PAGE, dtype, torch.device("cpu"),
+                               digests=False, directory=self.method.host_dir)
 
     def shift(self, start: int, stop: int, delta: torch.Tensor) -> None:
         """Move the ctx tokens ``[start, stop)`` by ``delta`` positions, ``[P, stop - start]`` or ``[P, 1]`` (one shift
@@ -263,8 +267,7 @@ class StreamLayer(Layer):
         self.is_initialized = True
         if "host_length" in meta:
             pages = tensors["host.pages"]
-            self.host = HostStore(1, pages.shape[2], pages.shape[-1], HOST_PAGE, pages.dtype, torch.device("cpu"),
-                                  digests=False)
+            self.host = self._host_store(pages.shape[2], pages.shape[-1], pages.dtype)
             self.host.load_state(part("host."), meta["host_length"])
             self.blocks = BlockSummaries.from_state(part("blocks."), meta["blocks"])
 
