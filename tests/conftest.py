@@ -28,6 +28,16 @@ def tiny_model(arch: str = "llama", attn: str = "livekv", seed: int = 0, **overr
     return model.eval()
 
 
+@torch.no_grad()
+def decode(model, cache, ids, prefill: int, chunk: int | None = None) -> torch.Tensor:
+    """Prefill ``ids[:, :prefill]`` (in chunks of ``chunk``), then feed the rest token by token (sparse decode
+    steps); return the logits of every position, ``[B, T, V]``."""
+    chunk = chunk or max(prefill, 1)
+    logits = [model(ids[:, i : min(i + chunk, prefill)], past_key_values=cache).logits for i in range(0, prefill, chunk)]
+    logits += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(prefill, ids.shape[1])]
+    return torch.cat(logits, dim=1)
+
+
 @pytest.fixture(params=["llama", "qwen2"])
 def model(request):
     return tiny_model(request.param)

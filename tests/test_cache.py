@@ -3,18 +3,11 @@
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import decode, tiny_model
 from livekv import LiveKVCache
 
 FULL = {"dense": {}, "quest": dict(budget=4096), "sink_window": dict(budget=4096)}
 
-
-def _decode(model, cache, ids, prefill: int, chunk: int | None = None):
-    """Prefill ``ids[:, :prefill]`` (in chunks), then feed the rest token by token; return all logits."""
-    chunk = chunk or prefill
-    logits = [model(ids[:, i : min(i + chunk, prefill)], past_key_values=cache).logits for i in range(0, prefill, chunk)]
-    logits += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(prefill, ids.shape[1])]
-    return torch.cat(logits, dim=1)
 
 
 @torch.no_grad()
@@ -23,7 +16,7 @@ def test_full_budget_equals_dense_attention(model, ids, method):
     reference = tiny_model(type(model).__name__.startswith("Qwen2") and "qwen2" or "llama", attn="sdpa")
     expected = reference(ids).logits
     cache = LiveKVCache(model.config, method, **FULL[method])
-    got = _decode(model, cache, ids, prefill=120)
+    got = decode(model, cache, ids, prefill=120)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert cache.get_seq_length() == ids.shape[1]
     if method != "dense":
@@ -42,10 +35,10 @@ def test_full_budget_generate_matches_dense_greedy(model, ids, method):
 
 @torch.no_grad()
 def test_chunked_prefill_equals_one_shot(model, ids):
-    expected = _decode(model, LiveKVCache(model.config, "dense"), ids, prefill=160)
+    expected = decode(model, LiveKVCache(model.config, "dense"), ids, prefill=160)
     for method in ("dense", "quest"):
         cache = LiveKVCache(model.config, method, budget=64, page_size=8, ignore_unknown=True)
-        got = _decode(model, cache, ids, prefill=160, chunk=48)
+        got = decode(model, cache, ids, prefill=160, chunk=48)
         if method == "dense":
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         else:  # the prefill part is dense in every method
@@ -58,7 +51,7 @@ def test_positions_stay_right_after_eviction(model, ids):
     mask with the original positions (i.e. positions are logical, not slots in the fast tier)."""
     prefill, sink, window = 120, 4, 20
     cache = LiveKVCache(model.config, "sink_window", budget=sink + window, sink=sink, window=window)
-    got = _decode(model, cache, ids, prefill=prefill)
+    got = decode(model, cache, ids, prefill=prefill)
 
     T = ids.shape[1]
     mask = torch.ones(T, T, dtype=torch.bool).tril()
@@ -104,14 +97,14 @@ def test_sparse_methods_refuse_padded_batches_before_storing_anything(ids, metho
 @torch.no_grad()
 def test_small_budget_reads_at_most_budget_and_reports_tiers(model, ids):
     cache = LiveKVCache(model.config, "quest", budget=48, page_size=8, dense_layers=1)
-    _decode(model, cache, ids, prefill=150)
+    decode(model, cache, ids, prefill=150)
     stats = cache.stats()
     assert stats["recallable_layers"] == model.config.num_hidden_layers - 1
     assert stats["tokens_read"] <= 48 * stats["steps"]
     assert stats["tokens_read"] >= 40 * stats["steps"]  # the budget is used, not wasted
     mem = cache.memory()
     dense_mem = LiveKVCache(model.config, "dense")
-    _decode(model, dense_mem, ids, prefill=150)
+    decode(model, dense_mem, ids, prefill=150)
     assert mem["host_kv_bytes"] > 0 and dense_mem.memory()["host_kv_bytes"] == 0
     assert mem["fast_kv_bytes"] < dense_mem.memory()["fast_kv_bytes"]
 
@@ -147,7 +140,7 @@ def test_sparse_step_is_attention_over_exactly_the_selected_tokens(model, ids):
 
     for layer in cache.recallable_layers:
         layer.observers.append(check)
-    _decode(model, cache, ids, prefill=150)
+    decode(model, cache, ids, prefill=150)
     assert len(checked) == 50 * model.config.num_hidden_layers and max(checked) <= 48
 
 

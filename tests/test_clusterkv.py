@@ -4,7 +4,7 @@ clustering, and reuse of resident tokens."""
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import decode, tiny_model
 from livekv import LiveKVCache
 from livekv.methods import make_method
 from livekv.methods.clusterkv import TWO_LEVEL_FROM, ClusterKVConfig, diagnostics, kmeans, two_level_kmeans
@@ -24,12 +24,6 @@ def _append_one(store, seed):
     store.append(torch.randn(B, G, 1, D, generator=g), torch.randn(B, G, 1, D, generator=g))
 
 
-def _decode(model, cache, ids, prefill):
-    """Prefill ``ids[:, :prefill]``, then feed the rest token by token; return all logits."""
-    logits = [model(ids[:, :prefill], past_key_values=cache).logits]
-    logits += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(prefill, ids.shape[1])]
-    return torch.cat(logits, dim=1)
-
 
 def _check_index(sel, sink):
     """Every token of ``[sink, clustered)`` is in exactly one cluster; starts are the sizes' exclusive prefix sums."""
@@ -45,7 +39,7 @@ def test_full_budget_equals_dense_attention(model, ids):
     arch = "qwen2" if type(model).__name__.startswith("Qwen2") else "llama"
     expected = tiny_model(arch, attn="sdpa")(ids).logits
     cache = LiveKVCache(model.config, "clusterkv", budget=4096, dense_layers=0)
-    torch.testing.assert_close(_decode(model, cache, ids, prefill=120), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decode(model, cache, ids, prefill=120), expected, rtol=1e-4, atol=1e-4)
     assert cache.stats()["steps"] == 80 * model.config.num_hidden_layers
 
 
@@ -156,7 +150,7 @@ def test_sparse_steps_attend_exactly_the_selection_and_reuse_resident_tokens():
 
     for layer in cache.recallable_layers:
         layer.observers.append(check)
-    _decode(model, cache, ids, prefill=200)
+    decode(model, cache, ids, prefill=200)
     assert len(checked) == 60 * 4 and set(checked) == {64}
     diag = diagnostics(cache)
     assert 0.3 < diag["hit_rate"] < 1  # consecutive queries share most of their clusters

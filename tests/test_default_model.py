@@ -17,7 +17,12 @@ def test_default_model_loads_with_livekv_attention(smollm2):
     model, tokenizer = smollm2
     assert model.config._attn_implementation == "livekv"
     assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
-    assert tokenizer.encode("hello") == tokenizer.encode("hello")  # a working tokenizer
+    text = "The capital of France is Paris."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text and len(ids) == 7  # a working tokenizer, the model's vocabulary
+    assert len(tokenizer) == model.config.vocab_size == 49152
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    assert chat.endswith("<|im_start|>assistant\n") and text in chat
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import decode, tiny_model
 from livekv import LiveKVCache, make_method
 from livekv.methods.freekv import diagnostics
 from livekv.recall import PageSlots, RecallEngine, copy_pages
@@ -11,12 +11,6 @@ from livekv.store import DiskHostStore, HostStore
 
 SMALL = dict(budget=48, page_size=8)  # 200 tokens: sparse from the first decode step
 
-
-def _decode(model, cache, ids, prefill=120):
-    """Prefill ``ids[:, :prefill]``, then feed the rest token by token; return all logits."""
-    logits = [model(ids[:, :prefill], past_key_values=cache).logits]
-    logits += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(prefill, ids.shape[1])]
-    return torch.cat(logits, dim=1)
 
 
 def _arch(model):
@@ -36,7 +30,7 @@ def test_defaults_follow_the_paper_at_large_budgets_and_quest_at_small_ones():
 def test_covering_budget_equals_dense(model, ids):
     expected = tiny_model(_arch(model), attn="sdpa")(ids).logits
     cache = LiveKVCache(model.config, "freekv", budget=4096, dense_layers=1)
-    torch.testing.assert_close(_decode(model, cache, ids), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decode(model, cache, ids, prefill=120), expected, rtol=1e-4, atol=1e-4)
     prompt = ids[:, :100]
     want = model.generate(prompt, max_new_tokens=24, do_sample=False)
     got = model.generate(prompt, past_key_values=LiveKVCache(model.config, "freekv", budget=4096), max_new_tokens=24,
@@ -60,7 +54,7 @@ def test_tau_minus_inf_reads_the_selection_of_the_previous_query(ids):
 
     for layer in cache.recallable_layers:
         layer.observers.append(check)
-    _decode(model, cache, ids, prefill=150)
+    decode(model, cache, ids, prefill=150)
     assert len(checked) == 50 * model.config.num_hidden_layers
     assert any(differs)  # speculation really used stale queries
     assert diagnostics(cache)["trigger_rate"] == 0.0
@@ -70,7 +64,7 @@ def test_tau_minus_inf_reads_the_selection_of_the_previous_query(ids):
 def test_tau_plus_inf_equals_blocking_quest(model, ids):
     quest = LiveKVCache(model.config, "quest", gqa_pool="softmax_mean", **SMALL)
     freekv = LiveKVCache(model.config, "freekv", tau=float("inf"), gqa_pool="softmax_mean", **SMALL)
-    torch.testing.assert_close(_decode(model, freekv, ids), _decode(model, quest, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode(model, freekv, ids, prefill=120), decode(model, quest, ids, prefill=120), rtol=1e-5, atol=1e-5)
     assert diagnostics(freekv)["trigger_rate"] == 1.0
     assert freekv.stats()["tokens_read"] == quest.stats()["tokens_read"]
 
@@ -105,7 +99,7 @@ def test_fast_tier_holds_exact_copies_of_what_attention_reads(ids):
 
     for layer in cache.recallable_layers:
         layer.observers.append(check)
-    _decode(model, cache, ids, prefill=150)
+    decode(model, cache, ids, prefill=150)
     assert len(checked) == 50 * model.config.num_hidden_layers
     stats = cache.stats()  # tokens_read is per KV head, tokens_copied per (token, KV head)
     assert stats["tokens_copied"] < 0.5 * stats["tokens_read"] * model.config.num_key_value_heads  # pages reused
@@ -153,8 +147,8 @@ def test_disk_tier_recalls_bit_exactly(tmp_path):
 @torch.no_grad()
 def test_disk_tier_decodes_exactly_like_ram(ids, tmp_path):
     model = tiny_model("llama")
-    ram = _decode(model, LiveKVCache(model.config, "freekv", **SMALL), ids)
-    disk = _decode(model, LiveKVCache(model.config, "freekv", host="disk", host_dir=str(tmp_path), **SMALL), ids)
+    ram = decode(model, LiveKVCache(model.config, "freekv", **SMALL), ids, prefill=120)
+    disk = decode(model, LiveKVCache(model.config, "freekv", host="disk", host_dir=str(tmp_path), **SMALL), ids, prefill=120)
     assert torch.equal(ram, disk)
 
 
@@ -162,7 +156,7 @@ def test_disk_tier_decodes_exactly_like_ram(ids, tmp_path):
 def test_diagnostics_are_populated(ids):
     model = tiny_model("llama")
     cache = LiveKVCache(model.config, "freekv", tau=0.5, **SMALL)
-    _decode(model, cache, ids)
+    decode(model, cache, ids, prefill=120)
     d = diagnostics(cache)
     assert 0.0 < d["trigger_rate"] < 1.0 and 0.0 <= d["recall_hidden"] <= 1.0
     assert d["bytes_per_step"] > 0 and d["background_s"] > 0
@@ -193,7 +187,7 @@ def test_cuda_streams_recall_exactly_and_decode_like_cpu(ids):
     assert torch.equal(gpu.keys.cpu(), cpu.keys) and torch.equal(gpu.values.cpu(), cpu.values)
 
     model = tiny_model("llama")
-    want = _decode(model, LiveKVCache(model.config, "freekv", **SMALL), ids)
+    want = decode(model, LiveKVCache(model.config, "freekv", **SMALL), ids, prefill=120)
     model.to(cuda)
-    got = _decode(model, LiveKVCache(model.config, "freekv", **SMALL), ids.to(cuda))
+    got = decode(model, LiveKVCache(model.config, "freekv", **SMALL), ids.to(cuda), prefill=120)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)

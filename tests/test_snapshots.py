@@ -8,7 +8,7 @@ import pytest
 import torch
 from stream_models import tiny_llava_onevision
 
-from conftest import tiny_model
+from conftest import decode, tiny_model
 from livekv import LiveKVCache, SnapshotError
 from livekv.stream.adapters import LlavaOnevisionAdapter
 from livekv.stream.session import StreamSession
@@ -19,12 +19,6 @@ TEXT = {"dense": {}, "sink_window": dict(budget=40), "quest": dict(budget=48, pa
 STREAM = {"full": {}, "sink_window": {}, "rekv": {}, "livevlm": {}, "livevlm offload": dict(offload=True)}
 
 
-@torch.no_grad()
-def feed(model, cache, ids) -> torch.Tensor:
-    """Logits of ``ids [1, n]`` fed one token at a time (sparse decode steps)."""
-    return torch.cat([model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(ids.shape[1])], dim=1)
-
-
 @pytest.mark.parametrize("host", ["ram", "disk"])
 @pytest.mark.parametrize("method", list(TEXT))
 def test_a_restored_cache_continues_bit_identically(tmp_path, ids, method, host):
@@ -33,13 +27,11 @@ def test_a_restored_cache_continues_bit_identically(tmp_path, ids, method, host)
     model = tiny_model("llama")
     knobs = {**TEXT[method], **({"host": host} if method != "dense" else {})}
     cache = LiveKVCache(model.config, method, **knobs)
-    with torch.no_grad():
-        model(ids[:, :120], past_key_values=cache)
-    feed(model, cache, ids[:, 120:150])  # past the budget: selections, clusterings, resident slots, speculation
+    decode(model, cache, ids[:, :150], prefill=120)  # past the budget: selections, clusterings, resident slots, speculation
     cache.save(tmp_path / "snap", model)
     restored = LiveKVCache.load(tmp_path / "snap", model)
     assert restored.get_seq_length() == 150 and restored.memory()["host_kv_bytes"] == cache.memory()["host_kv_bytes"]
-    expected, got = feed(model, cache, ids[:, 150:200]), feed(model, restored, ids[:, 150:200])
+    expected, got = decode(model, cache, ids[:, 150:200], prefill=0), decode(model, restored, ids[:, 150:200], prefill=0)
     assert torch.equal(got, expected)
     assert restored.memory()["fast_kv_bytes"] == cache.memory()["fast_kv_bytes"]
     if method != "dense":

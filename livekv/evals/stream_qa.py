@@ -18,25 +18,27 @@ import statistics
 import sys
 
 from livekv.evals import world as world_mod
-from livekv.methods import make_method
+from livekv.methods import make_method, parse_spec
 from livekv.stream.session import StreamSession
 
 
-def memory_knobs(method: str, memory_tokens: int | None, tokens_per_frame: float) -> dict:
-    """The knobs ``method``'s own rule gives for about ``memory_tokens`` tokens of fast-tier memory (``None``: the
-    model's default memory, chosen by the session)."""
+def memory_knobs(spec: str, memory_tokens: int | None, tokens_per_frame: float) -> dict:
+    """The knobs of ``spec`` (a method, optionally with knobs: ``"livevlm:offload=true"``), with those its own rule
+    gives for about ``memory_tokens`` tokens of fast-tier memory (``None``: the model's default memory, chosen by
+    the session)."""
+    name, given = parse_spec(spec)
     if memory_tokens is None:
-        return {}
-    default, cfg = make_method(method, context="stream"), make_method(method, context="stream")
+        return given
+    default, cfg = make_method(name, context="stream", **given), make_method(name, context="stream", **given)
     cfg.resolve(memory_tokens, tokens_per_frame)
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-            if getattr(default, f.name) is None and getattr(cfg, f.name) is not None}
+    return {**given, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                        if getattr(default, f.name) is None and getattr(cfg, f.name) is not None}}
 
 
 def run_method(adapter, method: str, knobs: dict, world, questions, system: str) -> tuple[list[dict], int, int]:
     """Play ``world`` into a fresh session of ``method`` and ask ``questions`` during playback. Returns the cases,
     the peak fast-tier KV bytes and the memory (tokens per layer) at the end."""
-    session = StreamSession(adapter, method, system=system, **knobs)
+    session = StreamSession(adapter, parse_spec(method)[0], system=system, **knobs)
     pending, cases, peak_fast = list(questions), [], 0
     for t, image in world.frames():
         while pending and pending[0].ask_time < t:
@@ -53,8 +55,10 @@ def run_method(adapter, method: str, knobs: dict, world, questions, system: str)
 def summarize(method: str, knobs: dict, minutes: float, streams: int, cases: list[dict], kv_bytes: int,
               memory_tokens: int) -> dict:
     """One method's record: accuracy overall, per age bucket and per kind (with chance), memory and median TTFT."""
+    host = max((c["host_kv_bytes"] for c in cases), default=0)
     record = {"method": method, **knobs, "minutes": minutes, "streams": streams, "questions": len(cases),
               "accuracy": _mean(cases), "kv_bytes": kv_bytes, "memory_tokens": memory_tokens,
+              "host_kv_bytes": host, "host_kv_bytes_per_hour": host * 60 / minutes,
               "ttft_ms": statistics.median(c["ttft_ms"] for c in cases) if cases else None}
     for key in ("bucket", "kind"):
         for value in sorted({c[key] for c in cases}):
@@ -70,7 +74,8 @@ def _ask(session: StreamSession, question, world) -> dict:
     return {"kind": question.kind, "bucket": world_mod.age_bucket(question), "age_s": question.age,
             "ask_time": question.ask_time, "question": question.text, "expected": question.answer, "answer": answer,
             "correct": answer == question.answer, "ttft_ms": (session.stats.ttft_s or 0.0) * 1e3,
-            "fast_kv_bytes": mem["fast_kv_bytes"], "memory_tokens": mem["memory_tokens"]}
+            "fast_kv_bytes": mem["fast_kv_bytes"], "host_kv_bytes": mem["host_kv_bytes"],
+            "memory_tokens": mem["memory_tokens"]}
 
 
 def _mean(cases: list[dict]) -> float:
@@ -117,7 +122,7 @@ def demo(adapter, method: str = "livevlm", minutes: float = 2.0, seed: int = 7, 
 
     world, questions = world_mod.stream_qa(seed, minutes * 60, n_questions, 0.5)
     knobs = memory_knobs(method, memory_tokens, adapter.tokens_per_frame + 1)
-    session = StreamSession(adapter, method, system=SYSTEM, **knobs)
+    session = StreamSession(adapter, parse_spec(method)[0], system=SYSTEM, **knobs)
     print(f"A {minutes:g}-minute synthetic stream at 0.5 fps ({len(world.frame_times)} frames of {adapter.tokens_per_frame} + 1 "
           f"tokens) plays into `{method}` ({', '.join(f'{k}={v}' for k, v in knobs.items()) or 'no budget'}); questions come "
           f"while it plays.")
@@ -137,6 +142,6 @@ def demo(adapter, method: str = "livevlm", minutes: float = 2.0, seed: int = 7, 
         if speed > 0:
             time.sleep(max(0.0, start + t / speed - time.perf_counter()))
         session.push(image[None])
-    full_tokens = session.cache.n_sink + len(world.frame_times) * (adapter.tokens_per_frame + 1)
+    full_tokens = session.cache.layers[0].n_sink + len(world.frame_times) * (adapter.tokens_per_frame + 1)
     print(f"{right}/{len(questions)} answered right. The memory held {session.memory()['memory_tokens']} tokens per layer at "
           f"the end; keeping every frame (`full`) would hold about {full_tokens}.")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 
 from livekv.methods.base import MethodConfig, SparseConfig, StreamMethod
 from livekv.methods.clusterkv import ClusterKVConfig
@@ -50,4 +52,40 @@ def make_method(method: str | MethodConfig, *, context: str = "text", ignore_unk
     return cls(**{k: v for k, v in knobs.items() if k in fields})
 
 
-__all__ = ["ALIASES", "METHODS", "MethodConfig", "SparseConfig", "StreamMethod", "make_method", "names"]
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``"livevlm:offload=true,recall_tokens=21"`` -> ``("livevlm", {"offload": True, "recall_tokens": 21})``: a
+    method and knobs in one string (command lines, comparisons), each value read as its knob's type."""
+    name, _, rest = spec.partition(":")
+    cls = METHODS.get(name) or ALIASES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join([*METHODS, *ALIASES])}")
+    hints = typing.get_type_hints(cls)
+    knobs = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in hints:
+            raise ValueError(f"{spec!r}: expected KNOB=VALUE with a knob of {name} ({', '.join(hints)}), got {item!r}")
+        knobs[key] = parse_value(value, hints[key])
+    return name, knobs
+
+
+def parse_value(text: str, hint):
+    """A knob's value from text, by its type hint: ``none``, booleans (``true``/``false``), ints, floats, text."""
+    if text.lower() == "none":
+        return None
+    kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if bool in kinds:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    for kind in (int, float):
+        if kind in kinds:
+            try:
+                return kind(text)
+            except ValueError:
+                if float not in kinds or kind is float:
+                    raise ValueError(f"expected {kind.__name__}, got {text!r}") from None
+    return text
+
+
+__all__ = ["ALIASES", "METHODS", "MethodConfig", "SparseConfig", "StreamMethod", "make_method", "names", "parse_spec", "parse_value"]
