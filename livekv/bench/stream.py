@@ -19,7 +19,9 @@ from __future__ import annotations
 import gc
 import math
 import os
+import pathlib
 import statistics
+import tempfile
 import time
 
 import torch
@@ -111,11 +113,12 @@ def run(adapter, methods: list[str], checkpoints: list[int], clip_frames: int = 
                 method=name, frames=frames, tokens_per_frame=tpf, ttft_ms=ttft * 1e3,
                 ingest_fps=segment_frames / segment_s, fast_kv_bytes=mem["fast_kv_bytes"],
                 host_kv_bytes=mem["host_kv_bytes"], memory_tokens=mem["memory_tokens"], peak_rss_bytes=peak_rss,
-                rss_before_bytes=rss0, **knobs,
+                rss_before_bytes=rss0, **snapshot_cost(session, frames), **knobs,
             )
             print(f"{name:12s} frames {frames:4d}: ingest {record['ingest_fps']:6.2f} frames/s | TTFT {record['ttft_ms']:8.1f} ms"
                   f" | fast KV {mem['fast_kv_bytes'] / 1e6:7.1f} MB, host KV {mem['host_kv_bytes'] / 1e6:7.1f} MB"
-                  f" | RSS peak {peak_rss / 1e9:.2f} GB", flush=True)
+                  f" | RSS peak {peak_rss / 1e9:.2f} GB | snapshot {record['snapshot_bytes'] / 1e6:.1f} MB, save "
+                  f"{record['save_ms']:.0f} ms, load {record['load_ms']:.0f} ms", flush=True)
             results.append(record)
             segment_s, segment_frames = 0.0, 0
         del session
@@ -125,6 +128,21 @@ def run(adapter, methods: list[str], checkpoints: list[int], clip_frames: int = 
                  tokens_per_frame=tpf, clip_frames=clip_frames, question_tokens=question_tokens, ttft_repeats=repeats,
                  threads=torch.get_num_threads())
     return {"shape": shape, "results": results}
+
+
+def snapshot_cost(session: StreamSession, frames: int, fps: float = 0.5) -> dict:
+    """Size of the session's snapshot and the time to save and to load it, also per minute of video (at ``fps``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        session.save(f"{tmp}/snap")
+        t1 = time.perf_counter()
+        StreamSession.load(f"{tmp}/snap", session.adapter)
+        t2 = time.perf_counter()
+        size = sum(p.stat().st_size for p in pathlib.Path(tmp, "snap").iterdir())
+    minutes = frames / fps / 60
+    return dict(snapshot_bytes=size, save_ms=(t1 - t0) * 1e3, load_ms=(t2 - t1) * 1e3,
+                snapshot_bytes_per_minute=size / minutes, save_ms_per_minute=(t1 - t0) * 1e3 / minutes,
+                load_ms_per_minute=(t2 - t1) * 1e3 / minutes)
 
 
 def offline(adapter, clips: list[torch.Tensor], n_frames: int, system, question) -> dict:
