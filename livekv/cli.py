@@ -278,6 +278,13 @@ def cmd_stream(args) -> None:
     stream(args)
 
 
+def cmd_serve(args) -> None:
+    from livekv.options import given
+    from livekv.serve import ServeConfig, run
+
+    run(ServeConfig(**given(args, ServeConfig)))
+
+
 def cmd_methods(args) -> None:
     import dataclasses
 
@@ -411,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{knob}", type=kind, default=None, help=text)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("serve", help="an HTTP server: OpenAI-compatible chat and live video sessions")
+    from livekv.options import add_options
+    from livekv.serve.config import ServeConfig
+
+    add_options(p, ServeConfig)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("methods", help="list the registered methods and their knobs")
     p.set_defaults(func=cmd_methods)

@@ -7,7 +7,8 @@
 * a camera, ``"device:<name>"``: ``device:/dev/video0`` (Linux, v4l2), ``device:0`` (macOS, avfoundation camera
   index), ``device:video=<camera name>`` (Windows, dshow);
 * a folder of images (png, jpg, jpeg, bmp, webp), sorted by file name;
-* in-memory frames: an array ``[F, H, W, 3]`` uint8, or an iterable of ``[H, W, 3]`` uint8 arrays.
+* in-memory frames: an array ``[F, H, W, 3]`` uint8, or an iterable of ``[H, W, 3]`` uint8 arrays;
+* an open binary file holding a video (e.g. ``io.BytesIO`` of an uploaded chunk).
 
 Images and in-memory frames are consecutive frames ``1 / fps`` seconds apart, every one of them used.
 ``clips`` groups frames into ``[F, H, W, 3]`` clips; ``write_video`` encodes frames to a file (tests, demos).
@@ -136,12 +137,14 @@ def _open(source, fps: float) -> Iterator[Frame]:
         if not path.exists():
             raise VideoError(f"{path}: no such file or folder")
         return _video(str(path), fps, str(path))
+    if hasattr(source, "read"):  # an open binary file, e.g. an uploaded video chunk in a BytesIO
+        return _video(source, fps, getattr(source, "name", "video data"))
     if isinstance(source, Iterable):
         return _arrays(source, fps)
     raise VideoError(f"unsupported frame source: {type(source).__name__}")
 
 
-def _video(target: str, fps: float, name: str, **open_kwargs) -> Iterator[Frame]:
+def _video(target, fps: float, name: str, **open_kwargs) -> Iterator[Frame]:
     try:
         container = av.open(target, **open_kwargs)
     except av.FFmpegError as e:

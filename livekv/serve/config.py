@@ -1,0 +1,53 @@
+"""The server's settings: what ``livekv serve`` takes on its command line (one option per field, its help from the
+field), with the limits on what clients may send."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+
+def setting(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ServeConfig:
+    """Settings of ``livekv serve``."""
+
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(8000, "port to listen on")
+    model: str | None = setting(None, "text model: a local directory (default: the embedded SmolLM2-135M-Instruct; "
+                                      "'none': no chat)")
+    vlm: str | None = setting(None, "video model: a local LLaVA-OneVision or Qwen2-VL directory (default: the "
+                                    "embedded one; 'none': no streams)")
+    methods: tuple[str, ...] = setting(("quest", "dense", "sink_window", "freekv", "clusterkv", "livevlm", "full",
+                                        "rekv"), "methods clients may choose; the first text and the first stream "
+                                                 "method are the defaults")
+    threads: int | None = setting(None, "torch threads of the model thread (default: torch's choice)")
+    api_key: str | None = setting(os.environ.get("LIVEKV_API_KEY"), "required as 'Authorization: Bearer KEY' on "
+                                  "/v1 (default: $LIVEKV_API_KEY; none: open)")
+    cors_origins: tuple[str, ...] = setting((), "origins allowed by CORS (default: none, CORS off)")
+    media_dir: str | None = setting(None, "stream sources given as a file must lie under this directory")
+    allow_urls: bool = setting(False, "stream sources may be URLs the server reads (rtsp, http, ...)")
+    state_dir: str | None = setting(None, "snapshot live sessions here (every --snapshot-every and on shutdown) "
+                                          "and resume them at start")
+    snapshot_every_s: float = setting(60.0, "seconds between snapshots into --state-dir")
+    max_sessions: int = setting(16, "most sessions (chat and stream) held at once; more get 429")
+    max_upload_bytes: int = setting(16 << 20, "largest upload (a frame, a video chunk), bytes; more get 413")
+    max_frame_pixels: int = setting(4096 * 4096, "largest frame, pixels; more get 413")
+    max_queue_frames: int = setting(64, "frames a stream queues before it drops the oldest")
+    max_tokens: int = setting(512, "most tokens one answer may generate")
+    max_prompt_tokens: int = setting(8192, "longest chat prompt, tokens")
+    idle_timeout_s: float = setting(3600.0, "sessions unused this long end")
+    generation_timeout_s: float = setting(120.0, "an answer stops after this many seconds")
+    clip_frames: int = setting(1, "frames per clip a stream ingests at once")
+
+    def __post_init__(self):
+        if self.media_dir is not None and not os.path.isdir(self.media_dir):
+            raise ValueError(f"--media-dir {self.media_dir!r} is not a directory")
+        for name in ("max_sessions", "max_upload_bytes", "max_frame_pixels", "max_queue_frames", "max_tokens",
+                     "clip_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -1,0 +1,211 @@
+"""What ``livekv serve`` holds: the models, the engine, the chat sessions and the live streams, and what it does to
+them over time (snapshots to the state directory, idle sessions expiring)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+import shutil
+import time
+from dataclasses import dataclass
+
+from livekv import LiveKVCache
+from livekv.methods import make_method
+from livekv.serve import state
+from livekv.serve.chat import ChatSession, Chats, SessionLimit
+from livekv.serve.config import ServeConfig
+from livekv.serve.engine import ANSWER, Engine
+from livekv.serve.schemas import StreamCreate
+from livekv.serve.streams import Stream, new_id
+from livekv.stream.session import StreamSession
+
+logger = logging.getLogger("livekv.serve")
+
+
+@dataclass
+class Models:
+    """The text model (with its tokenizer) and the video model's adapter; either may be absent."""
+
+    text: tuple | None
+    vlm: object | None
+    text_id: str = "smollm2-135m-instruct"
+    vlm_id: str = "livekv-world-vlm"
+    system: str | None = None  # the video model's own system prompt
+
+
+def load_models(config: ServeConfig) -> Models:
+    """The models the config names (the embedded ones by default); never downloads."""
+    from livekv.models import load_model
+
+    text = None if config.model == "none" else load_model(config.model)
+    vlm, system, vlm_id = None, None, "livekv-world-vlm"
+    if config.vlm is None:
+        from livekv.vlm.model import SYSTEM, load_default_vlm
+
+        vlm, system = load_default_vlm(), SYSTEM
+    elif config.vlm != "none":
+        from livekv.stream.adapters import load_adapter
+
+        vlm, vlm_id = load_adapter(config.vlm), pathlib.Path(config.vlm).name
+    text_id = "smollm2-135m-instruct" if config.model is None else pathlib.Path(str(config.model)).name
+    return Models(text, vlm, text_id, vlm_id, system)
+
+
+class Server:
+    """Sessions and their lifecycle; the HTTP layer (``livekv.serve.app``) calls into it."""
+
+    def __init__(self, config: ServeConfig, models: Models):
+        self.config, self.models = config, models
+        self.engine = Engine(config.threads)
+        self.chats = Chats(*models.text, self.engine, config) if models.text else None
+        self.streams: dict[str, Stream] = {}
+
+    @property
+    def sessions(self) -> int:
+        return len(self.streams) + (len(self.chats.sessions) if self.chats else 0)
+
+    # --- streams ----------------------------------------------------------------------------------------------------
+    def create_stream(self, spec: StreamCreate, sid: str | None = None, session: StreamSession | None = None) -> Stream:
+        if self.models.vlm is None:
+            raise ValueError("this server has no video model (--vlm none)")
+        if sid is None and self.sessions >= self.config.max_sessions:
+            raise SessionLimit(f"the server holds its maximum of {self.config.max_sessions} sessions")
+        method = spec.method or next(m for m in self.config.methods if m in ("livevlm", "full", "rekv", "sink_window"))
+        if method not in self.config.methods:
+            raise ValueError(f"method {method!r} is not served here; choose one of {list(self.config.methods)}")
+        source = self._source(spec)
+        if session is None:
+            make_method(method, context="stream", **spec.knobs)  # a clear error for a bad knob, before anything
+            session = StreamSession(self.models.vlm, method, system=spec.system or self.models.system,
+                                    memory_tokens=spec.memory_tokens, **spec.knobs)
+        stream = Stream(sid or new_id(), session, self.engine, spec.model_dump(), self.config.max_queue_frames,
+                        self.config.clip_frames)
+        self.streams[stream.id] = stream
+        if source is not None:
+            stream.start_reader(source, spec.fps, spec.source.realtime)
+        return stream
+
+    def _source(self, spec: StreamCreate) -> str | None:
+        """The file or URL a stream reads, checked against ``--media-dir`` and ``--allow-urls``."""
+        src = spec.source
+        if src.type == "push":
+            return None
+        if src.type == "url":
+            if not self.config.allow_urls:
+                raise PermissionError("URL sources are off on this server (start it with --allow-urls)")
+            if not src.url or "://" not in src.url:
+                raise ValueError("a url source needs a url (rtsp://, http(s)://, ...)")
+            return src.url
+        if self.config.media_dir is None:
+            raise PermissionError("file sources are off on this server (start it with --media-dir)")
+        root = pathlib.Path(self.config.media_dir).resolve()
+        path = (root / (src.path or "")).resolve()
+        if root not in path.parents or not path.is_file():
+            raise ValueError(f"no such file under the media directory: {src.path!r}")
+        return str(path)
+
+    def stream(self, sid: str) -> Stream:
+        if sid not in self.streams:
+            raise KeyError(f"no stream {sid!r}")
+        return self.streams[sid]
+
+    def delete_stream(self, sid: str) -> None:
+        self.stream(sid).close()
+        del self.streams[sid]
+        if self.config.state_dir:
+            root = pathlib.Path(self.config.state_dir) / "streams"
+            shutil.rmtree(root / sid, ignore_errors=True)
+            (root / f"{sid}.json").unlink(missing_ok=True)
+
+    async def snapshot_stream(self, stream: Stream, directory: pathlib.Path) -> dict:
+        """Save ``stream`` into ``directory``, after the frames queued so far are ingested (at most 30 s) and between
+        answers; returns its record."""
+        await stream.drained()
+        async with stream.ask_lock:
+            def save():
+                stream.session.save(directory)
+                stream.counters.snapshot_frames = stream.counters.ingested
+                return {**state.stream_record(stream), "queued": len(stream.queue)}
+            return await self.engine.run(save, priority=ANSWER)
+
+    def restore_stream(self, directory: pathlib.Path, record: dict, sid: str | None = None) -> Stream:
+        """A stream from its snapshot: the session exactly as saved; a file source resumes after what was ingested;
+        frames that were queued, not ingested, count as dropped (a file source reads them again)."""
+        session = StreamSession.load(directory, self.models.vlm)
+        spec = StreamCreate(**record["spec"])
+        queued = record.get("queued", 0)
+        file_source = spec.source.type == "file"
+        stream = self.create_stream(spec.model_copy(update={"source": spec.source.model_copy(update={"type": "push"})}),
+                                    sid or record["id"], session)
+        stream.spec = record["spec"]
+        counters = record["counters"]
+        counters["dropped"] += 0 if file_source else queued
+        counters["seen"] -= queued if file_source else 0
+        stream.counters = type(stream.counters)(**counters)
+        if file_source:
+            stream.source_done = False
+            stream.start_reader(self._source(spec), spec.fps, spec.source.realtime, skip=stream.counters.ingested)
+        return stream
+
+    # --- chats ------------------------------------------------------------------------------------------------------
+    def delete_chat(self, sid: str) -> None:
+        if self.chats is None or sid not in self.chats.sessions:
+            raise KeyError(f"no session {sid!r}")
+        del self.chats.sessions[sid]
+        if self.config.state_dir:
+            root = pathlib.Path(self.config.state_dir) / "chats"
+            shutil.rmtree(root / sid, ignore_errors=True)
+            (root / f"{sid}.json").unlink(missing_ok=True)
+
+    # --- the state directory ----------------------------------------------------------------------------------------
+    async def save_all(self) -> None:
+        """Snapshot every live session into ``--state-dir``."""
+        root = pathlib.Path(self.config.state_dir)
+        for stream in list(self.streams.values()):
+            record = await self.snapshot_stream(stream, root / "streams" / stream.id)
+            state.write_json(root / "streams" / f"{stream.id}.json", record)
+        for chat in list(self.chats.sessions.values()) if self.chats else []:
+            async with chat.lock:
+                await self.engine.run(chat.cache.save, root / "chats" / chat.id, self.models.text[0], priority=ANSWER)
+                state.write_json(root / "chats" / f"{chat.id}.json", state.chat_record(chat))
+
+    def restore_all(self) -> None:
+        """Resume the sessions saved in ``--state-dir``."""
+        for directory, record in state.saved(self.config.state_dir, "streams"):
+            self.restore_stream(directory, record)
+            logger.info("resumed stream %s (%d frames ingested)", record["id"], record["counters"]["ingested"])
+        for directory, record in state.saved(self.config.state_dir, "chats") if self.chats else []:
+            cache = LiveKVCache.load(directory, self.models.text[0])
+            self.chats.sessions[record["id"]] = ChatSession(record["id"], record["method"], record["knobs"], cache,
+                                                            record["tokens"])
+
+    async def expire_idle(self) -> None:
+        """Sessions unused for ``--idle-timeout`` end (their snapshots go too)."""
+        limit = time.monotonic() - self.config.idle_timeout_s
+        for sid, stream in list(self.streams.items()):
+            if stream.last_used < limit and stream.source_done and not stream.queue:
+                self.delete_stream(sid)
+        for sid, chat in list(self.chats.sessions.items()) if self.chats else []:
+            if chat.last_used < limit:
+                self.delete_chat(sid)
+
+    async def background(self) -> None:
+        """Every second: expire idle sessions; every ``--snapshot-every``: snapshot into ``--state-dir``."""
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            await self.expire_idle()
+            if self.config.state_dir and time.monotonic() - last >= self.config.snapshot_every_s:
+                await self.save_all()
+                last = time.monotonic()
+
+    async def shutdown(self) -> None:
+        """Sources stop, what they queued is ingested, every session is snapshotted (with ``--state-dir``)."""
+        for stream in self.streams.values():
+            stream.stop_source()
+        if self.config.state_dir:
+            await self.save_all()
+        for stream in self.streams.values():
+            stream.close()
+        self.engine.close()

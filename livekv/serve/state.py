@@ -1,0 +1,82 @@
+"""Sessions that survive the server: snapshots of live streams and conversations in ``--state-dir``, written at
+intervals and on shutdown, read back at start; and snapshots as tar archives for clients to keep and restore.
+
+Layout: ``<state_dir>/streams/<id>/`` (``StreamSession.save``) with ``<id>.json`` beside it (the stream's spec and
+counters: where a file source resumes), ``<state_dir>/chats/<id>/`` (``LiveKVCache.save``) with ``<id>.json`` (the
+method, knobs and token ids the cache holds). A stream snapshot holds what was ingested: frames still queued are
+counted as dropped (a file source re-reads them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import pathlib
+import tarfile
+import tempfile
+
+from livekv.snapshot import MANIFEST, TENSORS, SnapshotError
+
+
+def write_json(path: pathlib.Path, payload: dict) -> None:
+    """Atomically (a sibling file renamed in place)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def stream_record(stream) -> dict:
+    """What a restarted server needs besides the session snapshot."""
+    return {"id": stream.id, "spec": stream.spec, "counters": dataclasses.asdict(stream.counters),
+            "created": stream.created}
+
+
+def chat_record(chat) -> dict:
+    return {"id": chat.id, "method": chat.method, "knobs": chat.knobs, "tokens": chat.tokens}
+
+
+def saved(state_dir: str | os.PathLike, kind: str) -> list[tuple[pathlib.Path, dict]]:
+    """The snapshots of ``kind`` (``streams`` or ``chats``) in ``state_dir``: (snapshot directory, record)."""
+    root = pathlib.Path(state_dir) / kind
+    out = []
+    for record in sorted(root.glob("*.json")) if root.is_dir() else []:
+        directory = root / record.stem
+        if (directory / MANIFEST).is_file():
+            out.append((directory, json.loads(record.read_text())))
+    return out
+
+
+def to_tar(directory: pathlib.Path, record: dict) -> bytes:
+    """A snapshot directory and its record as one tar archive (what ``GET .../snapshot`` returns)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in (MANIFEST, TENSORS):
+            tar.add(directory / name, arcname=name)
+        data = json.dumps(record).encode()
+        info = tarfile.TarInfo("record.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def from_tar(data: bytes, into: pathlib.Path) -> dict:
+    """Unpack a snapshot archive into ``into`` (exactly its three regular files, nothing else: no links, no paths);
+    returns its record. ``SnapshotError`` for anything else."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            members = tar.getmembers()
+            names = sorted(m.name for m in members)
+            if names != sorted([MANIFEST, TENSORS, "record.json"]) or not all(m.isfile() for m in members):
+                raise SnapshotError(f"a snapshot archive holds {MANIFEST}, {TENSORS} and record.json, got {names}")
+            into.mkdir(parents=True, exist_ok=True)
+            for member in members:
+                (into / member.name).write_bytes(tar.extractfile(member).read())
+    except (tarfile.TarError, EOFError) as e:
+        raise SnapshotError(f"not a snapshot archive: {e}") from None
+    return json.loads((into / "record.json").read_text())
+
+
+def scratch() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="livekv-serve-")
