@@ -28,9 +28,10 @@ import torch
 from livekv.vlm import WEIGHTS
 from livekv.vlm import train as training
 from livekv.vlm.model import DefaultVLMAdapter, build_model, build_tokenizer
-from livekv.vlm.train import (
-    ATTENTION_TERMS, PerceptionLoss, StreamStateLoss, batch_loss, encode, loss_terms, sample, train, visual_tokens,
-)
+from livekv.vlm.batch import encode, visual_tokens
+from livekv.vlm.data import sample
+from livekv.vlm.losses import ATTENTION_TERMS, PerceptionLoss, StreamStateLoss, batch_loss, loss_terms
+from livekv.vlm.train import TrainConfig, train
 
 REFERENCE = pathlib.Path(__file__).with_name("train_reference.json")
 THREADS = 2
@@ -86,7 +87,7 @@ def batches_and_losses() -> dict:
         params = list(adapter.model.parameters()) + list(probes.parameters())
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         record["loss"], record["loss_right"] = loss.item().hex(), right.tolist()
-        record["grad"] = hashlib.sha256(b"".join(digest(g).encode() if g is not None else b"-" for g in grads)).hexdigest()
+        record["grad"] = hashlib.sha256(b"".join(b"-" if g is None else digest(g).encode() for g in grads)).hexdigest()
         out[str(seed)] = record
     return out
 
@@ -96,7 +97,8 @@ def short_run() -> dict:
     from livekv.vlm.model import load_default_vlm
 
     with tempfile.TemporaryDirectory() as tmp:
-        result = train(tmp, steps=3, batch=2, max_seconds=12, log_every=1, eval_every=3, held_out=2, bf16=False)
+        result = train(TrainConfig(out=tmp, steps=3, batch=2, max_seconds=12, log_every=1, eval_every=3, held_out=2,
+                                   bf16=False))
         state = load_default_vlm(tmp).model.state_dict()
         saved = json.loads((pathlib.Path(tmp) / "training.json").read_text())
     assert saved == result
@@ -106,8 +108,8 @@ def short_run() -> dict:
 
 def cli_options() -> dict:
     """The ``train-vlm`` options (flags, destination, default, type, action) and, per command line of
-    ``CLI_LINES``, the arguments ``cmd_train_vlm`` passes on to training (the output folder ``WEIGHTS``:
-    ``"<WEIGHTS>"``) and the torch threads it sets."""
+    ``CLI_LINES``, the ``TrainConfig`` that ``cmd_train_vlm`` passes on to ``train`` (the output folder ``WEIGHTS``:
+    ``"<WEIGHTS>"``; ``threads`` only where given)."""
     from livekv import cli
 
     parser = cli.build_parser()
@@ -117,25 +119,18 @@ def cli_options() -> dict:
     resolved = []
     for line in CLI_LINES:
         seen = {}
-        real_train, real_threads = training.train, torch.set_num_threads
-        training.train = lambda *a, **k: seen.update(train_arguments(real_train, *a, **k))
-        torch.set_num_threads = lambda n: seen.update(threads=n)
+        real_train = training.train
+        training.train = lambda config: seen.update(dataclasses.asdict(config))
         try:
             args = parser.parse_args(line)
             args.func(args)
         finally:
-            training.train, torch.set_num_threads = real_train, real_threads
-        resolved.append({k: "<WEIGHTS>" if str(v) == str(WEIGHTS) else v for k, v in seen.items()})
+            training.train = real_train
+        if seen["threads"] is None:
+            del seen["threads"]
+        resolved.append({k: "<WEIGHTS>" if str(v) == str(WEIGHTS) else str(v) if isinstance(v, pathlib.Path) else v
+                         for k, v in seen.items()})
     return {"options": options, "resolved": resolved}
-
-
-def train_arguments(real_train, *args, **kwargs) -> dict:
-    """Every argument of a call of ``train``, defaults filled in."""
-    import inspect
-
-    bound = inspect.signature(real_train).bind(*args, **kwargs)
-    bound.apply_defaults()
-    return {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in bound.arguments.items()}
 
 
 def compute() -> dict:
