@@ -9,18 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from livekv.evals import stream_qa, world
+from livekv.evals import stream_qa
 from livekv.stream.session import StreamSession
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from livekv.vlm import world
+from livekv.vlm.batch import encode, visual_tokens
+from livekv.vlm.checkpoints import add_object_words
+from livekv.vlm.data import Stream, evidence_token, pick_by_age, sample
+from livekv.vlm.losses import evidence_loss, first_saliency_loss, frame_scores, latest_saliency_loss, saliency_loss
 from livekv.vlm.model import (
     SYSTEM, WEIGHTS, DefaultVLMAdapter, build_model, build_tokenizer, load_default_vlm, object_words,
 )
-from livekv.vlm.checkpoints import add_object_words
-from livekv.vlm.batch import encode, visual_tokens
-from livekv.vlm.data import Stream, evidence_token, pick_by_age, sample
-from livekv.vlm.losses import evidence_loss, first_saliency_loss, frame_scores, latest_saliency_loss, saliency_loss
 from livekv.vlm.train import TrainConfig, train
 
 

@@ -16,12 +16,12 @@ import sys
 import torch
 
 import vsb_kept  # its tagging patches of the memory layer
-from livekv.evals import world
 from livekv.evals.stream_qa import _ask, memory_knobs
 from livekv.stream import memory
 from livekv.stream.session import StreamSession
-from livekv.vlm.model import SYSTEM, WEIGHTS, load_default_vlm
+from livekv.vlm import world
 from livekv.vlm.data import evidence_token
+from livekv.vlm.model import SYSTEM, WEIGHTS, load_default_vlm
 
 
 def main(path: str) -> None:

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import torch
 
-from livekv.evals import world
+from livekv.vlm import world
 from livekv.vlm.batch import encode, visual_tokens
 from livekv.vlm.data import sample
 from livekv.vlm.losses import answer_loss, evidence_attention, word_ids

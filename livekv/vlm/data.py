@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from livekv.evals import world
+from livekv.vlm import world
 
 
 def object_index(cells):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from livekv.evals import world
+from livekv.vlm import world
 from livekv.vlm.batch import Batch, encode, visual_tokens
 from livekv.vlm.data import Stream, object_index
 from livekv.vlm.model import FIRST_WORDS, OBJECT_WORDS, DefaultVLMAdapter

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from livekv.evals import world
+from livekv.vlm import world
 from livekv.vlm.checkpoints import resume_state, save, save_checkpoint, starting_model
 from livekv.vlm.data import Stream, sample
 from livekv.vlm.losses import batch_loss, training_probes
