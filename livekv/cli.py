@@ -218,33 +218,47 @@ def cmd_stream_qa(args) -> None:
 
 
 def cmd_train_vlm(args) -> None:
-    import torch
+    import dataclasses
 
-    from livekv.vlm import WEIGHTS
-    from livekv.vlm.train import train
+    from livekv.vlm.train import TrainConfig, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    train(args.out or WEIGHTS, steps=args.steps, batch=args.batch, lr=args.lr, max_seconds=args.max_seconds,
-          seed=args.seed, init=args.init, kind_weights=_kind_weights(args.kind_weights),
-          saliency=args.saliency, evidence=args.evidence, first_saliency=args.first_saliency,
-          latest_saliency=args.latest_saliency, bf16=args.bf16,
-          resume=args.resume)
+    train(TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if "help" in f.metadata}))
 
 
-def _kind_weights(text: str | None) -> dict[str, float] | None:
-    """``"where_last=3,first_colour=3"`` -> ``{"where_last": 3.0, "first_colour": 3.0}``."""
-    if not text:
-        return None
-    from livekv.evals.world import CHANCE
+def _add_train_vlm_args(p: argparse.ArgumentParser) -> None:
+    """One option per ``TrainConfig`` field with a help text (``--max-seconds`` for ``max_seconds``), its default the
+    field's: a flag for a bool (``--x/--no-x`` where the default is None), a number for a number."""
+    import dataclasses
+    import typing
 
-    weights = {}
-    for item in text.split(","):
-        kind, _, value = item.partition("=")
-        if kind not in CHANCE or not value:
-            raise SystemExit(f"--kind-weights: expected KIND=WEIGHT with KIND in {sorted(CHANCE)}, got {item!r}")
-        weights[kind] = float(value)
-    return weights
+    from livekv.vlm.train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if "help" not in f.metadata:
+            continue
+        kwargs = {"default": f.default, "help": f.metadata["help"]}
+        types = set(typing.get_args(hints[f.name]) or [hints[f.name]]) - {type(None)}
+        if "parse" in f.metadata:
+            kwargs.update(type=_argument_type(f.metadata["parse"]), metavar=f.metadata.get("metavar"))
+        elif types == {bool}:
+            kwargs["action"] = argparse.BooleanOptionalAction if f.default is None else "store_true"
+        elif types in ({int}, {float}):
+            kwargs["type"] = types.pop()
+        p.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def _argument_type(parse):
+    """``parse`` (text -> value, ValueError when wrong) as an argparse type that reports the ValueError's words."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def cmd_bench(args) -> None:
@@ -349,28 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stream_qa)
 
     p = sub.add_parser("train-vlm", help="train the embedded default VLM from scratch on the synthetic world")
-    p.add_argument("--steps", type=int, default=9000)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--max-seconds", type=float, default=130.0, help="longest training stream")
-    p.add_argument("--out", default=None, help="where to save (default: the package's weights folder)")
-    p.add_argument("--init", default=None, help="go on training this checkpoint (fresh schedule, full-length streams)")
-    p.add_argument("--resume", action="store_true",
-                   help="go on from OUT/checkpoint, a run cut short (give the same arguments as that run)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kind-weights", default=None, metavar="KIND=W,...",
-                   help="oversample question kinds in training, e.g. where_last=3,first_colour=3 (others 1)")
-    p.add_argument("--saliency", type=float, default=0.3,
-                   help="weight of the saliency loss (a frame's attention ranks earlier objects above background)")
-    p.add_argument("--evidence", type=float, default=0.3,
-                   help="weight of the evidence loss (a question attends to the token showing its object)")
-    p.add_argument("--first-saliency", type=float, default=0.3,
-                   help="weight of the first-shown saliency loss (a frame's attention ranks first-of-a-shape tokens above other objects)")
-    p.add_argument("--latest-saliency", type=float, default=0.3,
-                   help="weight of the latest-shown saliency loss (a frame's attention ranks where each object was last seen above places it left)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast in the training steps (default: where the CPU has native bfloat16)")
+    _add_train_vlm_args(p)
     p.set_defaults(func=cmd_train_vlm)
 
     bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="task", required=True)

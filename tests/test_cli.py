@@ -73,7 +73,7 @@ def test_stream_answers_during_and_after_playback(tmp_path, capsys):
 
 
 def test_stream_runs_the_embedded_video_model_by_default(tmp_path, capsys):
-    from livekv.evals.world import NUMBERS, World
+    from livekv.vlm.world import NUMBERS, World
 
     world = World(seed=0, duration_s=20)
     video = tmp_path / "world.mp4"

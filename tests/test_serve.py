@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from serve_fixtures import free_port, png, serving, wait_ingested
 
-from livekv.evals.world import NUMBERS, World
+from livekv.vlm.world import NUMBERS, World
 from livekv.serve import ServeConfig
 from livekv.serve.server import load_models
 from livekv.stream import StreamSession

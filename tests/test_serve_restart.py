@@ -9,7 +9,7 @@ import httpx
 import torch
 from serve_fixtures import free_port, png, serve_process, wait_ingested
 
-from livekv.evals.world import World
+from livekv.vlm.world import World
 from livekv.stream import StreamSession, frames
 from livekv.vlm import load_default_vlm
 from livekv.vlm.model import SYSTEM

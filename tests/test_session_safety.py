@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from livekv.evals.world import NUMBERS, World
+from livekv.vlm.world import NUMBERS, World
 from livekv.stream import StreamSession
 from livekv.vlm import load_default_vlm
 from livekv.vlm.model import SYSTEM

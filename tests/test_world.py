@@ -5,9 +5,9 @@ import re
 import numpy as np
 import pytest
 
-from livekv.evals import world
-from livekv.evals.world import CELLS, COLOURS, SHAPES, World
 from livekv.stream.source import frames
+from livekv.vlm import world
+from livekv.vlm.world import CELLS, COLOURS, SHAPES, World
 
 PALETTE = {**COLOURS, "background": world.BACKGROUND}
 

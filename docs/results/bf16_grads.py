@@ -11,14 +11,15 @@ import argparse
 import numpy as np
 import torch
 
-from livekv.vlm import train as T
+from livekv.vlm.data import sample
+from livekv.vlm.losses import ATTENTION_TERMS, loss_terms, training_probes
 from livekv.vlm.model import load_default_vlm
 
 
 def gradients(adapter, probes, streams, params, bf16):
     """Per loss term: (its value, its gradient per parameter, float32, zeros where unused)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        losses = T.loss_terms(adapter, probes, streams, attention_terms=T.ATTENTION_TERMS)[0]
+        losses = loss_terms(adapter, probes, streams, attention_terms=ATTENTION_TERMS)[0]
     out = {}
     for name, loss in losses.items():
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
@@ -44,13 +45,13 @@ def main():
     adapter = load_default_vlm(args.model)
     adapter.model.set_attn_implementation("eager")
     adapter.model.train()
-    probes = torch.nn.ModuleDict({"perception": T.PerceptionLoss(adapter), "state": T.StreamStateLoss(adapter)})
+    probes = training_probes(adapter)
     named = list(adapter.model.named_parameters())  # the probes are fresh here: the model's gradients only
     params = [p for _, p in named]
     module = [".".join(n.split(".")[:5]) for n, _ in named]  # e.g. model.language_model.layers.0.self_attn
     rng = np.random.default_rng(1)
     for b in range(args.batches):
-        streams = [T.sample(rng, 130.0, 104.0) for _ in range(args.batch)]
+        streams = [sample(rng, 130.0, 104.0) for _ in range(args.batch)]
         f32, b16 = (gradients(adapter, probes, streams, params, bf16) for bf16 in (False, True))
         for name in f32:
             (l32, g32), (l16, g16) = f32[name], b16[name]

@@ -4,7 +4,7 @@
 
 Plays stream-qa's first 8 two-minute worlds into livevlm at stream-qa's 56 tokens of memory (``memory_knobs``)
 and, at each where_last and first_colour question, looks for the visual token showing the asked object
-(``livekv.vlm.train.evidence_token``) in the memory of the three upper layers (where the lookups read), tagged
+(``livekv.vlm.data.evidence_token``) in the memory of the three upper layers (where the lookups read), tagged
 as ``vsb_kept.py`` tags tokens. Prints one line per (kind, evidence age, upper layers holding it, right).
 """
 
@@ -16,12 +16,12 @@ import sys
 import torch
 
 import vsb_kept  # its tagging patches of the memory layer
-from livekv.evals import world
 from livekv.evals.stream_qa import _ask, memory_knobs
 from livekv.stream import memory
 from livekv.stream.session import StreamSession
+from livekv.vlm import world
+from livekv.vlm.data import evidence_token
 from livekv.vlm.model import SYSTEM, WEIGHTS, load_default_vlm
-from livekv.vlm.train import evidence_token
 
 
 def main(path: str) -> None:

@@ -10,29 +10,31 @@ import sys
 import numpy as np
 import torch
 
-from livekv.evals import world
-from livekv.vlm import train as T
+from livekv.vlm import world
+from livekv.vlm.batch import encode, visual_tokens
+from livekv.vlm.data import sample
+from livekv.vlm.losses import answer_loss, evidence_attention, word_ids
 from livekv.vlm.model import WEIGHTS, load_default_vlm
 
 torch.set_num_threads(2)
-streams = [T.sample(np.random.default_rng(50_000 + i), 130, 65) for i in range(8)]
+streams = [sample(np.random.default_rng(50_000 + i), 130, 65) for i in range(8)]
 kinds = np.array([qa[3] for s in streams for qa in s.qas])
 for path in [WEIGHTS, *sys.argv[1:]]:
     adapter = load_default_vlm(path)
     adapter.model.set_attn_implementation("eager")
-    ids = T.word_ids(adapter, world.COLOURS)
+    ids = word_ids(adapter, world.COLOURS)
     layer_right, objects, reads, rights, has_evidence = 0, 0, [], [], []
     with torch.no_grad():
         for i in range(0, len(streams), 4):
             chunk = streams[i : i + 4]
-            batch = T.encode(adapter, chunk, T.visual_tokens(adapter, np.concatenate([s.frames for s in chunk])))
-            _, right, states, attentions = T.answer_loss(adapter, batch, attentions=True)
+            batch = encode(adapter, chunk, visual_tokens(adapter, np.concatenate([s.frames for s in chunk])))
+            _, right, states, attentions = answer_loss(adapter, batch, attentions=True)
             colour = torch.div(batch.object[batch.occupied], len(world.SHAPES), rounding_mode="floor")
             read = [h[batch.occupied] @ adapter.lm_head.weight[ids].T for h in states]
             layer_right = layer_right + torch.stack([(r.argmax(-1) == colour).sum() for r in read])
             objects += len(colour)
             has = batch.evidence[:, 2] >= 0
-            reads.append(T.evidence_attention(attentions, batch)[2].flatten(1).amax(-1))
+            reads.append(evidence_attention(attentions, batch)[2].flatten(1).amax(-1))
             rights.append(right[has])
             has_evidence.append(has)
     reads, rights, has = torch.cat(reads), torch.cat(rights), torch.cat(has_evidence).numpy()

@@ -12,7 +12,7 @@ import re
 import sys
 from collections import Counter
 
-from livekv.evals.world import World
+from livekv.vlm.world import World
 
 
 def main(path: str, method: str = "full") -> None:

@@ -21,7 +21,9 @@ import sys
 import numpy as np
 import torch
 
-from livekv.vlm import train
+from livekv.vlm.batch import encode, visual_tokens
+from livekv.vlm.data import sample
+from livekv.vlm.losses import answer_loss, evidence_attention
 from livekv.vlm.model import WEIGHTS, load_default_vlm
 
 
@@ -55,16 +57,16 @@ def measure(path, streams: int = 32, batch: int = 8, gain: float = 4.0) -> dict:
     lm = adapter.language_model
     n_layers, n_heads = len(lm.layers), lm.config.num_attention_heads
     dim = lm.config.hidden_size // n_heads
-    held = [train.sample(np.random.default_rng(10_000 + i), 130, 65) for i in range(streams)]  # train's held-out set
+    held = [sample(np.random.default_rng(10_000 + i), 130, 65) for i in range(streams)]  # train's held-out set
     tallies: dict[str, list] = {}
     for i in range(0, streams, batch):
         part = held[i : i + batch]
-        b = train.encode(adapter, part, train.visual_tokens(adapter, np.concatenate([s.frames for s in part])))
+        b = encode(adapter, part, visual_tokens(adapter, np.concatenate([s.frames for s in part])))
         with inputs_of([layer.self_attn.o_proj for layer in lm.layers] + [lm.norm]) as outputs:
-            _, right, _, attentions = train.answer_loss(adapter, b, attentions=True)
+            _, right, _, attentions = answer_loss(adapter, b, attentions=True)
         about_one = b.evidence[:, 2] >= 0
         kinds = np.array([qa[3] for s in part for qa in s.qas])[about_one.numpy()]
-        row, query, reads = train.evidence_attention(attentions, b)  # reads [Q, upper layers, heads]
+        row, query, reads = evidence_attention(attentions, b)  # reads [Q, upper layers, heads]
         upper = n_layers - reads.shape[1]
         best = reads.flatten(1).argmax(-1)
         layer, head = best // n_heads, best % n_heads
@@ -91,7 +93,7 @@ def measure(path, streams: int = 32, batch: int = 8, gain: float = 4.0) -> dict:
             return hook
 
         hooks = [lm.layers[l].self_attn.o_proj.register_forward_pre_hook(louder(l)) for l in range(n_layers)]
-        _, loud_right, _, _ = train.answer_loss(adapter, b)
+        _, loud_right, _, _ = answer_loss(adapter, b)
         for h in hooks:
             h.remove()
         for j in range(len(row)):

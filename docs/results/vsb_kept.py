@@ -17,10 +17,10 @@ import sys
 
 import torch
 
-from livekv.evals import world
 from livekv.evals.stream_qa import memory_knobs
 from livekv.stream import memory
 from livekv.stream.session import StreamSession
+from livekv.vlm import world
 from livekv.vlm.model import SYSTEM, WEIGHTS, load_default_vlm
 
 _attend, _keep = memory.StreamLayer.attend, memory.StreamLayer.keep

@@ -12,7 +12,7 @@ import dataclasses
 import time
 
 from livekv.bench.stream import rss_bytes
-from livekv.evals.world import NUMBERS, World
+from livekv.vlm.world import NUMBERS, World
 from livekv.stream.session import StreamSession
 
 QUESTION = "how many objects are there now ?"

@@ -17,9 +17,9 @@ import dataclasses
 import statistics
 import sys
 
-from livekv.evals import world as world_mod
 from livekv.methods import make_method, parse_spec
 from livekv.stream.session import StreamSession
+from livekv.vlm import world as world_mod
 
 
 def memory_knobs(spec: str, memory_tokens: int | None, tokens_per_frame: float) -> dict:

@@ -1,5 +1,5 @@
 """The embedded default video-language model: a LLaVA-OneVision of toy size, trained from scratch on the
-synthetic world (``livekv.evals.world``) by ``livekv.vlm.train``.
+synthetic world (``livekv.vlm.world``) by ``livekv.vlm.train``.
 
 It is a plain ``LlavaOnevisionForConditionalGeneration`` (a SigLIP tower on 48 px frames, patch 8: a 6 x 6 patch
 grid pooled to 3 x 3 = 9 tokens per frame, one per cell of the world's grid; a 6-layer Qwen2 decoder, hidden 128) with a word-level
@@ -16,8 +16,8 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
 
-from livekv.evals import world
 from livekv.stream.adapters import LlavaOnevisionAdapter
+from livekv.vlm import world
 
 WEIGHTS = pathlib.Path(__file__).parent / "weights"
 SPECIALS = ["<pad>", "<unk>", "<eos>", "<image>", "<video>"]

@@ -1,4 +1,5 @@
-"""A procedurally generated video world with exact ground truth, for training and scoring streaming video QA.
+"""A procedurally generated video world with exact ground truth, for training and scoring streaming video QA: the
+embedded default VLM's domain (its tokenizer's vocabulary is this world's, ``vocabulary``).
 
 Coloured shapes live on a 3 x 3 grid of cells (one object per cell at most, ``max_objects`` on screen at most,
 never two visible objects with the same colour and shape). At integer seconds, one every ``event_every`` seconds
@@ -18,8 +19,8 @@ Questions are defined only by what the sampled frames up to the ask time show (`
 * ``count_now``: "how many objects are there now ?" -> "one" ... (not asked when the last frame is empty).
 
 Each ``Question`` carries its evidence time (the frame the answer comes from) and its age (ask time minus
-evidence time); ``age_bucket`` sorts questions into recent / start / middle evidence. ``stream_qa`` builds a
-deterministic benchmark: a world and questions spread over it, balanced across kinds and age buckets.
+evidence time); ``age_bucket`` sorts questions into recent / start / middle evidence. ``livekv.evals.stream_qa``
+builds a deterministic benchmark: a world and questions spread over it, balanced across kinds and age buckets.
 """
 
 from __future__ import annotations
