@@ -266,7 +266,18 @@ def cmd_bench(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.task == "stream":
+    if args.task == "serve":
+        from livekv.bench import serve as bench
+
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+        payload = bench.run(_ints(args.sessions), args.duration, args.fps, args.ask_every, args.method, args.url,
+                            args.server_threads, headers)
+    elif args.task == "soak":
+        from livekv.bench import soak as bench
+        from livekv.vlm import load_default_vlm
+
+        payload = bench.run(load_default_vlm(), args.method, args.frames, args.every)
+    elif args.task == "stream":
         from livekv.bench import stream as bench
 
         adapter = bench.random_llava_onevision(args.image_size, args.layers)
@@ -385,6 +396,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="text layers (default: the 0.5B model's 24)")
     p.add_argument("--clip-frames", type=int, default=4, help="frames per clip pushed")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", help="write results here (and a PNG plot beside it)")
+    p.set_defaults(func=cmd_bench)
+
+    p = bench.add_parser("serve", help="load on livekv serve: sessions ingesting a video at fps and asked every "
+                         "few seconds: TTFT p50/p95, ingest, drops, memory, sessions held in real time")
+    p.add_argument("--sessions", default="1,2,4,8", help="numbers of concurrent sessions, comma-separated")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of video each session streams")
+    p.add_argument("--fps", type=float, default=2.0, help="frames per second each session pushes")
+    p.add_argument("--ask-every", type=float, default=10.0, help="seconds between a session's questions")
+    p.add_argument("--method", default="livevlm", help="the streams' method")
+    p.add_argument("--url", default=None, help="a running server (default: start `livekv serve` for the run)")
+    p.add_argument("--api-key", default=None, help="its API key, if it needs one")
+    p.add_argument("--server-threads", type=int, default=2, help="torch threads of the server started here")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", help="write results here (and a PNG plot beside it)")
+    p.set_defaults(func=cmd_bench)
+    p = bench.add_parser("soak", help="a long stream into one session of the embedded video model on its defaults: "
+                         "RSS, fast-tier bytes and ingest at start and end")
+    p.add_argument("--method", default="livevlm")
+    p.add_argument("--frames", type=int, default=10_000)
+    p.add_argument("--every", type=int, default=500, help="a record every this many frames")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write results here (and a PNG plot beside it)")
     p.set_defaults(func=cmd_bench)
 
