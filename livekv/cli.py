@@ -26,7 +26,15 @@ KNOBS = ("budget", "sink", "window", "page_size", "dense_layers", "tau", "host",
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+    """The argparse type of comma-separated positive integers (``"2048,4096"``); argparse names the flag in the
+    error."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated, got {text!r}")
+    return values
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +47,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_method_args(p: argparse.ArgumentParser, multi: bool) -> None:
     help_m = "method name(s), comma-separated" if multi else "method name"
     p.add_argument("--method", "--methods", dest="method", default="quest", help=f"{help_m} (see `livekv methods`)")
-    p.add_argument("--budget", type=str if multi else int, default=None,
+    p.add_argument("--budget", type=_ints if multi else int, default=None,
                    help="tokens read per KV head per decode step" + (" (comma-separated list)" if multi else ""))
     p.add_argument("--sink", type=int, default=None)
     p.add_argument("--window", type=int, default=None)
@@ -62,7 +70,7 @@ def _method_grid(args) -> list[tuple[str, dict]]:
     from livekv.methods import make_method
 
     names = [m for m in args.method.split(",") if m]
-    budgets = _ints(str(args.budget)) if args.budget is not None else [None]
+    budgets = args.budget if args.budget is not None else [None]
     knobs = {k: getattr(args, k) for k in KNOBS if k != "budget"}
     grid = []
     for name in names:
@@ -190,7 +198,7 @@ def cmd_demo(args) -> None:
 def cmd_eval(args) -> None:
     methods = _method_grid(args)
     model, tok = _load(args)
-    contexts = _ints(args.context)
+    contexts = args.context
     if args.task == "needle":
         from livekv.evals import needle
 
@@ -257,13 +265,13 @@ def cmd_bench(args) -> None:
 
         adapter = bench.random_llava_onevision(args.image_size, args.layers)
         print(f"random LLaVA-OneVision, 0.5B text shape, {adapter.tokens_per_frame} visual tokens per frame", file=sys.stderr)
-        payload = bench.run(adapter, [m for m in args.method.split(",") if m], _ints(args.frames), clip_frames=args.clip_frames)
+        payload = bench.run(adapter, [m for m in args.method.split(",") if m], args.frames, clip_frames=args.clip_frames)
     else:
         from livekv.bench import decode as bench
 
         methods = _method_grid(args)
         model, tok = _load(args)
-        payload = bench.run(model, tok, methods, _ints(args.context), steps=args.steps, rounds=args.rounds,
+        payload = bench.run(model, tok, methods, args.context, steps=args.steps, rounds=args.rounds,
                             recall_core=args.recall_core)
     _write_json(args.json, payload, args)
     if args.json:
@@ -323,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = evals.add_parser(task, help=text)
         _add_model_args(p)
         _add_method_args(p, multi=True)
-        p.add_argument("--context", default="2048,4096", help="context lengths, comma-separated")
+        p.add_argument("--context", type=_ints, default="2048,4096", help="context lengths, comma-separated")
         p.add_argument("--depths", type=int, default=5, help="needle: depths per length")
         p.add_argument("--target", type=int, default=256, help="fidelity: tokens fed one by one after the context")
         p.add_argument("--seed", type=int, default=0)
@@ -371,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("decode", help="decode ms/token per method and context length")
     _add_model_args(p)
     _add_method_args(p, multi=True)
-    p.add_argument("--context", default="4096,16384,32768")
+    p.add_argument("--context", type=_ints, default="4096,16384,32768", help="context lengths, comma-separated")
     p.add_argument("--steps", type=int, default=8, help="decode steps per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     p.add_argument("--recall-core", action="store_true",
@@ -381,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("stream", help="video streams: ingest frames/s, time to first answer token, memory vs frames")
     p.add_argument("--methods", dest="method", default="full,rekv,livevlm",
                    help="streaming methods, comma-separated; `offline`: the whole video prefilled when the question comes")
-    p.add_argument("--frames", default="16,64,256,512", help="checkpoints: frames streamed, comma-separated")
+    p.add_argument("--frames", type=_ints, default="16,64,256,512", help="checkpoints: frames streamed, comma-separated")
     p.add_argument("--image-size", type=int, default=64, help="pixels per frame side: (size/16)^2 tokens per frame (224: 196)")
     p.add_argument("--layers", type=int, default=None, help="text layers (default: the 0.5B model's 24)")
     p.add_argument("--clip-frames", type=int, default=4, help="frames per clip pushed")

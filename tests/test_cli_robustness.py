@@ -1,0 +1,35 @@
+"""The console script when things go wrong: bad flags and paths refused before any work, streams that stop early,
+questions that cannot be answered, and what every command measured, kept (issue 25)."""
+
+import pytest
+
+from livekv.cli import main
+
+
+def _fail(*args, **kwargs):
+    raise AssertionError("work started before the arguments were checked")
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Every model load and workload of the CLI fails the test: what must be refused is refused before them."""
+    for target in ("livekv.models.load_model", "livekv.vlm.load_default_vlm", "livekv.stream.cli.random_adapter",
+                   "livekv.bench.stream.random_llava_onevision", "livekv.evals.needle.evaluate",
+                   "livekv.evals.fidelity.evaluate", "livekv.bench.decode.run"):
+        monkeypatch.setattr(target, _fail)
+
+
+# --- comma-separated integer flags -------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, flag", [
+    (["eval", "needle", "--budget", "abc"], "--budget"),
+    (["eval", "fidelity", "--context", "2048,x"], "--context"),
+    (["bench", "decode", "--context", "4k"], "--context"),
+    (["bench", "stream", "--frames", "16,sixty"], "--frames"),
+    (["eval", "needle", "--context", "0"], "--context"),
+])
+def test_integer_list_flags_name_the_flag(no_work, capsys, argv, flag):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2  # argparse's usage error
+    err = capsys.readouterr().err
+    assert f"argument {flag}:" in err and argv[-1] in err
