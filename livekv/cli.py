@@ -108,6 +108,21 @@ def _stats_line(stats) -> str:
             f"KV fast tier {mem.get('fast_kv_bytes', 0) / 1e6:.1f} MB, host tier {mem.get('host_kv_bytes', 0) / 1e6:.1f} MB]")
 
 
+def _check_json_path(path: str | None) -> None:
+    """Refuse a ``--json`` path that cannot be written (a folder, or a path under a file) before any work."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise SystemExit(f"livekv: error: --json {path}: is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the folders that do not exist yet are made when writing
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise SystemExit(f"livekv: error: --json {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise SystemExit(f"livekv: error: --json {path}: {parent} is not writable")
+
+
 def _write_json(path: str | None, payload: dict, args) -> None:
     if not path:
         return
@@ -429,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    _check_json_path(getattr(args, "json", None))
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:

@@ -33,3 +33,27 @@ def test_integer_list_flags_name_the_flag(no_work, capsys, argv, flag):
     assert e.value.code == 2  # argparse's usage error
     err = capsys.readouterr().err
     assert f"argument {flag}:" in err and argv[-1] in err
+
+
+# --- --json paths ------------------------------------------------------------------------------------------------
+JSON_COMMANDS = [
+    ["eval", "needle", "--context", "512"],
+    ["eval", "fidelity", "--context", "512"],
+    ["eval", "stream-qa"],
+    ["bench", "decode", "--context", "512"],
+    ["bench", "stream", "--frames", "4"],
+]
+
+
+@pytest.mark.parametrize("argv", JSON_COMMANDS, ids=lambda a: " ".join(a[:2]))
+def test_json_path_that_is_a_directory_is_refused_before_work(no_work, tmp_path, argv):
+    with pytest.raises(SystemExit, match=rf"--json {tmp_path}: is a directory"):
+        main(argv + ["--json", str(tmp_path)])
+
+
+@pytest.mark.parametrize("argv", JSON_COMMANDS[:2], ids=lambda a: " ".join(a[:2]))
+def test_json_path_under_a_file_is_refused_before_work(no_work, tmp_path, argv):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    path = tmp_path / "notes.txt" / "out" / "r.json"
+    with pytest.raises(SystemExit, match=rf"--json {path}: .*notes.txt is not a directory"):
+        main(argv + ["--json", str(path)])
