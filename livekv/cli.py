@@ -425,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=0.5, help="frames sampled per second of video")
     p.add_argument("--clip-frames", type=int, default=None, help="frames per clip (default: 1, or the model's multiple)")
     p.add_argument("--realtime", action="store_true", help="pace the stream at the video's own speed")
+    p.add_argument("--max-frames", type=int, default=None, help="stop after this many sampled frames (a camera never ends)")
+    p.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="stop at this time of the stream")
     p.add_argument("--system", default=None, help="system prompt (default: the embedded model's own; for a "
                    "checkpoint, one asking for brief answers about a live video)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -449,6 +451,9 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         raise SystemExit(f"livekv: error: {e}") from e
+    except KeyboardInterrupt:
+        print("\nlivekv: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

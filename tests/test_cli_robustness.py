@@ -57,3 +57,97 @@ def test_json_path_under_a_file_is_refused_before_work(no_work, tmp_path, argv):
     path = tmp_path / "notes.txt" / "out" / "r.json"
     with pytest.raises(SystemExit, match=rf"--json {path}: .*notes.txt is not a directory"):
         main(argv + ["--json", str(path)])
+
+
+# --- streams that stop early -------------------------------------------------------------------------------------
+STREAM = ["--model", "random", "--fps", "4", "--clip-frames", "2", "--max-new-tokens", "2"]
+
+
+def _video(tmp_path, n_frames=32, name="v.mp4"):
+    """``n_frames`` random 64 x 64 frames at 8 fps: sampled at 4 fps, the stream sees n_frames / 2 of them."""
+    import numpy as np
+
+    from livekv.stream.source import write_video
+
+    path = tmp_path / name
+    write_video(path, np.random.default_rng(0).integers(0, 256, (n_frames, 64, 64, 3), dtype=np.uint8), fps=8)
+    return path
+
+
+def test_stream_of_a_truncated_video_answers_pending_questions_then_fails(tmp_path, capsys):
+    video = _video(tmp_path)
+    data = video.read_bytes()
+    video.write_bytes(data[: len(data) * 6 // 10])  # about 15 of the 32 frames stay readable
+    with pytest.raises(SystemExit) as e:
+        main(["stream", str(video), *STREAM, "--ask-at", "100:What came last?", "--ask", "What happened?"])
+    assert e.value.code not in (0, None) and "truncated" in str(e.value.code)
+    out = capsys.readouterr()
+    assert out.out.count("\nQ (t=") == 2 and "What came last?" in out.out and "What happened?" in out.out
+    assert "8 frames" in out.err and "stopped: " in out.err
+
+
+def _interrupted_frames(after: int):
+    """A ``frames`` that yields the real frames, then raises KeyboardInterrupt (Ctrl-C) after ``after`` of them."""
+    from livekv.stream.source import frames
+
+    def interrupted(*args, **kwargs):
+        source = frames(*args, **kwargs)
+        for _ in range(after):
+            yield next(source)
+        raise KeyboardInterrupt
+
+    return interrupted
+
+
+def test_stream_interrupted_answers_pending_questions_and_exits_130(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("livekv.stream.cli.frames", _interrupted_frames(after=4))
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["stream", str(_video(tmp_path)), *STREAM, "--ask-at", "100:What came last?", "--ask", "What happened?"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped as a KeyboardInterrupt (a traceback)")
+    assert e.value.code == 130
+    out = capsys.readouterr()
+    assert out.out.count("\nQ (t=") == 2 and "What came last?" in out.out and "What happened?" in out.out
+    assert "4 frames" in out.err and "interrupted" in out.err
+
+
+def test_ctrl_c_during_answers_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("livekv.stream.session.StreamSession.ask", interrupted)
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["stream", str(_video(tmp_path, 8)), *STREAM, "--ask", "What happened?"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped as a KeyboardInterrupt (a traceback)")
+    assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bound, frames", [(["--max-frames", "6"], 6), (["--duration", "1"], 4)])
+def test_stream_bounded_by_frames_or_seconds(tmp_path, capsys, bound, frames):
+    main(["stream", str(_video(tmp_path)), *STREAM, *bound, "--ask", "What happened?"])
+    out = capsys.readouterr()
+    assert f"{frames} frames" in out.err and f"reached {bound[0]} {bound[1]}" in out.err
+    assert out.out.count("\nQ (t=") == 1
+
+
+def test_stream_question_that_cannot_be_answered_is_reported_and_the_others_answered(tmp_path, capsys, monkeypatch):
+    from livekv.stream.session import StreamSession
+
+    ask = StreamSession.ask
+
+    def picky(self, question, max_new_tokens=64):
+        if "zebra" in question:
+            raise ValueError("question has words the model does not know: 'zebra'")
+        return ask(self, question, max_new_tokens)
+
+    monkeypatch.setattr(StreamSession, "ask", picky)
+    main(["stream", str(_video(tmp_path, 8)), *STREAM, "--ask-at", "0:Is there a zebra?", "--ask", "Where is the zebra?",
+          "--ask", "What happened?"])
+    out = capsys.readouterr()
+    assert ("livekv: cannot answer 'Is there a zebra?': question has words the model does not know: 'zebra'"
+            in out.err)
+    assert "livekv: cannot answer 'Where is the zebra?'" in out.err
+    assert out.out.count("\nQ (t=") == 1 and "Q (t=0.8s): What happened?" in out.out
