@@ -97,8 +97,31 @@ def _load(args):
     return model, tokenizer
 
 
-def _progress(done: int, total: int) -> None:
-    print(f"\rprefill {done}/{total} tokens", end="" if done < total else "\n", file=sys.stderr, flush=True)
+def _check_positions(model, what: str, tokens: int, used: int = 0) -> None:
+    """Refuse an input of ``tokens`` positions beyond the model's limit, before any work; warn when the work will
+    use ``used`` positions, past the limit (rotary positions past it are extrapolated)."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not limit:
+        return
+    if tokens > limit:
+        raise ValueError(f"{what} of {tokens} tokens exceeds the model's {limit} positions (max_position_embeddings)")
+    if used > limit:
+        print(f"livekv: warning: {what} of {tokens} tokens and what follows use {used} positions, past the model's "
+              f"{limit}: the last {used - limit} are extrapolated", file=sys.stderr)
+
+
+def _prefill_progress(tokens: int, chunk: int):
+    """``progress(done, total)`` for ``generate_stream``: a bar on stderr when the prompt spans several chunks."""
+    from livekv.progress import bar
+
+    prefilled = bar(tokens, "prefill", "tok", enabled=tokens > chunk)
+
+    def progress(done: int, total: int) -> None:
+        prefilled.update(done - prefilled.n)
+        if done == total:
+            prefilled.close()
+
+    return progress
 
 
 def _stats_line(stats) -> str:
@@ -148,11 +171,12 @@ def cmd_generate(args) -> None:
         ids = ids["input_ids"] if not isinstance(ids, list) else ids
     else:
         ids = tok.encode(text)
+    _check_positions(model, "prompt", len(ids), len(ids) + args.max_new_tokens - 1)
     cache = LiveKVCache(model.config, args.method, **{k: getattr(args, k) for k in KNOBS})
     stats = GenerationStats()
     stream = generate_stream(model, cache, torch.tensor([ids], device=args.device), args.max_new_tokens,
                              stop_ids={tok.eos_token_id}, temperature=args.temperature, chunk=args.chunk,
-                             progress=_progress, stats=stats)
+                             progress=_prefill_progress(len(ids), args.chunk), stats=stats)
     out = []
     for token in stream:
         out.append(token)
@@ -178,12 +202,14 @@ def cmd_chat(args) -> None:
         messages.append({"role": "user", "content": line.strip()})
         ids = tok.apply_chat_template(messages, add_generation_prompt=True)
         ids = list(ids["input_ids"] if not isinstance(ids, list) else ids)
+        _check_positions(model, "conversation", len(ids), len(ids) + args.max_new_tokens - 1)
         if ids[: len(fed)] != fed:  # the conversation re-tokenised differently: start the cache over
             cache, fed = LiveKVCache(model.config, args.method, **knobs), []
         stats, reply = GenerationStats(), []
         new = torch.tensor([ids[len(fed):]], device=args.device)
         for token in generate_stream(model, cache, new, args.max_new_tokens, stop_ids={tok.eos_token_id},
-                                     temperature=args.temperature, chunk=args.chunk, stats=stats):
+                                     temperature=args.temperature, chunk=args.chunk, stats=stats,
+                                     progress=_prefill_progress(new.shape[1], args.chunk)):
             reply.append(token)
         text = tok.decode(reply, skip_special_tokens=True)
         print(text, flush=True)
@@ -214,15 +240,17 @@ def cmd_eval(args) -> None:
     methods = _method_grid(args)
     model, tok = _load(args)
     contexts = args.context
+    for context in contexts:  # then needle feeds back 7 of its 8 answer tokens, fidelity all target tokens but one
+        _check_positions(model, "context", context, context + (7 if args.task == "needle" else args.target - 1))
     if args.task == "needle":
         from livekv.evals import needle
 
         depths = [round((i + 0.5) / args.depths, 3) for i in range(args.depths)]
-        payload = needle.evaluate(model, tok, methods, contexts, depths=depths, seed=args.seed)
+        payload = needle.evaluate(model, tok, methods, contexts, depths=depths, seed=args.seed, progress=True)
     else:
         from livekv.evals import fidelity
 
-        payload = fidelity.evaluate(model, tok, methods, contexts, target=args.target, seed=args.seed)
+        payload = fidelity.evaluate(model, tok, methods, contexts, target=args.target, seed=args.seed, progress=True)
     _write_json(args.json, payload, args)
 
 
@@ -287,7 +315,7 @@ def cmd_bench(args) -> None:
         methods = _method_grid(args)
         model, tok = _load(args)
         payload = bench.run(model, tok, methods, args.context, steps=args.steps, rounds=args.rounds,
-                            recall_core=args.recall_core)
+                            recall_core=args.recall_core, progress=True)
     _write_json(args.json, payload, args)
     if args.json:
         png = os.path.splitext(args.json)[0] + ".png"

@@ -151,3 +151,82 @@ def test_stream_question_that_cannot_be_answered_is_reported_and_the_others_answ
             in out.err)
     assert "livekv: cannot answer 'Where is the zebra?'" in out.err
     assert out.out.count("\nQ (t=") == 1 and "Q (t=0.8s): What happened?" in out.out
+
+
+# --- the model's position limit, and progress on long work -------------------------------------------------------
+@pytest.fixture
+def no_eval(monkeypatch):
+    """The model loads (its limit is read from its config), but no evaluation or generation may start."""
+    for target in ("livekv.evals.needle.evaluate", "livekv.evals.fidelity.evaluate", "livekv.generation.generate_stream"):
+        monkeypatch.setattr(target, _fail)
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "needle", "--method", "dense", "--context", "2048,100000"],
+    ["eval", "fidelity", "--method", "quest", "--context", "100000"],
+], ids=["needle", "fidelity"])
+def test_context_beyond_the_models_positions_is_refused_before_work(no_eval, argv):
+    with pytest.raises(SystemExit, match=r"100000 tokens.* 8192 positions \(max_position_embeddings\)"):
+        main(argv)
+
+
+def test_positions_past_the_limit_after_the_context_are_announced(no_eval, capsys):
+    with pytest.raises(AssertionError, match="work started"):  # the evaluation starts (and is stopped here)
+        main(["eval", "fidelity", "--method", "quest", "--context", "8192", "--target", "64"])
+    assert ("warning: context of 8192 tokens and what follows use 8255 positions, past the model's 8192: the last 63 "
+            "are extrapolated") in capsys.readouterr().err
+
+
+def test_generate_refuses_a_prompt_beyond_the_models_positions(no_eval, tmp_path):
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("the cat sat on the mat. " * 1500)  # ~ 10,500 tokens
+    with pytest.raises(SystemExit, match=r"prompt of \d{5} tokens exceeds the model's 8192 positions"):
+        main(["generate", "--prompt-file", str(prompt)])
+
+
+def test_chat_refuses_a_message_beyond_the_models_positions(no_eval, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat sat on the mat. " * 1500 + "\n"))
+    with pytest.raises(SystemExit, match=r"conversation of \d{5} tokens exceeds the model's 8192 positions"):
+        main(["chat"])
+
+
+TQDM_BAR = r"{desc}: 100%\|.*\| {n}/{n} \[[0-9:]+<[0-9:]+, +[0-9.]+ ?(s/)?{unit}"
+
+
+def test_eval_needle_shows_progress_on_stderr_and_keeps_stdout_for_results(capsys):
+    import re
+
+    main(["eval", "needle", "--method", "dense,quest", "--budget", "128", "--context", "256", "--depths", "1"])
+    out = capsys.readouterr()
+    assert re.search(TQDM_BAR.format(desc="needle", n=2, unit="case"), out.err), out.err
+    assert "%|" not in out.out and out.out.count("accuracy=") == 2
+
+
+def test_eval_fidelity_shows_progress(capsys):
+    import re
+
+    main(["eval", "fidelity", "--method", "quest", "--budget", "64,128", "--context", "128", "--target", "4"])
+    out = capsys.readouterr()
+    assert re.search(TQDM_BAR.format(desc="fidelity", n=3, unit="pass"), out.err), out.err  # dense, then 2 budgets
+    assert "%|" not in out.out
+
+
+def test_bench_decode_shows_progress(capsys):
+    import re
+
+    main(["bench", "decode", "--methods", "quest", "--budget", "64", "--context", "300,400", "--steps", "1",
+          "--rounds", "1"])
+    out = capsys.readouterr()
+    assert re.search(TQDM_BAR.format(desc="decode", n=6, unit="round"), out.err), out.err  # (warm-up, 1, profiled) x 2
+    assert "%|" not in out.out
+
+
+def test_generate_shows_prefill_progress_with_rate_and_eta(tmp_path, capsys):
+    import re
+
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("the cat sat on the mat. " * 60)  # ~ 400 tokens
+    main(["generate", "--prompt-file", str(prompt), "--chunk", "128", "--max-new-tokens", "1"])
+    assert re.search(r"prefill: 100%\|.*\| (\d+)/\1 \[[0-9:]+<[0-9:]+, +[0-9.]+ ?tok/s\]", capsys.readouterr().err)
