@@ -162,6 +162,41 @@ def _write_json(path: str | None, payload: dict, args) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
+def _chat_ids(tok, messages: list[dict]) -> list[int]:
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    return list(ids["input_ids"] if not isinstance(ids, list) else ids)
+
+
+def _prompt_ids(tok, text: str, args) -> list[int]:
+    """The prompt in the model's chat template when the tokenizer has one (an instruct model fed raw text tends to
+    end its answer at once), else, or with ``--raw``, as is."""
+    if args.raw:
+        return tok.encode(text)
+    if not getattr(tok, "chat_template", None):
+        if args.chat:
+            raise ValueError("--chat: this model's tokenizer has no chat template")
+        return tok.encode(text)
+    return _chat_ids(tok, [{"role": "user", "content": text}])
+
+
+def _print_tokens(tok, tokens) -> list[int]:
+    """Print the text of ``tokens`` (token ids, as they are generated) piece by piece; return the ids."""
+    ids, shown = [], ""
+    for token in tokens:
+        ids.append(token)
+        text = tok.decode(ids, skip_special_tokens=True)
+        if len(text) > len(shown) and not text.endswith("\ufffd"):  # not half of a multi-byte character
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(flush=True)
+    return ids
+
+
+def _stopped_note(ids: list[int], max_new_tokens: int, eos: int) -> None:
+    if len(ids) >= max_new_tokens and ids[-1] != eos:
+        print(f"[stopped after {len(ids)} tokens: --max-new-tokens]", file=sys.stderr)
+
+
 def cmd_generate(args) -> None:
     import torch
 
@@ -172,23 +207,15 @@ def cmd_generate(args) -> None:
     if text is None:
         raise SystemExit("give --prompt or --prompt-file")
     model, tok = _load(args)
-    if args.chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        ids = ids["input_ids"] if not isinstance(ids, list) else ids
-    else:
-        ids = tok.encode(text)
+    ids = _prompt_ids(tok, text, args)
     _check_positions(model, "prompt", len(ids), len(ids) + args.max_new_tokens - 1)
     cache = LiveKVCache(model.config, args.method, **{k: getattr(args, k) for k in KNOBS})
     stats = GenerationStats()
     stream = generate_stream(model, cache, torch.tensor([ids], device=args.device), args.max_new_tokens,
                              stop_ids={tok.eos_token_id}, temperature=args.temperature, chunk=args.chunk,
                              progress=_prefill_progress(len(ids), args.chunk), stats=stats)
-    out = []
-    for token in stream:
-        out.append(token)
-        print(tok.decode(out, skip_special_tokens=True)[len(tok.decode(out[:-1], skip_special_tokens=True)):],
-              end="", flush=True)
-    print()
+    out = _print_tokens(tok, stream)
+    _stopped_note(out, args.max_new_tokens, tok.eos_token_id)
     print(_stats_line(stats), file=sys.stderr)
 
 
@@ -202,24 +229,24 @@ def cmd_chat(args) -> None:
     knobs = {k: getattr(args, k) for k in KNOBS}
     cache, fed, messages = LiveKVCache(model.config, args.method, **knobs), [], []
     print("livekv chat: type a message, empty line or Ctrl-D to quit", file=sys.stderr)
-    for line in sys.stdin:
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
         if not line.strip():
             break
         messages.append({"role": "user", "content": line.strip()})
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
-        ids = list(ids["input_ids"] if not isinstance(ids, list) else ids)
+        ids = _chat_ids(tok, messages)
         _check_positions(model, "conversation", len(ids), len(ids) + args.max_new_tokens - 1)
         if ids[: len(fed)] != fed:  # the conversation re-tokenised differently: start the cache over
             cache, fed = LiveKVCache(model.config, args.method, **knobs), []
-        stats, reply = GenerationStats(), []
+        stats = GenerationStats()
         new = torch.tensor([ids[len(fed):]], device=args.device)
-        for token in generate_stream(model, cache, new, args.max_new_tokens, stop_ids={tok.eos_token_id},
-                                     temperature=args.temperature, chunk=args.chunk, stats=stats,
-                                     progress=_prefill_progress(new.shape[1], args.chunk)):
-            reply.append(token)
-        text = tok.decode(reply, skip_special_tokens=True)
-        print(text, flush=True)
+        reply = _print_tokens(tok, generate_stream(
+            model, cache, new, args.max_new_tokens, stop_ids={tok.eos_token_id}, temperature=args.temperature,
+            chunk=args.chunk, stats=stats, progress=_prefill_progress(new.shape[1], args.chunk)))
+        _stopped_note(reply, args.max_new_tokens, tok.eos_token_id)
         print(_stats_line(stats), file=sys.stderr)
+        text = tok.decode(reply, skip_special_tokens=True)
         fed = ids + reply[:-1] if reply and reply[-1] == tok.eos_token_id else ids + reply
         messages.append({"role": "assistant", "content": text})
 
@@ -371,7 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "generate":
             p.add_argument("--prompt")
             p.add_argument("--prompt-file")
-            p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+            form = p.add_mutually_exclusive_group()
+            form.add_argument("--raw", action="store_true",
+                              help="feed the prompt as is (default: in the model's chat template, if it has one)")
+            form.add_argument("--chat", action="store_true",
+                              help="the prompt in the model's chat template (the default; kept for compatibility)")
         p.add_argument("--max-new-tokens", type=int, default=128)
         p.add_argument("--temperature", type=float, default=0.0)
         p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (tokens)")

