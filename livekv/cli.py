@@ -59,6 +59,10 @@ def _add_method_args(p: argparse.ArgumentParser, multi: bool) -> None:
     p.add_argument("--host-dir", default=None, help="directory of the disk host tier (default: the temp dir)")
 
 
+def _knobs(args) -> dict:
+    return {k: getattr(args, k) for k in KNOBS}
+
+
 def _cuda() -> bool:
     import torch
 
@@ -192,9 +196,31 @@ def _print_tokens(tok, tokens) -> list[int]:
     return ids
 
 
-def _stopped_note(ids: list[int], max_new_tokens: int, eos: int) -> None:
-    if len(ids) >= max_new_tokens and ids[-1] != eos:
+def _reply_record(tok, ids: list[int], stats) -> dict:
+    """Say on stderr why a reply stopped and what it measured; return that as a record (for ``--json``)."""
+    stopped = "eos" if ids and ids[-1] == tok.eos_token_id else "max_new_tokens"
+    if stopped == "max_new_tokens":
         print(f"[stopped after {len(ids)} tokens: --max-new-tokens]", file=sys.stderr)
+    print(_stats_line(stats), file=sys.stderr)
+    return {"text": tok.decode(ids, skip_special_tokens=True), "token_ids": ids, "new_tokens": len(ids),
+            "stopped": stopped, "prompt_tokens": stats.prompt_tokens, "prefill_s": stats.prefill_s,
+            "prefill_tokens_per_s": stats.prefill_tokens_per_s, "decode_s": stats.decode_s,
+            "decode_tokens_per_s": stats.decode_tokens_per_s, **stats.memory}
+
+
+def _write_plot(json_path: str | None, draw) -> None:
+    """``draw(png_path)`` beside the JSON; skipped, with a note, where matplotlib (the ``eval`` extra) is missing."""
+    if not json_path:
+        return
+    png = os.path.splitext(json_path)[0] + ".png"
+    try:
+        import matplotlib  # noqa: F401
+    except ModuleNotFoundError:
+        print(f"matplotlib is not installed (`pip install matplotlib`, livekv's eval extra): {png} skipped",
+              file=sys.stderr)
+        return
+    draw(png)
+    print(f"wrote {png}", file=sys.stderr)
 
 
 def cmd_generate(args) -> None:
@@ -209,26 +235,34 @@ def cmd_generate(args) -> None:
     model, tok = _load(args)
     ids = _prompt_ids(tok, text, args)
     _check_positions(model, "prompt", len(ids), len(ids) + args.max_new_tokens - 1)
-    cache = LiveKVCache(model.config, args.method, **{k: getattr(args, k) for k in KNOBS})
+    cache = LiveKVCache(model.config, args.method, **_knobs(args))
     stats = GenerationStats()
     stream = generate_stream(model, cache, torch.tensor([ids], device=args.device), args.max_new_tokens,
                              stop_ids={tok.eos_token_id}, temperature=args.temperature, chunk=args.chunk,
                              progress=_prefill_progress(len(ids), args.chunk), stats=stats)
-    out = _print_tokens(tok, stream)
-    _stopped_note(out, args.max_new_tokens, tok.eos_token_id)
-    print(_stats_line(stats), file=sys.stderr)
+    record = _reply_record(tok, _print_tokens(tok, stream), stats)
+    _write_json(args.json, {"method": args.method, **_knobs(args), **record}, args)
 
 
 def cmd_chat(args) -> None:
+    model, tok = _load(args)
+    turns = []
+    print("livekv chat: type a message, empty line or Ctrl-D to quit", file=sys.stderr)
+    try:
+        _chat_turns(args, model, tok, turns)
+    finally:  # the turns so far are kept however the chat ends (Ctrl-C, a conversation too long)
+        _write_json(args.json, {"method": args.method, **_knobs(args), "turns": turns}, args)
+
+
+def _chat_turns(args, model, tok, turns: list[dict]) -> None:
+    """Read messages from stdin until an empty line or its end, answering each; append a record per turn."""
     import torch
 
     from livekv import LiveKVCache
     from livekv.generation import GenerationStats, generate_stream
 
-    model, tok = _load(args)
-    knobs = {k: getattr(args, k) for k in KNOBS}
+    knobs = _knobs(args)
     cache, fed, messages = LiveKVCache(model.config, args.method, **knobs), [], []
-    print("livekv chat: type a message, empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         print("> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
@@ -244,11 +278,9 @@ def cmd_chat(args) -> None:
         reply = _print_tokens(tok, generate_stream(
             model, cache, new, args.max_new_tokens, stop_ids={tok.eos_token_id}, temperature=args.temperature,
             chunk=args.chunk, stats=stats, progress=_prefill_progress(new.shape[1], args.chunk)))
-        _stopped_note(reply, args.max_new_tokens, tok.eos_token_id)
-        print(_stats_line(stats), file=sys.stderr)
-        text = tok.decode(reply, skip_special_tokens=True)
+        turns.append({"user": line.strip(), **_reply_record(tok, reply, stats)})
         fed = ids + reply[:-1] if reply and reply[-1] == tok.eos_token_id else ids + reply
-        messages.append({"role": "assistant", "content": text})
+        messages.append({"role": "assistant", "content": turns[-1]["text"]})
 
 
 def cmd_demo(args) -> None:
@@ -259,7 +291,8 @@ def cmd_demo(args) -> None:
         from livekv.vlm import load_default_vlm
 
         torch.set_num_threads(args.threads or 2)
-        stream_qa.demo(load_default_vlm(), method=args.method, minutes=args.minutes, speed=args.speed)
+        payload = stream_qa.demo(load_default_vlm(), method=args.method, minutes=args.minutes, speed=args.speed)
+        _write_json(args.json, payload, args)
         return
     from livekv.evals import needle
 
@@ -267,10 +300,13 @@ def cmd_demo(args) -> None:
     model, tok = _load(args)
     print("A 2048-token haystack of natural text hides one number; the question is decoded through the sparse "
           "path. dense reads every token; quest reads 256 per step.")
-    needle.evaluate(model, tok, [("dense", {}), ("quest", {"budget": 256})], [2048], depths=(0.25, 0.75))
+    payload = needle.evaluate(model, tok, [("dense", {}), ("quest", {"budget": 256})], [2048], depths=(0.25, 0.75))
+    _write_json(args.json, payload, args)
 
 
 def cmd_eval(args) -> None:
+    from livekv import plots
+
     methods = _method_grid(args)
     _require_corpus()
     model, tok = _load(args)
@@ -287,6 +323,8 @@ def cmd_eval(args) -> None:
 
         payload = fidelity.evaluate(model, tok, methods, contexts, target=args.target, seed=args.seed, progress=True)
     _write_json(args.json, payload, args)
+    panels = plots.NEEDLE if args.task == "needle" else plots.FIDELITY
+    _write_plot(args.json, lambda png: plots.against_budget(payload["results"], png, panels))
 
 
 def cmd_stream_qa(args) -> None:
@@ -353,16 +391,18 @@ def cmd_bench(args) -> None:
         payload = bench.run(model, tok, methods, args.context, steps=args.steps, rounds=args.rounds,
                             recall_core=args.recall_core, progress=True)
     _write_json(args.json, payload, args)
-    if args.json:
-        png = os.path.splitext(args.json)[0] + ".png"
-        bench.plot(payload["results"], png)
-        print(f"wrote {png}", file=sys.stderr)
+    _write_plot(args.json, lambda png: bench.plot(payload["results"], png))
 
 
 def cmd_stream(args) -> None:
+    from livekv import plots
     from livekv.stream.cli import stream
 
-    stream(args)
+    payload, failure = stream(args)
+    _write_json(args.json, payload, args)
+    _write_plot(args.json, lambda png: plots.stream_timeline(payload["memory"], png))
+    if failure is not None:
+        raise failure
 
 
 def cmd_methods(args) -> None:
@@ -389,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="livevlm", help="streaming method of the video demo")
     p.add_argument("--minutes", type=float, default=2.0, help="length of the video demo's stream")
     p.add_argument("--speed", type=float, default=0.0, help="pace the video demo at this many times real time (0: as fast as it runs)")
+    p.add_argument("--json", help="write every question, answer, latency and the memory held here")
     p.set_defaults(func=cmd_demo)
 
     for name, func in (("generate", cmd_generate), ("chat", cmd_chat)):
@@ -406,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=128)
         p.add_argument("--temperature", type=float, default=0.0)
         p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (tokens)")
+        p.add_argument("--json", help="write the text, tokens, speed and KV bytes per tier here" +
+                       (", one record per turn" if name == "chat" else ""))
         p.set_defaults(func=func)
 
     evals = sub.add_parser("eval", help="accuracy and fidelity").add_subparsers(dest="task", required=True)
@@ -418,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--depths", type=int, default=5, help="needle: depths per length")
         p.add_argument("--target", type=int, default=256, help="fidelity: tokens fed one by one after the context")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--json", help="write results here")
+        p.add_argument("--json", help="write results here (and a PNG plot against the budget beside it)")
         p.set_defaults(func=cmd_eval)
     p = evals.add_parser("stream-qa", help="streaming video QA on the synthetic world, with the embedded VLM")
     p.add_argument("--method", "--methods", dest="method", default="full,livevlm", help="streaming methods, comma-separated")
@@ -504,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
                              ("top-frames", int, "rekv: frames retrieved per question")):
         p.add_argument(f"--{knob}", type=kind, default=None, help=text)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", help="write every answer with its latency, and the memory over time, here (and a PNG "
+                   "plot of the memory and ingest speed beside it)")
     p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("methods", help="list the registered methods and their knobs")

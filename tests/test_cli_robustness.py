@@ -42,6 +42,11 @@ JSON_COMMANDS = [
     ["eval", "stream-qa"],
     ["bench", "decode", "--context", "512"],
     ["bench", "stream", "--frames", "4"],
+    ["generate", "--prompt", "hi"],
+    ["chat"],
+    ["stream", "video.mp4", "--model", "random"],
+    ["demo"],
+    ["demo", "--text"],
 ]
 
 
@@ -323,3 +328,88 @@ def test_chat_shows_a_prompt_marker_and_streams_each_reply(monkeypatch, capsys):
     for call in calls:  # stdout grew while the reply was being decoded, not only after it
         assert len(set(call["stdout"])) > 1, call
     assert fake_stdout.getvalue().strip()
+
+
+# --- what every command measured, kept: --json (and a plot beside it) --------------------------------------------
+def _json(path):
+    import json
+
+    return json.loads(path.read_text())
+
+
+def test_generate_json_keeps_the_text_tokens_speed_and_memory(tmp_path):
+    out = tmp_path / "gen.json"
+    main(["generate", "--prompt", "Name three colours.", "--max-new-tokens", "5", "--json", str(out)])
+    r = _json(out)
+    assert r["method"] == "quest" and r["text"].strip() and len(r["token_ids"]) == r["new_tokens"] == 5
+    assert r["stopped"] == "max_new_tokens" and r["prompt_tokens"] > 5
+    assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+    assert r["fast_kv_bytes"] > 0 and r["host_kv_bytes"] > 0
+
+
+def test_chat_json_keeps_every_turn(tmp_path, monkeypatch):
+    import io
+
+    out = tmp_path / "chat.json"
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello!\nName a colour.\n"))
+    main(["chat", "--max-new-tokens", "4", "--json", str(out)])
+    turns = _json(out)["turns"]
+    assert [t["user"] for t in turns] == ["Hello!", "Name a colour."]
+    for t in turns:
+        assert t["text"].strip() and t["new_tokens"] >= 1 and t["decode_tokens_per_s"] > 0 and t["fast_kv_bytes"] > 0
+
+
+def test_stream_json_keeps_answers_and_memory_over_time_with_a_plot(tmp_path):
+    out = tmp_path / "s.json"
+    main(["stream", str(_video(tmp_path, 16)), *STREAM, "--ask-at", "1:What is moving?", "--ask", "What happened?",
+          "--json", str(out)])
+    r = _json(out)
+    assert r["stopped"] == "end of video" and r["frames"] == 8
+    assert [(q["t"], q["question"]) for q in r["questions"]] == [(1.25, "What is moving?"), (1.75, "What happened?")]
+    assert all(q["answer"] and q["ttft_ms"] > 0 for q in r["questions"])
+    series = r["memory"]
+    assert [m["frames"] for m in series] == [2, 4, 6, 8] and [m["t"] for m in series] == [0.25, 0.75, 1.25, 1.75]
+    assert all(m["fast_kv_bytes"] > 0 and m["ingest_fps"] > 0 and m["memory_tokens"] > 0 for m in series)
+    assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_stream_json_is_written_when_the_stream_is_interrupted(tmp_path, monkeypatch):
+    out = tmp_path / "s.json"
+    monkeypatch.setattr("livekv.stream.cli.frames", _interrupted_frames(after=4))
+    with pytest.raises(SystemExit):
+        main(["stream", str(_video(tmp_path)), *STREAM, "--ask", "What happened?", "--ask", "Is there a zebra?",
+              "--json", str(out)])
+    r = _json(out)
+    assert r["stopped"] == "stopped: interrupted" and len(r["memory"]) == 2 and len(r["questions"]) == 2
+
+
+def test_missing_matplotlib_keeps_the_json_and_skips_the_plot(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ModuleNotFoundError
+    out = tmp_path / "s.json"
+    main(["stream", str(_video(tmp_path, 8)), *STREAM, "--ask", "What happened?", "--json", str(out)])
+    assert _json(out)["questions"] and not (tmp_path / "s.png").exists()
+    assert f"{tmp_path / 's.png'} skipped" in capsys.readouterr().err
+
+
+def test_eval_needle_json_has_a_plot_of_accuracy_against_budget_beside_it(tmp_path):
+    out = tmp_path / "needle.json"
+    main(["eval", "needle", "--method", "dense,quest", "--budget", "64,128", "--context", "256", "--depths", "1",
+          "--json", str(out)])
+    assert len(_json(out)["results"]) == 3 and (tmp_path / "needle.png").stat().st_size > 1000
+
+
+def test_eval_fidelity_json_has_a_plot_beside_it(tmp_path):
+    out = tmp_path / "fidelity.json"
+    main(["eval", "fidelity", "--method", "quest", "--budget", "64,128", "--context", "128", "--target", "4",
+          "--json", str(out)])
+    assert len(_json(out)["results"]) == 2 and (tmp_path / "fidelity.png").stat().st_size > 1000
+
+
+def test_demo_json_keeps_every_question_and_answer(tmp_path):
+    out = tmp_path / "demo.json"
+    main(["demo", "--minutes", "0.5", "--json", str(out)])
+    r = _json(out)
+    assert r["method"] == "livevlm" and r["questions"] and r["right"] == sum(q["correct"] for q in r["questions"])
+    assert all({"question", "expected", "answer", "ttft_ms", "fast_kv_bytes"} <= set(q) for q in r["questions"])

@@ -100,10 +100,12 @@ def _load(model: str):
 
 class _Player:
     """One ``livekv stream`` run: plays clips into the session and answers questions; ``t`` is the stream time
-    reached (the last pushed frame's)."""
+    reached (the last pushed frame's). ``answers`` and ``memory`` (after each clip) record what was measured."""
 
     def __init__(self, session: StreamSession, args):
         self.session, self.args, self.t = session, args, 0.0
+        self.answers: list[dict] = []
+        self.memory: list[dict] = []
 
     def play(self, source: _Bounded, pending: list[tuple[float, str]], typed: queue.Queue) -> bool:
         """Push the clips of ``source``, answering the questions that come due while it plays. Returns whether
@@ -114,6 +116,8 @@ class _Player:
                 break  # a last partial clip this model cannot take
             session.push(clip)
             self.t = t + (len(clip) - 1) / self.args.fps
+            self.memory.append({"t": self.t, "frames": session.stats.frames, "ingest_fps": session.stats.ingest_fps,
+                                **session.memory()})
             print(f"\r{_status(session, self.t)}", end="", file=sys.stderr, flush=True)
             while pending and pending[0][0] <= self.t:
                 self.answer(pending.pop(0)[1])
@@ -129,23 +133,37 @@ class _Player:
         """Print the answer as it is decoded; a question the session refuses (``ValueError``) is reported on
         stderr, and the run goes on."""
         session = self.session
+        session.stats.ttft_s = None  # set again by this answer's first token (an empty answer has none)
         try:
             pieces = iter(session.ask(question, self.args.max_new_tokens))
             first = next(pieces, "")
         except ValueError as e:
             print(f"\nlivekv: cannot answer {question!r}: {e}", file=sys.stderr, flush=True)
+            self.answers.append({"t": self.t, "question": question, "error": str(e)})
             return
         print(f"\nQ (t={self.t:.1f}s): {question}\nA: {first}", end="", flush=True)
+        answer = [first]
         for piece in pieces:
             print(piece, end="", flush=True)
+            answer.append(piece)
         ttft = session.stats.ttft_s
         print(f"\n   (first token after {ttft * 1e3:.0f} ms)" if ttft is not None else "", flush=True)
+        self.answers.append({"t": self.t, "question": question, "answer": "".join(map(str, answer)),
+                             "ttft_ms": None if ttft is None else ttft * 1e3})
+
+    def record(self, how: str) -> dict:
+        """What the run measured (``--json``)."""
+        a = self.args
+        return {"video": a.video, "model": a.model, "method": a.method, **{k: getattr(a, k) for k in KNOBS},
+                "fps": a.fps, "stopped": how, "frames": self.session.stats.frames, "questions": self.answers,
+                "memory": self.memory}
 
 
-def stream(args) -> None:
-    """``livekv stream``. However the stream stops (its end, ``--max-frames``/``--duration``, a read error, Ctrl-C),
-    the questions still pending are answered from the memory held then; then a read error exits with its message
-    (status 1), Ctrl-C as an interrupt (status 130 in ``livekv.cli.main``)."""
+def stream(args) -> tuple[dict, BaseException | None]:
+    """``livekv stream``: returns what it measured and how it failed (``VideoError``, ``KeyboardInterrupt``; None
+    when the video ended or a bound was reached). However the stream stops, the questions still pending are
+    answered from the memory held then; the caller then raises the failure (a read error exits with its message,
+    status 1; Ctrl-C as an interrupt, status 130, in ``livekv.cli.main``)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     adapter, system = _load(args.model)
@@ -168,11 +186,13 @@ def stream(args) -> None:
     except KeyboardInterrupt as e:
         failure, how = e, "stopped: interrupted"
     print(f"\r{_status(player.session, player.t)}  {how}", file=sys.stderr, flush=True)
-    for question in [q for _, q in pending] + args.ask:
-        player.answer(question)
-    if failure is not None:
-        raise failure
-    if stdin_open:
-        print("the video has ended; ask more, or Ctrl-D to quit", file=sys.stderr)
-        while (question := typed.get()) is not None:
+    try:
+        for question in [q for _, q in pending] + args.ask:
             player.answer(question)
+        if stdin_open and failure is None:
+            print("the video has ended; ask more, or Ctrl-D to quit", file=sys.stderr)
+            while (question := typed.get()) is not None:
+                player.answer(question)
+    except KeyboardInterrupt as e:
+        failure = e
+    return player.record(how), failure
