@@ -26,7 +26,15 @@ KNOBS = ("budget", "sink", "window", "page_size", "dense_layers", "tau", "host",
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+    """The argparse type of comma-separated positive integers (``"2048,4096"``); argparse names the flag in the
+    error."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated, got {text!r}")
+    return values
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +47,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_method_args(p: argparse.ArgumentParser, multi: bool) -> None:
     help_m = "method name(s), comma-separated" if multi else "method name"
     p.add_argument("--method", "--methods", dest="method", default="quest", help=f"{help_m} (see `livekv methods`)")
-    p.add_argument("--budget", type=str if multi else int, default=None,
+    p.add_argument("--budget", type=_ints if multi else int, default=None,
                    help="tokens read per KV head per decode step" + (" (comma-separated list)" if multi else ""))
     p.add_argument("--sink", type=int, default=None)
     p.add_argument("--window", type=int, default=None)
@@ -49,6 +57,10 @@ def _add_method_args(p: argparse.ArgumentParser, multi: bool) -> None:
     p.add_argument("--host", choices=["ram", "disk"], default=None,
                    help="host tier of the sparse methods: RAM, or a memory-mapped file kept out of the page cache")
     p.add_argument("--host-dir", default=None, help="directory of the disk host tier (default: the temp dir)")
+
+
+def _knobs(args) -> dict:
+    return {k: getattr(args, k) for k in KNOBS}
 
 
 def _cuda() -> bool:
@@ -62,7 +74,7 @@ def _method_grid(args) -> list[tuple[str, dict]]:
     from livekv.methods import make_method
 
     names = [m for m in args.method.split(",") if m]
-    budgets = _ints(str(args.budget)) if args.budget is not None else [None]
+    budgets = args.budget if args.budget is not None else [None]
     knobs = {k: getattr(args, k) for k in KNOBS if k != "budget"}
     grid = []
     for name in names:
@@ -73,6 +85,12 @@ def _method_grid(args) -> list[tuple[str, dict]]:
             if name == "dense":
                 break
     return grid
+
+
+def _require_corpus() -> None:
+    from livekv.evals.corpus import check_corpus
+
+    check_corpus()
 
 
 def _load(args):
@@ -89,8 +107,31 @@ def _load(args):
     return model, tokenizer
 
 
-def _progress(done: int, total: int) -> None:
-    print(f"\rprefill {done}/{total} tokens", end="" if done < total else "\n", file=sys.stderr, flush=True)
+def _check_positions(model, what: str, tokens: int, used: int = 0) -> None:
+    """Refuse an input of ``tokens`` positions beyond the model's limit, before any work; warn when the work will
+    use ``used`` positions, past the limit (rotary positions past it are extrapolated)."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not limit:
+        return
+    if tokens > limit:
+        raise ValueError(f"{what} of {tokens} tokens exceeds the model's {limit} positions (max_position_embeddings)")
+    if used > limit:
+        print(f"livekv: warning: {what} of {tokens} tokens and what follows use {used} positions, past the model's "
+              f"{limit}: the last {used - limit} are extrapolated", file=sys.stderr)
+
+
+def _prefill_progress(tokens: int, chunk: int):
+    """``progress(done, total)`` for ``generate_stream``: a bar on stderr when the prompt spans several chunks."""
+    from livekv.progress import bar
+
+    prefilled = bar(tokens, "prefill", "tok", enabled=tokens > chunk)
+
+    def progress(done: int, total: int) -> None:
+        prefilled.update(done - prefilled.n)
+        if done == total:
+            prefilled.close()
+
+    return progress
 
 
 def _stats_line(stats) -> str:
@@ -98,6 +139,21 @@ def _stats_line(stats) -> str:
     return (f"[prompt {stats.prompt_tokens} tok, prefill {stats.prefill_tokens_per_s:.0f} tok/s | "
             f"{stats.new_tokens} new tok, decode {stats.decode_tokens_per_s:.1f} tok/s | "
             f"KV fast tier {mem.get('fast_kv_bytes', 0) / 1e6:.1f} MB, host tier {mem.get('host_kv_bytes', 0) / 1e6:.1f} MB]")
+
+
+def _check_json_path(path: str | None) -> None:
+    """Refuse a ``--json`` path that cannot be written (a folder, or a path under a file) before any work."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise SystemExit(f"livekv: error: --json {path}: is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the folders that do not exist yet are made when writing
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise SystemExit(f"livekv: error: --json {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise SystemExit(f"livekv: error: --json {path}: {parent} is not writable")
 
 
 def _write_json(path: str | None, payload: dict, args) -> None:
@@ -110,6 +166,63 @@ def _write_json(path: str | None, payload: dict, args) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
+def _chat_ids(tok, messages: list[dict]) -> list[int]:
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    return list(ids["input_ids"] if not isinstance(ids, list) else ids)
+
+
+def _prompt_ids(tok, text: str, args) -> list[int]:
+    """The prompt in the model's chat template when the tokenizer has one (an instruct model fed raw text tends to
+    end its answer at once), else, or with ``--raw``, as is."""
+    if args.raw:
+        return tok.encode(text)
+    if not getattr(tok, "chat_template", None):
+        if args.chat:
+            raise ValueError("--chat: this model's tokenizer has no chat template")
+        return tok.encode(text)
+    return _chat_ids(tok, [{"role": "user", "content": text}])
+
+
+def _print_tokens(tok, tokens) -> list[int]:
+    """Print the text of ``tokens`` (token ids, as they are generated) piece by piece; return the ids."""
+    ids, shown = [], ""
+    for token in tokens:
+        ids.append(token)
+        text = tok.decode(ids, skip_special_tokens=True)
+        if len(text) > len(shown) and not text.endswith("\ufffd"):  # not half of a multi-byte character
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(flush=True)
+    return ids
+
+
+def _reply_record(tok, ids: list[int], stats) -> dict:
+    """Say on stderr why a reply stopped and what it measured; return that as a record (for ``--json``)."""
+    stopped = "eos" if ids and ids[-1] == tok.eos_token_id else "max_new_tokens"
+    if stopped == "max_new_tokens":
+        print(f"[stopped after {len(ids)} tokens: --max-new-tokens]", file=sys.stderr)
+    print(_stats_line(stats), file=sys.stderr)
+    return {"text": tok.decode(ids, skip_special_tokens=True), "token_ids": ids, "new_tokens": len(ids),
+            "stopped": stopped, "prompt_tokens": stats.prompt_tokens, "prefill_s": stats.prefill_s,
+            "prefill_tokens_per_s": stats.prefill_tokens_per_s, "decode_s": stats.decode_s,
+            "decode_tokens_per_s": stats.decode_tokens_per_s, **stats.memory}
+
+
+def _write_plot(json_path: str | None, draw) -> None:
+    """``draw(png_path)`` beside the JSON; skipped, with a note, where matplotlib (the ``eval`` extra) is missing."""
+    if not json_path:
+        return
+    png = os.path.splitext(json_path)[0] + ".png"
+    try:
+        import matplotlib  # noqa: F401
+    except ModuleNotFoundError:
+        print(f"matplotlib is not installed (`pip install matplotlib`, livekv's eval extra): {png} skipped",
+              file=sys.stderr)
+        return
+    draw(png)
+    print(f"wrote {png}", file=sys.stderr)
+
+
 def cmd_generate(args) -> None:
     import torch
 
@@ -120,53 +233,54 @@ def cmd_generate(args) -> None:
     if text is None:
         raise SystemExit("give --prompt or --prompt-file")
     model, tok = _load(args)
-    if args.chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        ids = ids["input_ids"] if not isinstance(ids, list) else ids
-    else:
-        ids = tok.encode(text)
-    cache = LiveKVCache(model.config, args.method, **{k: getattr(args, k) for k in KNOBS})
+    ids = _prompt_ids(tok, text, args)
+    _check_positions(model, "prompt", len(ids), len(ids) + args.max_new_tokens - 1)
+    cache = LiveKVCache(model.config, args.method, **_knobs(args))
     stats = GenerationStats()
     stream = generate_stream(model, cache, torch.tensor([ids], device=args.device), args.max_new_tokens,
                              stop_ids={tok.eos_token_id}, temperature=args.temperature, chunk=args.chunk,
-                             progress=_progress, stats=stats)
-    out = []
-    for token in stream:
-        out.append(token)
-        print(tok.decode(out, skip_special_tokens=True)[len(tok.decode(out[:-1], skip_special_tokens=True)):],
-              end="", flush=True)
-    print()
-    print(_stats_line(stats), file=sys.stderr)
+                             progress=_prefill_progress(len(ids), args.chunk), stats=stats)
+    record = _reply_record(tok, _print_tokens(tok, stream), stats)
+    _write_json(args.json, {"method": args.method, **_knobs(args), **record}, args)
 
 
 def cmd_chat(args) -> None:
+    model, tok = _load(args)
+    turns = []
+    print("livekv chat: type a message, empty line or Ctrl-D to quit", file=sys.stderr)
+    try:
+        _chat_turns(args, model, tok, turns)
+    finally:  # the turns so far are kept however the chat ends (Ctrl-C, a conversation too long)
+        _write_json(args.json, {"method": args.method, **_knobs(args), "turns": turns}, args)
+
+
+def _chat_turns(args, model, tok, turns: list[dict]) -> None:
+    """Read messages from stdin until an empty line or its end, answering each; append a record per turn."""
     import torch
 
     from livekv import LiveKVCache
     from livekv.generation import GenerationStats, generate_stream
 
-    model, tok = _load(args)
-    knobs = {k: getattr(args, k) for k in KNOBS}
+    knobs = _knobs(args)
     cache, fed, messages = LiveKVCache(model.config, args.method, **knobs), [], []
-    print("livekv chat: type a message, empty line or Ctrl-D to quit", file=sys.stderr)
-    for line in sys.stdin:
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
         if not line.strip():
             break
         messages.append({"role": "user", "content": line.strip()})
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
-        ids = list(ids["input_ids"] if not isinstance(ids, list) else ids)
+        ids = _chat_ids(tok, messages)
+        _check_positions(model, "conversation", len(ids), len(ids) + args.max_new_tokens - 1)
         if ids[: len(fed)] != fed:  # the conversation re-tokenised differently: start the cache over
             cache, fed = LiveKVCache(model.config, args.method, **knobs), []
-        stats, reply = GenerationStats(), []
+        stats = GenerationStats()
         new = torch.tensor([ids[len(fed):]], device=args.device)
-        for token in generate_stream(model, cache, new, args.max_new_tokens, stop_ids={tok.eos_token_id},
-                                     temperature=args.temperature, chunk=args.chunk, stats=stats):
-            reply.append(token)
-        text = tok.decode(reply, skip_special_tokens=True)
-        print(text, flush=True)
-        print(_stats_line(stats), file=sys.stderr)
+        reply = _print_tokens(tok, generate_stream(
+            model, cache, new, args.max_new_tokens, stop_ids={tok.eos_token_id}, temperature=args.temperature,
+            chunk=args.chunk, stats=stats, progress=_prefill_progress(new.shape[1], args.chunk)))
+        turns.append({"user": line.strip(), **_reply_record(tok, reply, stats)})
         fed = ids + reply[:-1] if reply and reply[-1] == tok.eos_token_id else ids + reply
-        messages.append({"role": "assistant", "content": text})
+        messages.append({"role": "assistant", "content": turns[-1]["text"]})
 
 
 def cmd_demo(args) -> None:
@@ -177,30 +291,40 @@ def cmd_demo(args) -> None:
         from livekv.vlm import load_default_vlm
 
         torch.set_num_threads(args.threads or 2)
-        stream_qa.demo(load_default_vlm(), method=args.method, minutes=args.minutes, speed=args.speed)
+        payload = stream_qa.demo(load_default_vlm(), method=args.method, minutes=args.minutes, speed=args.speed)
+        _write_json(args.json, payload, args)
         return
     from livekv.evals import needle
 
+    _require_corpus()
     model, tok = _load(args)
     print("A 2048-token haystack of natural text hides one number; the question is decoded through the sparse "
           "path. dense reads every token; quest reads 256 per step.")
-    needle.evaluate(model, tok, [("dense", {}), ("quest", {"budget": 256})], [2048], depths=(0.25, 0.75))
+    payload = needle.evaluate(model, tok, [("dense", {}), ("quest", {"budget": 256})], [2048], depths=(0.25, 0.75))
+    _write_json(args.json, payload, args)
 
 
 def cmd_eval(args) -> None:
+    from livekv import plots
+
     methods = _method_grid(args)
+    _require_corpus()
     model, tok = _load(args)
-    contexts = _ints(args.context)
+    contexts = args.context
+    for context in contexts:  # then needle feeds back 7 of its 8 answer tokens, fidelity all target tokens but one
+        _check_positions(model, "context", context, context + (7 if args.task == "needle" else args.target - 1))
     if args.task == "needle":
         from livekv.evals import needle
 
         depths = [round((i + 0.5) / args.depths, 3) for i in range(args.depths)]
-        payload = needle.evaluate(model, tok, methods, contexts, depths=depths, seed=args.seed)
+        payload = needle.evaluate(model, tok, methods, contexts, depths=depths, seed=args.seed, progress=True)
     else:
         from livekv.evals import fidelity
 
-        payload = fidelity.evaluate(model, tok, methods, contexts, target=args.target, seed=args.seed)
+        payload = fidelity.evaluate(model, tok, methods, contexts, target=args.target, seed=args.seed, progress=True)
     _write_json(args.json, payload, args)
+    panels = plots.NEEDLE if args.task == "needle" else plots.FIDELITY
+    _write_plot(args.json, lambda png: plots.against_budget(payload["results"], png, panels))
 
 
 def cmd_stream_qa(args) -> None:
@@ -282,25 +406,28 @@ def cmd_bench(args) -> None:
 
         adapter = bench.random_llava_onevision(args.image_size, args.layers)
         print(f"random LLaVA-OneVision, 0.5B text shape, {adapter.tokens_per_frame} visual tokens per frame", file=sys.stderr)
-        payload = bench.run(adapter, [m for m in args.method.split(",") if m], _ints(args.frames), clip_frames=args.clip_frames)
+        payload = bench.run(adapter, [m for m in args.method.split(",") if m], args.frames, clip_frames=args.clip_frames)
     else:
         from livekv.bench import decode as bench
 
         methods = _method_grid(args)
+        _require_corpus()
         model, tok = _load(args)
-        payload = bench.run(model, tok, methods, _ints(args.context), steps=args.steps, rounds=args.rounds,
-                            recall_core=args.recall_core)
+        payload = bench.run(model, tok, methods, args.context, steps=args.steps, rounds=args.rounds,
+                            recall_core=args.recall_core, progress=True)
     _write_json(args.json, payload, args)
-    if args.json:
-        png = os.path.splitext(args.json)[0] + ".png"
-        bench.plot(payload["results"], png)
-        print(f"wrote {png}", file=sys.stderr)
+    _write_plot(args.json, lambda png: bench.plot(payload["results"], png))
 
 
 def cmd_stream(args) -> None:
+    from livekv import plots
     from livekv.stream.cli import stream
 
-    stream(args)
+    payload, failure = stream(args)
+    _write_json(args.json, payload, args)
+    _write_plot(args.json, lambda png: plots.stream_timeline(payload["memory"], png))
+    if failure is not None:
+        raise failure
 
 
 def cmd_serve(args) -> None:
@@ -333,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="livevlm", help="streaming method of the video demo")
     p.add_argument("--minutes", type=float, default=2.0, help="length of the video demo's stream")
     p.add_argument("--speed", type=float, default=0.0, help="pace the video demo at this many times real time (0: as fast as it runs)")
+    p.add_argument("--json", help="write every question, answer, latency and the memory held here")
     p.set_defaults(func=cmd_demo)
 
     for name, func in (("generate", cmd_generate), ("chat", cmd_chat)):
@@ -342,10 +470,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "generate":
             p.add_argument("--prompt")
             p.add_argument("--prompt-file")
-            p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+            form = p.add_mutually_exclusive_group()
+            form.add_argument("--raw", action="store_true",
+                              help="feed the prompt as is (default: in the model's chat template, if it has one)")
+            form.add_argument("--chat", action="store_true",
+                              help="the prompt in the model's chat template (the default; kept for compatibility)")
         p.add_argument("--max-new-tokens", type=int, default=128)
         p.add_argument("--temperature", type=float, default=0.0)
         p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (tokens)")
+        p.add_argument("--json", help="write the text, tokens, speed and KV bytes per tier here" +
+                       (", one record per turn" if name == "chat" else ""))
         p.set_defaults(func=func)
 
     evals = sub.add_parser("eval", help="accuracy and fidelity").add_subparsers(dest="task", required=True)
@@ -354,11 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = evals.add_parser(task, help=text)
         _add_model_args(p)
         _add_method_args(p, multi=True)
-        p.add_argument("--context", default="2048,4096", help="context lengths, comma-separated")
+        p.add_argument("--context", type=_ints, default="2048,4096", help="context lengths, comma-separated")
         p.add_argument("--depths", type=int, default=5, help="needle: depths per length")
         p.add_argument("--target", type=int, default=256, help="fidelity: tokens fed one by one after the context")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--json", help="write results here")
+        p.add_argument("--json", help="write results here (and a PNG plot against the budget beside it)")
         p.set_defaults(func=cmd_eval)
     p = evals.add_parser("stream-qa", help="streaming video QA on the synthetic world, with the embedded VLM")
     p.add_argument("--method", "--methods", dest="method", default="full,livevlm", help="streaming methods, comma-separated")
@@ -381,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("decode", help="decode ms/token per method and context length")
     _add_model_args(p)
     _add_method_args(p, multi=True)
-    p.add_argument("--context", default="4096,16384,32768")
+    p.add_argument("--context", type=_ints, default="4096,16384,32768", help="context lengths, comma-separated")
     p.add_argument("--steps", type=int, default=8, help="decode steps per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     p.add_argument("--recall-core", action="store_true",
@@ -391,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("stream", help="video streams: ingest frames/s, time to first answer token, memory vs frames")
     p.add_argument("--methods", dest="method", default="full,rekv,livevlm",
                    help="streaming methods, comma-separated; `offline`: the whole video prefilled when the question comes")
-    p.add_argument("--frames", default="16,64,256,512", help="checkpoints: frames streamed, comma-separated")
+    p.add_argument("--frames", type=_ints, default="16,64,256,512", help="checkpoints: frames streamed, comma-separated")
     p.add_argument("--image-size", type=int, default=64, help="pixels per frame side: (size/16)^2 tokens per frame (224: 196)")
     p.add_argument("--layers", type=int, default=None, help="text layers (default: the 0.5B model's 24)")
     p.add_argument("--clip-frames", type=int, default=4, help="frames per clip pushed")
@@ -434,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=0.5, help="frames sampled per second of video")
     p.add_argument("--clip-frames", type=int, default=None, help="frames per clip (default: 1, or the model's multiple)")
     p.add_argument("--realtime", action="store_true", help="pace the stream at the video's own speed")
+    p.add_argument("--max-frames", type=int, default=None, help="stop after this many sampled frames (a camera never ends)")
+    p.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="stop at this time of the stream")
     p.add_argument("--system", default=None, help="system prompt (default: the embedded model's own; for a "
                    "checkpoint, one asking for brief answers about a live video)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -443,6 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
                              ("top-frames", int, "rekv: frames retrieved per question")):
         p.add_argument(f"--{knob}", type=kind, default=None, help=text)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", help="write every answer with its latency, and the memory over time, here (and a PNG "
+                   "plot of the memory and ingest speed beside it)")
     p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("serve", help="an HTTP server: OpenAI-compatible chat and live video sessions")
@@ -460,10 +598,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    _check_json_path(getattr(args, "json", None))
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         raise SystemExit(f"livekv: error: {e}") from e
+    except KeyboardInterrupt:
+        print("\nlivekv: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch
 from livekv.cache import LiveKVCache
 from livekv.layers import DenseLayer, LayerStats, RecallableLayer
 from livekv.generation import prefill
+from livekv.progress import above_bars, bar
 
 
 def memory_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
@@ -100,7 +101,10 @@ def run(
     fill_tokens: int = 1024,
     recall_core: bool = False,
     log=print,
+    progress: bool = False,
 ) -> dict:
+    """Every method at every context length (see the module docstring); ``progress``: a bar of the decode rounds
+    (warm-up, ``rounds``, profiled) on stderr."""
     from livekv.evals.corpus import filler_token_ids
 
     bandwidth = memory_bandwidth()
@@ -111,6 +115,8 @@ def run(
     layer_kv = [layer.fast.view() for layer in source.layers]
     token = ids[:, -1:]
     results = []
+    rounds_bar = bar(len(contexts) * (rounds + 2), "decode", "round", enabled=progress)
+    log = above_bars(log)
     for context in contexts:
         caches = []
         for name, knobs in methods:
@@ -119,12 +125,17 @@ def run(
         total = torch.get_num_threads()
         threads = [max(1, total - 1) if recall_core and recalls_in_background(c) else total for c in caches]
         _decode_round(model, caches, token, 2, threads)  # warm-up: allocations, first selections
-        rounds_ms = [_decode_round(model, caches, token, steps, threads) for _ in range(rounds)]
+        rounds_bar.update()
+        rounds_ms = []
+        for _ in range(rounds):
+            rounds_ms.append(_decode_round(model, caches, token, steps, threads))
+            rounds_bar.update()
         for cache in caches:
             cache.set_profile(True)
             for layer in cache.recallable_layers:
                 layer.stats = LayerStats()
         profiled = _decode_round(model, caches, token, steps, threads)
+        rounds_bar.update()
         for i, ((name, _), cache) in enumerate(zip(methods, caches)):
             ms = statistics.median(r[i] for r in rounds_ms)
             s = cache.stats()
@@ -157,6 +168,7 @@ def run(
                 f"fast={record['fast_kv_bytes'] / 1e6:.0f} MB host={record['host_kv_bytes'] / 1e6:.0f} MB"
             )
         del caches
+    rounds_bar.close()
     return {"results": results, "bandwidth_bytes_per_s": bandwidth, "threads": torch.get_num_threads()}
 
 

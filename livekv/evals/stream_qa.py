@@ -112,10 +112,10 @@ def evaluate(adapter, methods: list[str], minutes: float = 2.0, seed: int = 0, n
 
 
 def demo(adapter, method: str = "livevlm", minutes: float = 2.0, seed: int = 7, n_questions: int = 12,
-         memory_tokens: int = 56, speed: float = 0.0) -> None:
+         memory_tokens: int = 56, speed: float = 0.0) -> dict:
     """The main job: a synthetic stream plays into ``method``'s memory, questions are asked during playback, and each
     answer is shown with its correctness and the live memory and latency. ``speed`` > 0 paces playback at that many
-    times real time."""
+    times real time. Returns what was shown: ``{"questions": [one record per question], "right": ..., ...}``."""
     import time
 
     from livekv.vlm.model import SYSTEM
@@ -126,11 +126,12 @@ def demo(adapter, method: str = "livevlm", minutes: float = 2.0, seed: int = 7, 
     print(f"A {minutes:g}-minute synthetic stream at 0.5 fps ({len(world.frame_times)} frames of {adapter.tokens_per_frame} + 1 "
           f"tokens) plays into `{method}` ({', '.join(f'{k}={v}' for k, v in knobs.items()) or 'no budget'}); questions come "
           f"while it plays.")
-    pending, right, start = list(questions), 0, time.perf_counter()
+    pending, cases, right, start = list(questions), [], 0, time.perf_counter()
     for t, image in list(world.frames()) + [(float("inf"), None)]:
         while pending and pending[0].ask_time < t:
             q = pending.pop(0)
             case = _ask(session, q, world)
+            cases.append(case)
             right += case["correct"]
             mark = "right" if case["correct"] else f"wrong, expected {q.answer!r}"
             mem = session.memory()
@@ -145,3 +146,6 @@ def demo(adapter, method: str = "livevlm", minutes: float = 2.0, seed: int = 7, 
     full_tokens = session.cache.layers[0].n_sink + len(world.frame_times) * (adapter.tokens_per_frame + 1)
     print(f"{right}/{len(questions)} answered right. The memory held {session.memory()['memory_tokens']} tokens per layer at "
           f"the end; keeping every frame (`full`) would hold about {full_tokens}.")
+    return {"method": method, "knobs": knobs, "minutes": minutes, "seed": seed, "frames": len(world.frame_times),
+            "questions": cases, "right": right, "memory_tokens": session.memory()["memory_tokens"],
+            "full_memory_tokens": full_tokens, "ingest_fps": session.stats.ingest_fps}

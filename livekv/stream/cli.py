@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import sys
 import threading
@@ -9,7 +10,7 @@ import threading
 import torch
 
 from livekv.stream.session import StreamSession
-from livekv.stream.source import clips, frames
+from livekv.stream.source import VideoError, clips, frames
 
 KNOBS = ("short_term", "long_term", "retrieve", "top_frames")
 SYSTEM = "You are watching a live video. Answer questions about it briefly."  # for a checkpoint's own chat template
@@ -64,56 +65,134 @@ def _status(session: StreamSession, t: float) -> str:
             f"host {mem['host_kv_bytes'] / 1e6:.1f} MB, {mem['memory_tokens']} tokens{ttft}]")
 
 
-def _answer(session: StreamSession, question: str, t: float, max_new_tokens: int) -> None:
-    print(f"\nQ (t={t:.1f}s): {question}\nA: ", end="", flush=True)
-    for piece in session.ask(question, max_new_tokens):
-        print(piece, end="", flush=True)
-    print(f"\n   (first token after {session.stats.ttft_s * 1e3:.0f} ms)" if session.stats.ttft_s is not None else "", flush=True)
+class _Bounded:
+    """Frames of a source until ``max_frames`` frames or ``duration`` seconds of stream (a camera never ends);
+    ``cut`` names the bound that ended them (None: the source ended)."""
+
+    def __init__(self, frame_iter, max_frames: int | None, duration: float | None):
+        self.frame_iter, self.max_frames, self.duration = frame_iter, max_frames, duration
+        self.cut: str | None = None
+
+    def __iter__(self):
+        with contextlib.closing(self.frame_iter):
+            for n, frame in enumerate(self.frame_iter, 1):
+                if self.duration is not None and frame.time >= self.duration:
+                    self.cut = f"--duration {self.duration:g}"
+                    return
+                yield frame
+                if n == self.max_frames:
+                    self.cut = f"--max-frames {self.max_frames}"
+                    return
 
 
-def stream(args) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    system = SYSTEM
-    if args.model == "random":
-        adapter = random_adapter()
-    elif args.model == "default":
+def _load(model: str):
+    """``(adapter, default system prompt)`` of ``--model``."""
+    if model == "random":
+        return random_adapter(), SYSTEM
+    if model == "default":
         from livekv.vlm import model as default_vlm
 
-        adapter, system = default_vlm.load_default_vlm(), default_vlm.SYSTEM
-    else:
-        from livekv.stream.adapters import load_adapter
+        return default_vlm.load_default_vlm(), default_vlm.SYSTEM
+    from livekv.stream.adapters import load_adapter
 
-        adapter = load_adapter(args.model)
+    return load_adapter(model), SYSTEM
+
+
+class _Player:
+    """One ``livekv stream`` run: plays clips into the session and answers questions; ``t`` is the stream time
+    reached (the last pushed frame's). ``answers`` and ``memory`` (after each clip) record what was measured."""
+
+    def __init__(self, session: StreamSession, args):
+        self.session, self.args, self.t = session, args, 0.0
+        self.answers: list[dict] = []
+        self.memory: list[dict] = []
+
+    def play(self, source: _Bounded, pending: list[tuple[float, str]], typed: queue.Queue) -> bool:
+        """Push the clips of ``source``, answering the questions that come due while it plays. Returns whether
+        stdin is still open for typed questions."""
+        session, stdin_open = self.session, self.args.interactive
+        for t, clip in clips(source, self.args.clip_frames or session.adapter.frame_multiple):
+            if len(clip) % session.adapter.frame_multiple:
+                break  # a last partial clip this model cannot take
+            session.push(clip)
+            self.t = t + (len(clip) - 1) / self.args.fps
+            self.memory.append({"t": self.t, "frames": session.stats.frames, "ingest_fps": session.stats.ingest_fps,
+                                **session.memory()})
+            print(f"\r{_status(session, self.t)}", end="", file=sys.stderr, flush=True)
+            while pending and pending[0][0] <= self.t:
+                self.answer(pending.pop(0)[1])
+            while not typed.empty():
+                question = typed.get()
+                if question is None:  # stdin closed while the video played
+                    stdin_open = False
+                else:
+                    self.answer(question)
+        return stdin_open
+
+    def answer(self, question: str) -> None:
+        """Print the answer as it is decoded; a question the session refuses (``ValueError``) is reported on
+        stderr, and the run goes on."""
+        session = self.session
+        session.stats.ttft_s = None  # set again by this answer's first token (an empty answer has none)
+        try:
+            pieces = iter(session.ask(question, self.args.max_new_tokens))
+            first = next(pieces, "")
+        except ValueError as e:
+            print(f"\nlivekv: cannot answer {question!r}: {e}", file=sys.stderr, flush=True)
+            self.answers.append({"t": self.t, "question": question, "error": str(e)})
+            return
+        print(f"\nQ (t={self.t:.1f}s): {question}\nA: {first}", end="", flush=True)
+        answer = [first]
+        for piece in pieces:
+            print(piece, end="", flush=True)
+            answer.append(piece)
+        ttft = session.stats.ttft_s
+        print(f"\n   (first token after {ttft * 1e3:.0f} ms)" if ttft is not None else "", flush=True)
+        self.answers.append({"t": self.t, "question": question, "answer": "".join(map(str, answer)),
+                             "ttft_ms": None if ttft is None else ttft * 1e3})
+
+    def record(self, how: str) -> dict:
+        """What the run measured (``--json``)."""
+        a = self.args
+        return {"video": a.video, "model": a.model, "method": a.method, **{k: getattr(a, k) for k in KNOBS},
+                "fps": a.fps, "stopped": how, "frames": self.session.stats.frames, "questions": self.answers,
+                "memory": self.memory}
+
+
+def stream(args) -> tuple[dict, BaseException | None]:
+    """``livekv stream``: returns what it measured and how it failed (``VideoError``, ``KeyboardInterrupt``; None
+    when the video ended or a bound was reached). However the stream stops, the questions still pending are
+    answered from the memory held then; the caller then raises the failure (a read error exits with its message,
+    status 1; Ctrl-C as an interrupt, status 130, in ``livekv.cli.main``)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    adapter, system = _load(args.model)
     knobs = {k: getattr(args, k) for k in KNOBS}
-    session = StreamSession(adapter, args.method, system=args.system or system, **knobs)
-    per_clip = args.clip_frames or adapter.frame_multiple
+    player = _Player(StreamSession(adapter, args.method, system=args.system or system, **knobs), args)
     pending = _questions_at(args.ask_at)
     typed: queue.Queue = queue.Queue()
     if args.interactive:
         threading.Thread(target=_stdin_questions, args=(typed,), daemon=True).start()
         print("type a question and Enter at any time; the video keeps playing", file=sys.stderr)
-    t, stdin_open = 0.0, args.interactive
-    for t, clip in clips(frames(args.video, fps=args.fps, realtime=args.realtime), per_clip):
-        if len(clip) % adapter.frame_multiple:
-            break  # a last partial clip this model cannot take
-        session.push(clip)
-        t += (len(clip) - 1) / args.fps
-        print(f"\r{_status(session, t)}", end="", file=sys.stderr, flush=True)
-        while pending and pending[0][0] <= t:
-            _answer(session, pending.pop(0)[1], t, args.max_new_tokens)
-        while not typed.empty():
-            question = typed.get()
-            if question is None:  # stdin closed while the video played
-                stdin_open = False
-            else:
-                _answer(session, question, t, args.max_new_tokens)
-    print(f"\r{_status(session, t)}  end of video", file=sys.stderr, flush=True)
-    for _, question in pending:
-        _answer(session, question, t, args.max_new_tokens)
-    for question in args.ask:
-        _answer(session, question, t, args.max_new_tokens)
-    if stdin_open:
-        print("the video has ended; ask more, or Ctrl-D to quit", file=sys.stderr)
-        while (question := typed.get()) is not None:
-            _answer(session, question, t, args.max_new_tokens)
+    source = _Bounded(frames(args.video, fps=args.fps, realtime=args.realtime), args.max_frames, args.duration)
+    failure, stdin_open = None, False
+    try:
+        stdin_open = player.play(source, pending, typed)
+        how = f"reached {source.cut}" if source.cut else "end of video"
+    except VideoError as e:
+        if not player.session.stats.frames:
+            raise  # nothing was seen: nothing to answer from
+        failure, how = e, f"stopped: {e}"
+    except KeyboardInterrupt as e:
+        failure, how = e, "stopped: interrupted"
+    print(f"\r{_status(player.session, player.t)}  {how}", file=sys.stderr, flush=True)
+    try:
+        for question in [q for _, q in pending] + args.ask:
+            player.answer(question)
+        if stdin_open and failure is None:
+            print("the video has ended; ask more, or Ctrl-D to quit", file=sys.stderr)
+            while (question := typed.get()) is not None:
+                player.answer(question)
+    except KeyboardInterrupt as e:
+        failure = e
+    return player.record(how), failure

@@ -1,0 +1,5 @@
+"""``python -m livekv``: the ``livekv`` console script."""
+
+from livekv.cli import main
+
+main()
