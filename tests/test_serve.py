@@ -292,3 +292,19 @@ def test_the_server_answers_health_while_the_model_works(url, client, media):
     latencies = [asyncio.run(probe()) for _ in range(5)]
     wait_ingested(client, sid)
     assert max(latencies) < 1.0
+
+
+def test_a_client_gone_mid_answer_leaves_the_stream_ingesting(client, media):
+    """Found by the load benchmark: a client that closed an answer's SSE after its first event left the stream
+    marked as answering, and it ingested nothing more."""
+    _, world = media
+    images = [png(image) for _, image in world.frames()]
+    sid = client.post("/v1/streams", json={"method": "livevlm"}).json()["id"]
+    for data in images[:5]:
+        client.post(f"/v1/streams/{sid}/frames", content=data, headers={"content-type": "image/png"})
+    wait_ingested(client, sid, source=False)
+    with client.stream("POST", f"/v1/streams/{sid}/ask", json={"question": COUNT}) as response:
+        next(response.iter_lines())  # the first event, then the client goes
+    for data in images[5:10]:
+        client.post(f"/v1/streams/{sid}/frames", content=data, headers={"content-type": "image/png"})
+    assert wait_ingested(client, sid, source=False, timeout=30)["frames"]["ingested"] == 10

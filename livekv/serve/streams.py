@@ -142,9 +142,9 @@ class Stream:
                     yield piece
                 self.counters.questions += 1
                 self.counters.last_ttft_ms = (self.session.stats.ttft_s or 0.0) * 1e3
-            finally:
+            finally:  # no await here: a cancelled request (its client gone) could not run one
                 if answer is not None:
-                    await self.engine.run(answer.close, priority=ANSWER)
+                    self.engine.submit(answer.close, priority=ANSWER)  # before the next clip: it frees the session
                 with self.cond:
                     self.answering = False
                     self._schedule()
