@@ -22,8 +22,9 @@ import os
 import sys
 import time
 
-KNOBS = ("budget", "sink", "window", "page_size", "dense_layers", "tau", "host", "host_dir")
-
+from livekv.methods import knob_options, split_specs
+from livekv.options import add_options, fields_of, given
+from livekv.serve.config import ServeConfig
 
 def _ints(text: str) -> list[int]:
     """The argparse type of comma-separated positive integers (``"2048,4096"``); argparse names the flag in the
@@ -45,22 +46,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_method_args(p: argparse.ArgumentParser, multi: bool) -> None:
+    """``--method`` and every text method's knobs (from their config dataclasses); with ``multi``, comma-separated
+    methods and budgets."""
     help_m = "method name(s), comma-separated" if multi else "method name"
     p.add_argument("--method", "--methods", dest="method", default="quest", help=f"{help_m} (see `livekv methods`)")
-    p.add_argument("--budget", type=_ints if multi else int, default=None,
-                   help="tokens read per KV head per decode step" + (" (comma-separated list)" if multi else ""))
-    p.add_argument("--sink", type=int, default=None)
-    p.add_argument("--window", type=int, default=None)
-    p.add_argument("--page-size", type=int, default=None)
-    p.add_argument("--dense-layers", type=int, default=None, help="the first N layers stay dense")
-    p.add_argument("--tau", type=float, default=None, help="freekv: correction threshold on the adjacent-query cosine")
-    p.add_argument("--host", choices=["ram", "disk"], default=None,
-                   help="host tier of the sparse methods: RAM, or a memory-mapped file kept out of the page cache")
-    p.add_argument("--host-dir", default=None, help="directory of the disk host tier (default: the temp dir)")
+    if multi:
+        p.add_argument("--budget", type=_ints, default=None, help="tokens read per KV head per decode step "
+                       "(comma-separated list)")
+    add_options(p, [o for o in knob_options("text") if not (multi and o.name == "budget")])
 
 
 def _knobs(args) -> dict:
-    return {k: getattr(args, k) for k in KNOBS}
+    """The text knobs given on the command line."""
+    return given(args, knob_options("text"))
 
 
 def _cuda() -> bool:
@@ -75,7 +73,7 @@ def _method_grid(args) -> list[tuple[str, dict]]:
 
     names = [m for m in args.method.split(",") if m]
     budgets = args.budget if args.budget is not None else [None]
-    knobs = {k: getattr(args, k) for k in KNOBS if k != "budget"}
+    knobs = {k: v for k, v in _knobs(args).items() if k != "budget"}
     grid = []
     for name in names:
         for budget in budgets:
@@ -336,7 +334,7 @@ def cmd_stream_qa(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     adapter = load_default_vlm(args.model or WEIGHTS)
-    payload = stream_qa.evaluate(adapter, [m for m in args.method.split(",") if m], args.minutes, seed=args.seed,
+    payload = stream_qa.evaluate(adapter, split_specs(args.method), args.minutes, seed=args.seed,
                                  n_questions=args.questions, memory_tokens=args.memory_tokens, streams=args.streams)
     _write_json(args.json, payload, args)
 
@@ -431,22 +429,19 @@ def cmd_stream(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from livekv.options import given
-    from livekv.serve import ServeConfig, run
+    from livekv.serve import run
 
-    run(ServeConfig(**given(args, ServeConfig)))
+    run(ServeConfig(**given(args, fields_of(ServeConfig))))
 
 
 def cmd_methods(args) -> None:
-    import dataclasses
-
     from livekv.methods import METHODS
 
     for name, cls in METHODS.items():
         also = f" (also: {', '.join(cls.aliases)})" if cls.aliases else ""
-        print(f"{name}{also} [{', '.join(cls.contexts)}]: {(cls.__doc__ or '').strip().splitlines()[0]}")
-        for f in dataclasses.fields(cls):
-            print(f"    {f.name} = {f.default!r}: {f.metadata.get('help', '')}")
+        print(f"{name}{also} [{', '.join(cls.contexts)}]: {' '.join((cls.__doc__ or '').split())}")
+        for option in fields_of(cls):
+            print(f"    {option.name} = {option.default!r}: {option.help}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -573,21 +568,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (default: the embedded model's own; for a "
                    "checkpoint, one asking for brief answers about a live video)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    for knob, kind, text in (("short-term", int, "tokens of the newest clips kept uncompressed"),
-                             ("long-term", int, "livevlm: long-term memory budget M (tokens)"),
-                             ("retrieve", float, "livevlm: share of long-term pages read per question"),
-                             ("top-frames", int, "rekv: frames retrieved per question")):
-        p.add_argument(f"--{knob}", type=kind, default=None, help=text)
+    p.add_argument("--memory-tokens", type=int, default=None, help="fast-tier memory of a bounded method, tokens "
+                   "per layer; the method sets its budgets from it (default: what fits the model)")
+    add_options(p, knob_options("stream"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", help="write every answer with its latency, and the memory over time, here (and a PNG "
                    "plot of the memory and ingest speed beside it)")
     p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("serve", help="an HTTP server: OpenAI-compatible chat and live video sessions")
-    from livekv.options import add_options
-    from livekv.serve.config import ServeConfig
-
-    add_options(p, ServeConfig)
+    add_options(p, fields_of(ServeConfig))
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("methods", help="list the registered methods and their knobs")

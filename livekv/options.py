@@ -6,31 +6,51 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from dataclasses import dataclass
 
-from livekv.methods import parse_value
+from livekv.methods.parsing import parse_value
 
 
-def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), seen: set | None = None) -> None:
-    """``--name`` for each field of ``cls`` not in ``skip`` (or in ``seen``, which collects the names added)."""
+@dataclass(frozen=True)
+class Option:
+    name: str
+    hint: object
+    default: object
+    help: str
+
+
+def fields_of(cls, skip: tuple[str, ...] = ()) -> list[Option]:
+    """An option per dataclass field of ``cls`` (its help from the first class in the MRO that gives one)."""
     hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        if field.name in skip or (seen is not None and field.name in seen):
-            continue
-        hint, flag = hints[field.name], "--" + field.name.replace("_", "-")
-        help_ = f"{field.metadata.get('help', '')} (default: {_default(field)})"
-        if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif typing.get_origin(hint) is tuple:
-            parser.add_argument(flag, type=_items, default=None, help=help_ + "; comma-separated")
+    return [Option(f.name, hints[f.name], f.default, _help(cls, f.name)) for f in dataclasses.fields(cls)
+            if f.name not in skip]
+
+
+def add_options(parser: argparse.ArgumentParser, options: list[Option]) -> None:
+    """``--name`` for each option (default ``None``: only what is given overrides the config's default)."""
+    for option in options:
+        flag = "--" + option.name.replace("_", "-")
+        default = ",".join(option.default) if isinstance(option.default, tuple) else option.default
+        text = f"{option.help} (default: {'set by the code' if default is dataclasses.MISSING else default})"
+        if option.hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif typing.get_origin(option.hint) is tuple:
+            parser.add_argument(flag, type=_items, default=None, help=text + "; comma-separated")
         else:
-            parser.add_argument(flag, type=_typed(hint, flag), default=None, help=help_)
-        if seen is not None:
-            seen.add(field.name)
+            parser.add_argument(flag, type=_typed(option.hint, flag), default=None, help=text)
 
 
-def given(args: argparse.Namespace, cls) -> dict:
-    """The fields of ``cls`` that were given on the command line."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+def given(args: argparse.Namespace, options: list[Option]) -> dict:
+    """The options that were given on the command line."""
+    return {o.name: getattr(args, o.name) for o in options if getattr(args, o.name, None) is not None}
+
+
+def _help(cls, name: str) -> str:
+    for klass in cls.__mro__:
+        field = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if field is not None and field.metadata.get("help"):
+            return field.metadata["help"]
+    return ""
 
 
 def _typed(hint, flag: str):
@@ -45,10 +65,3 @@ def _typed(hint, flag: str):
 
 def _items(text: str) -> tuple[str, ...]:
     return tuple(item for item in text.split(",") if item)
-
-
-def _default(field) -> str:
-    if field.default is not dataclasses.MISSING:
-        value = field.default
-        return ",".join(value) if isinstance(value, tuple) else str(value)
-    return "set by the code"

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 
-from livekv.methods.base import MethodConfig, SparseConfig, StreamMethod
+from livekv.methods.base import HostTier, MethodConfig, SparseConfig, StreamMethod
 from livekv.methods.clusterkv import ClusterKVConfig
 from livekv.methods.dense import DenseConfig
 from livekv.methods.freekv import FreeKVConfig
 from livekv.methods.livevlm import LiveVLMConfig
 from livekv.methods.quest import QuestConfig
 from livekv.methods.rekv import ReKVConfig
+from livekv.methods.parsing import parse_value, split_specs
 from livekv.methods.sink_window import SinkWindowConfig
 
 METHODS: dict[str, type[MethodConfig]] = {cls.name: cls for cls in (
@@ -23,6 +23,39 @@ ALIASES: dict[str, type[MethodConfig]] = {alias: cls for cls in METHODS.values()
 def names(context: str) -> list[str]:
     """The names (aliases included) of the methods that run in ``context`` (``"text"`` or ``"stream"``)."""
     return [name for name, cls in {**METHODS, **ALIASES}.items() if context in cls.contexts]
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``"livevlm:offload=true,recall_tokens=21"`` -> ``("livevlm", {"offload": True, "recall_tokens": 21})``: a
+    method and knobs in one string (command lines, comparisons), each value read as its knob's type."""
+    name, _, rest = spec.partition(":")
+    cls = METHODS.get(name) or ALIASES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join([*METHODS, *ALIASES])}")
+    hints = typing.get_type_hints(cls)
+    knobs = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in hints:
+            raise ValueError(f"{spec!r}: expected KNOB=VALUE with a knob of {name} ({', '.join(hints)}), got {item!r}")
+        knobs[key] = parse_value(value, hints[key])
+    return name, knobs
+
+
+def knob_options(context: str):
+    """The knobs of every ``context`` method as command-line options, each once (text: the sparse knobs; streams:
+    the stream knobs; the host tier's in both)."""
+    from livekv.options import fields_of
+
+    other = StreamMethod if context == "text" else SparseConfig
+    skip = {f.name for f in dataclasses.fields(other)} - {f.name for f in dataclasses.fields(HostTier)}
+    seen, out = set(), []
+    for cls in METHODS.values():
+        if context in cls.contexts:
+            for option in fields_of(cls, tuple(skip | seen)):
+                seen.add(option.name)
+                out.append(option)
+    return out
 
 
 def make_method(method: str | MethodConfig, *, context: str = "text", ignore_unknown: bool = False,
@@ -52,40 +85,5 @@ def make_method(method: str | MethodConfig, *, context: str = "text", ignore_unk
     return cls(**{k: v for k, v in knobs.items() if k in fields})
 
 
-def parse_spec(spec: str) -> tuple[str, dict]:
-    """``"livevlm:offload=true,recall_tokens=21"`` -> ``("livevlm", {"offload": True, "recall_tokens": 21})``: a
-    method and knobs in one string (command lines, comparisons), each value read as its knob's type."""
-    name, _, rest = spec.partition(":")
-    cls = METHODS.get(name) or ALIASES.get(name)
-    if cls is None:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join([*METHODS, *ALIASES])}")
-    hints = typing.get_type_hints(cls)
-    knobs = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in hints:
-            raise ValueError(f"{spec!r}: expected KNOB=VALUE with a knob of {name} ({', '.join(hints)}), got {item!r}")
-        knobs[key] = parse_value(value, hints[key])
-    return name, knobs
-
-
-def parse_value(text: str, hint):
-    """A knob's value from text, by its type hint: ``none``, booleans (``true``/``false``), ints, floats, text."""
-    if text.lower() == "none":
-        return None
-    kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    if bool in kinds:
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"expected true or false, got {text!r}")
-        return text.lower() in ("true", "1", "yes")
-    for kind in (int, float):
-        if kind in kinds:
-            try:
-                return kind(text)
-            except ValueError:
-                if float not in kinds or kind is float:
-                    raise ValueError(f"expected {kind.__name__}, got {text!r}") from None
-    return text
-
-
-__all__ = ["ALIASES", "METHODS", "MethodConfig", "SparseConfig", "StreamMethod", "make_method", "names", "parse_spec", "parse_value"]
+__all__ = ["ALIASES", "METHODS", "MethodConfig", "SparseConfig", "StreamMethod", "knob_options", "make_method", "names", "parse_spec",
+           "parse_value", "split_specs"]

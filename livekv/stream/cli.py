@@ -9,10 +9,11 @@ import threading
 
 import torch
 
+from livekv.methods import knob_options
+from livekv.options import given
 from livekv.stream.session import StreamSession
 from livekv.stream.source import VideoError, clips, frames
 
-KNOBS = ("short_term", "long_term", "retrieve", "top_frames")
 SYSTEM = "You are watching a live video. Answer questions about it briefly."  # for a checkpoint's own chat template
 
 
@@ -154,7 +155,7 @@ class _Player:
     def record(self, how: str) -> dict:
         """What the run measured (``--json``)."""
         a = self.args
-        return {"video": a.video, "model": a.model, "method": a.method, **{k: getattr(a, k) for k in KNOBS},
+        return {"video": a.video, "model": a.model, "method": a.method, **given(a, knob_options("stream")),
                 "fps": a.fps, "stopped": how, "frames": self.session.stats.frames, "questions": self.answers,
                 "memory": self.memory}
 
@@ -167,8 +168,10 @@ def stream(args) -> tuple[dict, BaseException | None]:
     if args.threads:
         torch.set_num_threads(args.threads)
     adapter, system = _load(args.model)
-    knobs = {k: getattr(args, k) for k in KNOBS}
-    player = _Player(StreamSession(adapter, args.method, system=args.system or system, **knobs), args)
+    knobs = given(args, knob_options("stream"))
+    session = StreamSession(adapter, args.method, system=args.system or system, memory_tokens=args.memory_tokens,
+                            **knobs)
+    player = _Player(session, args)
     pending = _questions_at(args.ask_at)
     typed: queue.Queue = queue.Queue()
     if args.interactive:
