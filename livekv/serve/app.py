@@ -20,19 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import pathlib
-import secrets
-import time
-import uuid
 
-from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from livekv.serve import media, state
-from livekv.serve.chat import SessionLimit, Turn
+from livekv.serve import media, responses, state, ws
+from livekv.serve.chat import SessionLimit
 from livekv.serve.config import ServeConfig
 from livekv.serve.schemas import AskRequest, ChatCompletionRequest, StreamCreate
 from livekv.serve.server import Models, Server, load_models
@@ -95,35 +91,40 @@ def _handler(body, status):
 
 def _routes(app: FastAPI, config: ServeConfig) -> None:
     def authorized(request: Request) -> None:
-        if config.api_key and not _key_ok(config.api_key, request.headers.get("authorization"),
-                                          request.query_params.get("api_key")):
+        if not config.accepts(request.headers.get("authorization"), request.query_params.get("api_key")):
             raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <key>)",
                                 headers={"WWW-Authenticate": "Bearer"})
-
-    def server(request: Request) -> Server:
-        return request.app.state.server
 
     key = [Depends(authorized)]
 
     @app.get("/health")
     async def health(request: Request):
-        s = server(request)
+        s = _server(request)
         return {"status": "ok", "sessions": s.sessions, "engine_jobs_pending": s.engine.pending}
 
     @app.get("/v1/models", dependencies=key)
     async def list_models(request: Request):
-        m = server(request).models
+        m = _server(request).models
         data = [(m.text_id, "chat") if m.text else None, (m.vlm_id, "video streams") if m.vlm else None]
         return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "livekv",
                                             "livekv": {"serves": what, "methods": list(config.methods)}}
                                            for i, what in filter(None, data)]}
 
+    _chat_routes(app, key)
+    _stream_routes(app, config, key)
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.server
+
+
+def _chat_routes(app: FastAPI, key: list) -> None:
     @app.post("/v1/chat/completions", dependencies=key)
     async def chat_completions(request: Request, body: ChatCompletionRequest):
-        s = server(request)
+        s = _server(request)
         stream_id = body.stream_id or (body.model.split("/", 1)[1] if body.model.startswith("stream/") else None)
         if stream_id:
-            return await _ask_by_chat(s, body, stream_id, request)
+            return await responses.ask_by_chat(s, body, stream_id)
         if s.chats is None:
             raise HTTPException(404, "this server has no text model (--model none)")
         prompt = s.chats.prompt(body)
@@ -131,12 +132,12 @@ def _routes(app: FastAPI, config: ServeConfig) -> None:
         session = s.chats.session(body, method, knobs, s.sessions)
         events = s.chats.complete(body, session, prompt, request.is_disconnected)
         if body.stream:
-            return _sse(_chunks(body, events, s.models.text_id))
-        return await _completion(body, events, s.models.text_id, session)
+            return responses.sse(responses.chunks(body, events, s.models.text_id))
+        return await responses.completion(body, events, s.models.text_id, session)
 
     @app.get("/v1/sessions/{sid}", dependencies=key)
     async def get_session(request: Request, sid: str):
-        chats = server(request).chats
+        chats = _server(request).chats
         if chats is None or sid not in chats.sessions:
             raise KeyError(f"no session {sid!r}")
         chat = chats.sessions[sid]
@@ -145,29 +146,31 @@ def _routes(app: FastAPI, config: ServeConfig) -> None:
 
     @app.delete("/v1/sessions/{sid}", dependencies=key)
     async def delete_session(request: Request, sid: str):
-        server(request).delete_chat(sid)
+        _server(request).delete_chat(sid)
         return {"id": sid, "object": "session", "deleted": True}
 
+
+def _stream_routes(app: FastAPI, config: ServeConfig, key: list) -> None:
     @app.post("/v1/streams", dependencies=key, status_code=201)
     async def create_stream(request: Request, body: StreamCreate):
-        return server(request).create_stream(body).stats()
+        return _server(request).create_stream(body).stats()
 
     @app.get("/v1/streams", dependencies=key)
     async def list_streams(request: Request):
-        return {"object": "list", "data": [st.stats() for st in server(request).streams.values()]}
+        return {"object": "list", "data": [st.stats() for st in _server(request).streams.values()]}
 
     @app.get("/v1/streams/{sid}", dependencies=key)
     async def get_stream(request: Request, sid: str):
-        return server(request).stream(sid).stats()
+        return _server(request).stream(sid).stats()
 
     @app.delete("/v1/streams/{sid}", dependencies=key)
     async def delete_stream(request: Request, sid: str):
-        server(request).delete_stream(sid)
+        _server(request).delete_stream(sid)
         return {"id": sid, "object": "stream", "deleted": True}
 
     @app.post("/v1/streams/{sid}/frames", dependencies=key)
     async def push_frames(request: Request, sid: str):
-        stream = server(request).stream(sid)
+        stream = _server(request).stream(sid)
         data = await _body(request, config.max_upload_bytes)
         images = await asyncio.to_thread(media.decode, data, request.headers.get("content-type"),
                                          stream.spec["fps"], config.max_upload_bytes, config.max_frame_pixels)
@@ -176,28 +179,27 @@ def _routes(app: FastAPI, config: ServeConfig) -> None:
 
     @app.post("/v1/streams/{sid}/ask", dependencies=key)
     async def ask(request: Request, sid: str, body: AskRequest):
-        stream = server(request).stream(sid)
+        stream = _server(request).stream(sid)
         answer = stream.ask(body.question, min(body.max_tokens, config.max_tokens))
-        first = await _first(answer)  # a question that cannot be answered fails here, as a 400
+        first = await responses.first_piece(answer)  # a question that cannot be answered fails here, as a 400
         if body.stream:
-            return _sse(_ask_events(stream, first, answer))
+            return responses.sse(responses.ask_events(stream, first, answer))
         async with contextlib.aclosing(answer):
             text = first + "".join([piece async for piece in answer])
         return {"answer": text, "ttft_ms": stream.counters.last_ttft_ms, "frames_ingested": stream.counters.ingested}
 
     @app.get("/v1/streams/{sid}/snapshot", dependencies=key)
     async def snapshot(request: Request, sid: str):
-        s = server(request)
-        stream = s.stream(sid)
+        s = _server(request)
         with state.scratch() as tmp:
-            record = await s.snapshot_stream(stream, pathlib.Path(tmp, "snap"))
+            record = await s.snapshot_stream(s.stream(sid), pathlib.Path(tmp, "snap"))
             data = state.to_tar(pathlib.Path(tmp, "snap"), record)
         return Response(data, media_type="application/x-tar",
                         headers={"Content-Disposition": f'attachment; filename="{sid}.tar"'})
 
     @app.post("/v1/streams/restore", dependencies=key, status_code=201)
     async def restore(request: Request):
-        s = server(request)
+        s = _server(request)
         if s.sessions >= config.max_sessions:
             raise SessionLimit(f"the server holds its maximum of {config.max_sessions} sessions")
         data = await _body(request, 1 << 34)
@@ -208,99 +210,7 @@ def _routes(app: FastAPI, config: ServeConfig) -> None:
 
     @app.websocket("/v1/streams/{sid}/ws")
     async def websocket(socket: WebSocket, sid: str):
-        await _websocket(socket, sid, config)
-
-
-async def _ask_by_chat(s: Server, body: ChatCompletionRequest, stream_id: str, request: Request):
-    """A chat completion that names a stream asks it: the last user message is the question."""
-    stream = s.stream(stream_id)
-    question = next((m.text() for m in reversed(body.messages) if m.role == "user"), "")
-    answer = stream.ask(question, body.limit(s.config.max_tokens))
-    first = await _first(answer)
-
-    async def events():
-        turn = Turn(prompt=[], cached=0)
-        turn.tokens.append(first)
-        yield first, turn
-        async with contextlib.aclosing(answer):
-            async for piece in answer:
-                turn.tokens.append(piece)
-                yield piece, turn
-        turn.finish_reason, turn.ttft_s = "stop", (stream.counters.last_ttft_ms or 0) / 1e3
-        yield "", turn
-
-    model = f"stream/{stream_id}"
-    return _sse(_chunks(body, events(), model)) if body.stream else await _completion(body, events(), model, None)
-
-
-async def _first(answer) -> str:
-    """The first piece of an answer ('' if it is empty): errors of the question surface before any response."""
-    try:
-        return await answer.__anext__()
-    except StopAsyncIteration:
-        return ""
-
-
-async def _completion(body: ChatCompletionRequest, events, model: str, session) -> dict:
-    text, turn = [], None
-    async with contextlib.aclosing(events):
-        async for delta, turn in events:
-            text.append(delta)
-    out = _envelope("chat.completion", model)
-    out["choices"] = [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                       "finish_reason": turn.finish_reason, "logprobs": None}]
-    out["usage"] = _usage(turn)
-    out["livekv"] = {"ttft_ms": (turn.ttft_s or 0) * 1e3, "session": body.session,
-                     "memory": session.cache.memory() if session is not None else None}
-    return out
-
-
-async def _chunks(body: ChatCompletionRequest, events, model: str):
-    """OpenAI's streaming chunks: the role first, then content deltas, then the finish reason (and usage)."""
-    base = _envelope("chat.completion.chunk", model)
-    yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-    turn = None
-    async with contextlib.aclosing(events):
-        async for delta, turn in events:
-            if delta:
-                yield {**base, "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]}
-    yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": turn.finish_reason if turn else "stop"}]}
-    if body.stream_options and body.stream_options.include_usage and turn is not None:
-        yield {**base, "choices": [], "usage": _usage(turn)}
-
-
-def _usage(turn) -> dict:
-    prompt, completion = len(turn.prompt), len(turn.tokens)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": turn.cached}}
-
-
-def _envelope(kind: str, model: str) -> dict:
-    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model}
-
-
-async def _ask_events(stream, first: str, answer):
-    yield {"event": "delta", "delta": first}
-    pieces = [first]
-    async with contextlib.aclosing(answer):
-        async for piece in answer:
-            pieces.append(piece)
-            yield {"event": "delta", "delta": piece}
-    yield {"event": "done", "answer": "".join(pieces), "ttft_ms": stream.counters.last_ttft_ms,
-           "frames_ingested": stream.counters.ingested}
-
-
-def _sse(events) -> StreamingResponse:
-    """Server-sent events: each item a ``data:`` line of JSON (an ``event:`` line when it names one), then
-    ``data: [DONE]``."""
-    async def lines():
-        async with contextlib.aclosing(events):  # a client gone mid-answer: generation stops, the session stays
-            async for item in events:
-                name = item.pop("event", None)
-                yield (f"event: {name}\n" if name else "") + f"data: {json.dumps(item)}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        await ws.websocket(socket, sid, config)
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -314,90 +224,3 @@ async def _body(request: Request, limit: int) -> bytes:
         if len(data) > limit:
             raise HTTPException(413, f"upload exceeds the limit of {limit} bytes")
     return bytes(data)
-
-
-def _key_ok(key: str, header: str | None, query: str | None) -> bool:
-    given = header.removeprefix("Bearer ").strip() if header and header.startswith("Bearer ") else query
-    return given is not None and secrets.compare_digest(given.encode(), key.encode())
-
-
-async def _websocket(socket: WebSocket, sid: str, config: ServeConfig) -> None:
-    """Binary messages are frames (an encoded image each); text messages are JSON events: ``{"type": "ask",
-    "question": ..., "max_tokens": ..., "id": ...}``, ``{"type": "stats"}``. Out: ``answer.delta``,
-    ``answer.done``, ``frames`` (after each frame), ``stats`` (every second) and ``error`` events."""
-    if config.api_key and not _key_ok(config.api_key, socket.headers.get("authorization"),
-                                      socket.query_params.get("api_key")):
-        await socket.close(code=1008, reason="missing or wrong API key")
-        return
-    server: Server = socket.app.state.server
-    if sid not in server.streams:
-        await socket.close(code=4404, reason=f"no stream {sid!r}")
-        return
-    stream = server.streams[sid]
-    await socket.accept()
-    send_lock, tasks = asyncio.Lock(), set()
-
-    async def send(event: dict) -> None:
-        async with send_lock:
-            await socket.send_json(event)
-
-    async def tick():
-        while True:
-            await asyncio.sleep(1.0)
-            await send({"type": "stats", **stream.stats()})
-
-    async def answer(event: dict):
-        qid = event.get("id")
-        try:
-            pieces = []
-            answer = stream.ask(str(event.get("question", "")), min(int(event.get("max_tokens", 16)), config.max_tokens))
-            async with contextlib.aclosing(answer):
-                async for piece in answer:
-                    pieces.append(piece)
-                    await send({"type": "answer.delta", "id": qid, "delta": piece})
-            await send({"type": "answer.done", "id": qid, "answer": "".join(pieces),
-                        "ttft_ms": stream.counters.last_ttft_ms, "frames_ingested": stream.counters.ingested})
-        except ValueError as e:
-            await send({"type": "error", "id": qid, "message": str(e), "code": 400})
-
-    tasks.add(asyncio.create_task(tick()))
-    try:
-        while True:
-            message = await socket.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            if message.get("bytes") is not None:
-                await _ws_frame(stream, message["bytes"], config, send)
-            elif message.get("text") is not None:
-                event = _json(message["text"])
-                if event.get("type") == "ask":
-                    tasks.add(asyncio.create_task(answer(event)))
-                elif event.get("type") == "stats":
-                    await send({"type": "stats", **stream.stats()})
-                else:
-                    await send({"type": "error", "message": f"unknown event {event.get('type')!r}", "code": 400})
-    except WebSocketDisconnect:
-        pass
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-async def _ws_frame(stream, data: bytes, config: ServeConfig, send) -> None:
-    kind = "image/png" if data[:4] == b"\x89PNG" else "image/webp" if data[8:12] == b"WEBP" else "image/jpeg"
-    try:
-        images = await asyncio.to_thread(media.decode, data, kind, stream.spec["fps"], config.max_upload_bytes,
-                                         config.max_frame_pixels)
-    except media.MediaError as e:
-        await send({"type": "error", "message": str(e), "code": e.status})
-        return
-    dropped = stream.push(images)
-    await send({"type": "frames", "accepted": len(images), "dropped": dropped, "frames": stream.stats()["frames"]})
-
-
-def _json(text: str) -> dict:
-    try:
-        event = json.loads(text)
-    except json.JSONDecodeError:
-        return {"type": None}
-    return event if isinstance(event, dict) else {"type": None}

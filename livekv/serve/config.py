@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 from dataclasses import dataclass
 
 
@@ -43,6 +44,14 @@ class ServeConfig:
     idle_timeout_s: float = setting(3600.0, "sessions unused this long end")
     generation_timeout_s: float = setting(120.0, "an answer stops after this many seconds")
     clip_frames: int = setting(1, "frames per clip a stream ingests at once")
+
+    def accepts(self, authorization: str | None, query_key: str | None = None) -> bool:
+        """Whether a request may pass: no key is set, or it gives it (``Bearer KEY``, or ``?api_key=KEY`` where a
+        client cannot set headers, such as a browser's WebSocket)."""
+        if not self.api_key:
+            return True
+        given = authorization[7:].strip() if authorization and authorization.startswith("Bearer ") else query_key
+        return given is not None and secrets.compare_digest(given.encode(), self.api_key.encode())
 
     def __post_init__(self):
         if self.media_dir is not None and not os.path.isdir(self.media_dir):
