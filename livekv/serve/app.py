@@ -1,5 +1,9 @@
 """The HTTP API of ``livekv serve`` (FastAPI): OpenAI-compatible chat, live video streams, snapshots.
 
+    GET    /                                the browser page: camera or file in, answers out (static/; no key needed,
+                                            the page asks for one when the server wants it)
+    GET    /page.json                       what the page needs: stream methods, whether a key is needed, the video
+                                            model's frame size and the questions the embedded model knows
     GET    /health                          liveness (no key needed)
     GET    /v1/models                       the text and video models served
     POST   /v1/chat/completions             OpenAI's chat completion (stream: SSE chunks); livekv's own fields:
@@ -29,7 +33,8 @@ import uuid
 from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
 from livekv.serve import media, state
 from livekv.serve.chat import SessionLimit, Turn
@@ -39,6 +44,8 @@ from livekv.serve.server import Models, Server, load_models
 from livekv.serve.streams import new_id
 from livekv.snapshot import SnapshotError
 
+STATIC = pathlib.Path(__file__).parent / "static"
+PAGE_METHODS = ("livevlm", "rekv", "sink_window", "full")  # the page's method switch, in create_stream's order
 STATUS = {ValueError: 400, SnapshotError: 400, media.MediaError: 400, PermissionError: 403, KeyError: 404,
           SessionLimit: 429}
 
@@ -104,6 +111,16 @@ def _routes(app: FastAPI, config: ServeConfig) -> None:
         return request.app.state.server
 
     key = [Depends(authorized)]
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/page.json", include_in_schema=False)
+    async def page_info(request: Request):
+        return _page_info(config, server(request).models)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/health")
     async def health(request: Request):
@@ -209,6 +226,25 @@ def _routes(app: FastAPI, config: ServeConfig) -> None:
     @app.websocket("/v1/streams/{sid}/ws")
     async def websocket(socket: WebSocket, sid: str):
         await _websocket(socket, sid, config)
+
+
+def _page_info(config: ServeConfig, models: Models) -> dict:
+    """What the browser page needs to know. ``questions``: the embedded model's question forms, from its world
+    (``livekv.vlm.world``: it answers nothing else); ``None`` for another model, which takes free text."""
+    questions, vlm = None, models.vlm
+    if vlm is not None:
+        from livekv.vlm.model import DefaultVLMAdapter
+
+        if isinstance(vlm, DefaultVLMAdapter):
+            from livekv.vlm import world
+
+            questions = {"templates": world.TEMPLATES,
+                         "slots": {"colour": list(world.COLOURS), "shape": list(world.SHAPES), "cell": list(world.CELLS)}}
+    size = getattr(vlm, "image_size", None)
+    frame_size = [size, size] if size else list(getattr(vlm, "frame_size", ())) or None
+    return {"video_model": models.vlm_id if vlm is not None else None, "frame_size": frame_size,
+            "methods": [m for m in PAGE_METHODS if m in config.methods] if vlm is not None else [],
+            "api_key_required": bool(config.api_key), "max_tokens": config.max_tokens, "questions": questions}
 
 
 async def _ask_by_chat(s: Server, body: ChatCompletionRequest, stream_id: str, request: Request):
