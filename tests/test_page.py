@@ -116,9 +116,10 @@ def page(browser):
     page = browser.new_page()
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     yield page
     page.close()
-    assert not errors, f"the page raised: {errors}"
+    assert not errors, f"the page raised or logged errors: {errors}"
 
 
 def answer_of(page, question_id: str, role: str, timeout_ms: int = 30_000) -> dict:
@@ -141,6 +142,22 @@ def memory_held(points: list[dict], after_frames: int) -> int:
 
 def counters(page) -> dict:
     return page.evaluate("Object.fromEntries(window.livekv.streams.map((s) => [s.role, s.record.frames]))")
+
+
+def screenshots(page, folder: pathlib.Path) -> None:
+    """The page at desktop and at phone width (the whole page), as small palette PNGs."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=folder / "page-desktop.png")
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.wait_for_timeout(1500)  # the charts redraw at the new width
+    page.screenshot(path=folder / "page-phone.png", full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 800})
+    for name in ("page-desktop.png", "page-phone.png"):
+        with Image.open(folder / name) as image:
+            small = image.convert("RGB").quantize(colors=96, dither=Image.Dither.NONE)
+        small.save(folder / name, optimize=True)
 
 
 def test_the_camera_streams_to_livevlm_beside_full_and_the_count_is_answered(models, media, page):
@@ -193,11 +210,7 @@ def test_the_camera_streams_to_livevlm_beside_full_and_the_count_is_answered(mod
 
         shots = os.environ.get("LIVEKV_SCREENSHOTS")
         if shots:
-            pathlib.Path(shots).mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=f"{shots}/page-desktop.png")
-            page.set_viewport_size({"width": 390, "height": 844})
-            page.wait_for_timeout(1500)  # the charts redraw at the new width
-            page.screenshot(path=f"{shots}/page-phone.png", full_page=True)
+            screenshots(page, pathlib.Path(shots))
         page.click("#stop")
         page.wait_for_function("!window.livekv.running")
     assert time.monotonic() - t0 < 60
