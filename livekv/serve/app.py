@@ -238,8 +238,8 @@ def _page_info(config: ServeConfig, models: Models) -> dict:
         if isinstance(vlm, DefaultVLMAdapter):
             from livekv.vlm import world
 
-            questions = {"templates": world.TEMPLATES,
-                         "slots": {"colour": list(world.COLOURS), "shape": list(world.SHAPES), "cell": list(world.CELLS)}}
+            slots = {"colour": list(world.COLOURS), "shape": list(world.SHAPES), "cell": list(world.CELLS)}
+            questions = {"templates": world.TEMPLATES, "slots": slots}
     size = getattr(vlm, "image_size", None)
     frame_size = [size, size] if size else list(getattr(vlm, "frame_size", ())) or None
     return {"video_model": models.vlm_id if vlm is not None else None, "frame_size": frame_size,

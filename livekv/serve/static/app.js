@@ -247,6 +247,8 @@ function ask(question) {
   if (!question) return;
   if (!state.running) { message("start a session first", true); return; }
   const id = `q${++questionCount}`, entry = {id, question, replies: {}};
+  // the embedded model answers in a word or two; another model gets room for a sentence
+  const maxTokens = Math.min(state.info.questions ? 16 : 128, state.info.max_tokens);
   state.answers.unshift(entry);
   const li = document.createElement("li");
   li.dataset.id = id;
@@ -258,7 +260,7 @@ function ask(question) {
     li.append(row);
     entry.replies[s.role] = {text: "", ttft_ms: null, page_ttft_ms: null, done: false, error: null,
                              sent_at: performance.now(), row};
-    s.ws.send(JSON.stringify({type: "ask", question, id, max_tokens: Math.min(16, state.info.max_tokens)}));
+    s.ws.send(JSON.stringify({type: "ask", question, id, max_tokens: maxTokens}));
   }
   $("answers").prepend(li);
 }
@@ -283,7 +285,6 @@ function onAnswer(stream, event) {
   } else {
     reply.error = event.message;
     reply.done = true;
-    text.textContent = "";
     text.classList.add("error");
     text.textContent = event.message;
   }
@@ -409,7 +410,8 @@ function chart(canvas, legend, lines, fmt, unit = 1) {
   }
   c.setLineDash([]);
   legend.replaceChildren(...lines.map((l) => {
-    const span = el("span", l.dashed ? "dashed" : "", `${l.label}: ${l.points.length ? fmt(l.points[l.points.length - 1][1]) : "·"}`);
+    const last = l.points[l.points.length - 1];
+    const span = el("span", l.dashed ? "dashed" : "", `${l.label}: ${last ? fmt(last[1]) : "·"}`);
     span.style.setProperty("--c", `var(${l.color})`);
     return span;
   }));
@@ -460,7 +462,9 @@ async function init() {
   $("stop").onclick = stop;
   $("ask-form").onsubmit = (e) => { e.preventDefault(); ask($("question").value); };
   const reopen = () => openSource().catch((e) => message(e.message || String(e), true));
-  document.querySelectorAll("input[name=source]").forEach((r) => { r.onchange = () => { if (!state.running) reopen(); }; });
+  for (const radio of document.querySelectorAll("input[name=source]")) {
+    radio.onchange = () => { if (!state.running) reopen(); };
+  }
   $("camera").onchange = () => { if (!state.running) reopen(); };
   $("file").onchange = () => {
     document.querySelector("input[name=source][value=file]").checked = true;
