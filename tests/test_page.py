@@ -94,8 +94,10 @@ def media(tmp_path_factory):
 def models():
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the other core is Chromium's
-    return load_models(ServeConfig(model="none"))  # the video model only: the page asks streams, not chat
+    yield load_models(ServeConfig(model="none"))  # the video model only: the page asks streams, not chat
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
