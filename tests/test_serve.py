@@ -62,6 +62,18 @@ def test_models_are_listed(url):
     assert ids == ["smollm2-135m-instruct", "livekv-world-vlm"]
 
 
+def test_the_browser_page_and_what_it_needs_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'src="static/app.js"' in page.text
+    assert client.get("/static/app.js").status_code == 200 and client.get("/static/style.css").status_code == 200
+    info = client.get("/page.json").json()
+    assert info["methods"] == ["livevlm", "rekv", "sink_window", "full"] and info["frame_size"] == [48, 48]
+    assert info["api_key_required"] is False and info["video_model"] == "livekv-world-vlm"
+    assert info["questions"]["templates"]["count_now"] == COUNT
+    assert set(info["questions"]["slots"]) == {"colour", "shape", "cell"}
+
+
 def test_chat_with_the_openai_client_streamed_and_not(url):
     oc = openai_client(url)
     messages = [{"role": "user", "content": "What is the capital of France?"}]

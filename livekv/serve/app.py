@@ -1,5 +1,9 @@
 """The HTTP API of ``livekv serve`` (FastAPI): OpenAI-compatible chat, live video streams, snapshots.
 
+    GET    /                                the browser page: camera or file in, answers out (static/; no key needed,
+                                            the page asks for one when the server wants it)
+    GET    /page.json                       what the page needs: stream methods, whether a key is needed, the video
+                                            model's frame size and the questions the embedded model knows
     GET    /health                          liveness (no key needed)
     GET    /v1/models                       the text and video models served
     POST   /v1/chat/completions             OpenAI's chat completion (stream: SSE chunks); livekv's own fields:
@@ -25,7 +29,8 @@ import pathlib
 from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from livekv.serve import media, responses, state, ws
 from livekv.serve.chat import SessionLimit
@@ -35,6 +40,8 @@ from livekv.serve.server import Models, Server, load_models
 from livekv.serve.streams import new_id
 from livekv.snapshot import SnapshotError
 
+STATIC = pathlib.Path(__file__).parent / "static"
+PAGE_METHODS = ("livevlm", "rekv", "sink_window", "full")  # the page's method switch, in create_stream's order
 STATUS = {ValueError: 400, SnapshotError: 400, media.MediaError: 400, PermissionError: 403, KeyError: 404,
           SessionLimit: 429}
 
@@ -96,6 +103,16 @@ def _routes(app: FastAPI, config: ServeConfig) -> None:
                                 headers={"WWW-Authenticate": "Bearer"})
 
     key = [Depends(authorized)]
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/page.json", include_in_schema=False)
+    async def page_info(request: Request):
+        return _page_info(config, _server(request).models)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/health")
     async def health(request: Request):
@@ -211,6 +228,117 @@ def _stream_routes(app: FastAPI, config: ServeConfig, key: list) -> None:
     @app.websocket("/v1/streams/{sid}/ws")
     async def websocket(socket: WebSocket, sid: str):
         await ws.websocket(socket, sid, config)
+
+
+def _page_info(config: ServeConfig, models: Models) -> dict:
+    """What the browser page needs to know. ``questions``: the embedded model's question forms, from its world
+    (``livekv.vlm.world``: it answers nothing else); ``None`` for another model, which takes free text."""
+    questions, vlm = None, models.vlm
+    if vlm is not None:
+        from livekv.vlm.model import DefaultVLMAdapter
+
+        if isinstance(vlm, DefaultVLMAdapter):
+            from livekv.vlm import world
+
+            slots = {"colour": list(world.COLOURS), "shape": list(world.SHAPES), "cell": list(world.CELLS)}
+            questions = {"templates": world.TEMPLATES, "slots": slots}
+    size = getattr(vlm, "image_size", None)
+    frame_size = [size, size] if size else list(getattr(vlm, "frame_size", ())) or None
+    return {"video_model": models.vlm_id if vlm is not None else None, "frame_size": frame_size,
+            "methods": [m for m in PAGE_METHODS if m in config.methods] if vlm is not None else [],
+            "api_key_required": bool(config.api_key), "max_tokens": config.max_tokens, "questions": questions}
+
+
+async def _ask_by_chat(s: Server, body: ChatCompletionRequest, stream_id: str, request: Request):
+    """A chat completion that names a stream asks it: the last user message is the question."""
+    stream = s.stream(stream_id)
+    question = next((m.text() for m in reversed(body.messages) if m.role == "user"), "")
+    answer = stream.ask(question, body.limit(s.config.max_tokens))
+    first = await _first(answer)
+
+    async def events():
+        turn = Turn(prompt=[], cached=0)
+        turn.tokens.append(first)
+        yield first, turn
+        async with contextlib.aclosing(answer):
+            async for piece in answer:
+                turn.tokens.append(piece)
+                yield piece, turn
+        turn.finish_reason, turn.ttft_s = "stop", (stream.counters.last_ttft_ms or 0) / 1e3
+        yield "", turn
+
+    model = f"stream/{stream_id}"
+    return _sse(_chunks(body, events(), model)) if body.stream else await _completion(body, events(), model, None)
+
+
+async def _first(answer) -> str:
+    """The first piece of an answer ('' if it is empty): errors of the question surface before any response."""
+    try:
+        return await answer.__anext__()
+    except StopAsyncIteration:
+        return ""
+
+
+async def _completion(body: ChatCompletionRequest, events, model: str, session) -> dict:
+    text, turn = [], None
+    async with contextlib.aclosing(events):
+        async for delta, turn in events:
+            text.append(delta)
+    out = _envelope("chat.completion", model)
+    out["choices"] = [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                       "finish_reason": turn.finish_reason, "logprobs": None}]
+    out["usage"] = _usage(turn)
+    out["livekv"] = {"ttft_ms": (turn.ttft_s or 0) * 1e3, "session": body.session,
+                     "memory": session.cache.memory() if session is not None else None}
+    return out
+
+
+async def _chunks(body: ChatCompletionRequest, events, model: str):
+    """OpenAI's streaming chunks: the role first, then content deltas, then the finish reason (and usage)."""
+    base = _envelope("chat.completion.chunk", model)
+    yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    turn = None
+    async with contextlib.aclosing(events):
+        async for delta, turn in events:
+            if delta:
+                yield {**base, "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]}
+    yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": turn.finish_reason if turn else "stop"}]}
+    if body.stream_options and body.stream_options.include_usage and turn is not None:
+        yield {**base, "choices": [], "usage": _usage(turn)}
+
+
+def _usage(turn) -> dict:
+    prompt, completion = len(turn.prompt), len(turn.tokens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": turn.cached}}
+
+
+def _envelope(kind: str, model: str) -> dict:
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model}
+
+
+async def _ask_events(stream, first: str, answer):
+    yield {"event": "delta", "delta": first}
+    pieces = [first]
+    async with contextlib.aclosing(answer):
+        async for piece in answer:
+            pieces.append(piece)
+            yield {"event": "delta", "delta": piece}
+    yield {"event": "done", "answer": "".join(pieces), "ttft_ms": stream.counters.last_ttft_ms,
+           "frames_ingested": stream.counters.ingested}
+
+
+def _sse(events) -> StreamingResponse:
+    """Server-sent events: each item a ``data:`` line of JSON (an ``event:`` line when it names one), then
+    ``data: [DONE]``."""
+    async def lines():
+        async with contextlib.aclosing(events):  # a client gone mid-answer: generation stops, the session stays
+            async for item in events:
+                name = item.pop("event", None)
+                yield (f"event: {name}\n" if name else "") + f"data: {json.dumps(item)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def _body(request: Request, limit: int) -> bytes:

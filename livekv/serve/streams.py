@@ -55,7 +55,8 @@ class Stream:
     def __post_init__(self):
         self.queue: collections.deque = collections.deque()
         self.cond = threading.Condition()
-        self.answering = self.scheduled = self.closed = self.source_stopped = False
+        self.answering = self.scheduled = self.closed = self.source_stopped = self.ingesting = False
+        self._memory = self.session.memory()  # the last reading between clips
         self.reader: threading.Thread | None = None
         self.source_done = self.spec["source"]["type"] == "push"
 
@@ -97,6 +98,7 @@ class Stream:
             if n == 0:
                 return
             clip = np.stack([self.queue.popleft() for _ in range(n)])
+            self.ingesting = True
             self.cond.notify_all()
         try:
             self.session.push(clip)
@@ -106,6 +108,9 @@ class Stream:
         else:
             with self.cond:
                 self.counters.ingested += n
+        finally:
+            with self.cond:
+                self.ingesting = False
         with self.cond:
             self._schedule()
 
@@ -173,8 +178,17 @@ class Stream:
             await asyncio.sleep(0.01)
         return False
 
+    def memory(self) -> dict:
+        """The session's memory, never read while a clip is half-way through the model (its tokens in some layers
+        only, not yet compressed): then the last reading. While a question is answered it includes the answer's
+        context (what the question retrieved into the fast tier)."""
+        with self.cond:
+            if not self.ingesting:
+                self._memory = self.session.memory()
+            return self._memory
+
     def stats(self) -> dict:
-        s, c, mem = self.session.stats, self.counters, self.session.memory()
+        s, c, mem = self.session.stats, self.counters, self.memory()
         fps = self.spec.get("fps") or 0.5
         return {
             "id": self.id, "object": "stream", "created": int(self.created), "method": self.session.method.name,
