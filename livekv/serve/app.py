@@ -43,21 +43,27 @@ STATUS = {ValueError: 400, SnapshotError: 400, media.MediaError: 400, Permission
           SessionLimit: 429}
 
 
-def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
-    """The application (models loaded at start-up unless given)."""
+def create_app(config: ServeConfig, models: Models | None = None, server: Server | None = None) -> FastAPI:
+    """The application (models loaded at start-up unless given). ``server``: one made and run by the caller (a Ray
+    replica, ``livekv.serve.ray``): the app serves it, and its start-up and shutdown are the caller's."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        if server is not None:
+            yield
+            return
         loaded = models or await asyncio.to_thread(load_models, config)
-        server = app.state.server = Server(config, loaded)
+        s = app.state.server = Server(config, loaded)
         if config.state_dir:
-            server.restore_all()
-        task = asyncio.create_task(server.background())
+            s.restore_all()
+        task = asyncio.create_task(s.background())
         yield
         task.cancel()
-        await server.shutdown()
+        await s.shutdown()
 
     app = FastAPI(title="livekv", lifespan=lifespan)
+    if server is not None:
+        app.state.server = server
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
@@ -150,7 +156,7 @@ def _routes(app: FastAPI, config: ServeConfig) -> None:
 
     @app.post("/v1/streams", dependencies=key, status_code=201)
     async def create_stream(request: Request, body: StreamCreate):
-        return server(request).create_stream(body).stats()
+        return server(request).create_stream(body, _assigned_id(request)).stats()
 
     @app.get("/v1/streams", dependencies=key)
     async def list_streams(request: Request):
@@ -203,12 +209,19 @@ def _routes(app: FastAPI, config: ServeConfig) -> None:
         data = await _body(request, 1 << 34)
         with state.scratch() as tmp:
             record = state.from_tar(data, pathlib.Path(tmp, "snap"))
-            stream = await asyncio.to_thread(s.restore_stream, pathlib.Path(tmp, "snap"), record, new_id())
+            stream = await asyncio.to_thread(s.restore_stream, pathlib.Path(tmp, "snap"), record,
+                                             _assigned_id(request) or new_id())
         return stream.stats()
 
     @app.websocket("/v1/streams/{sid}/ws")
     async def websocket(socket: WebSocket, sid: str):
         await _websocket(socket, sid, config)
+
+
+def _assigned_id(request: Request) -> str | None:
+    """The id a new stream takes when its caller chose it: a router that pins sessions to replicas
+    (``livekv.serve.ray``) picks it first. It comes in the ASGI scope, which no HTTP client can set."""
+    return request.scope.get("livekv", {}).get("stream_id")
 
 
 async def _ask_by_chat(s: Server, body: ChatCompletionRequest, stream_id: str, request: Request):
