@@ -1,0 +1,187 @@
+"""livekv on Ray Serve (``livekv.serve.ray``): how the ingress routes each request of the API; and a local Ray
+cluster serving two replicas with the embedded models, one of them killed under its sessions, which go on on
+the other from their last snapshot, with the answers of an uninterrupted single-process run from that point and
+what was lost counted."""
+
+import json
+import time
+import warnings
+
+import httpx
+import pytest
+import torch
+from serve_fixtures import free_port, png, serving
+
+from livekv.serve import ServeConfig
+from livekv.serve.config import RayConfig
+from livekv.serve.server import load_models
+from livekv.stream import StreamSession
+from livekv.vlm import load_default_vlm
+from livekv.vlm.model import SYSTEM
+from livekv.vlm.world import World
+
+with warnings.catch_warnings():  # Ray Serve's own pydantic deprecations, at import
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from livekv.serve.ray import APP, REPLICA, REPLICA_HEADER, route
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+QUESTIONS = ("how many objects are there now ?", "where is the first circle ?", "what colour is the first square ?")
+
+
+def test_each_request_is_routed_to_its_session():
+    assert route("GET", "/health", b"").fanout and route("GET", "/v1/streams", b"").fanout
+    new = route("POST", "/v1/streams", b"{}")
+    assert new.pin == f"stream/{new.new_stream}" and new.new_stream.startswith("stream-")
+    assert route("POST", "/v1/streams/restore", b"tar").new_stream
+    assert route("POST", "/v1/streams/s1/frames", b"\x89PNG").pin == "stream/s1"
+    assert route("POST", "/v1/streams/s1/ask", b'{"question": "q"}').streaming  # SSE unless stream is false
+    assert not route("POST", "/v1/streams/s1/ask", b'{"question": "q", "stream": false}').streaming
+    assert route("DELETE", "/v1/streams/s1", b"").pin == "stream/s1"
+    assert route("GET", "/v1/sessions/c1", b"").pin == "chat/c1"
+    chat = route("POST", "/v1/chat/completions", b'{"model": "x", "session": "c1", "stream": true}')
+    assert chat.pin == "chat/c1" and chat.streaming
+    assert route("POST", "/v1/chat/completions", b'{"model": "x", "session": "c1", "stream_id": "s1"}').pin == "stream/s1"
+    assert route("POST", "/v1/chat/completions", b'{"model": "stream/s1"}').pin == "stream/s1"
+    assert route("POST", "/v1/chat/completions", b'{"model": "x"}').pin == ""  # any replica
+    assert route("POST", "/v1/chat/completions", b"not json").pin == ""  # the replica answers 400
+    assert route("GET", "/v1/models", b"") == route("GET", "/nowhere", b"")
+
+
+@pytest.mark.slow
+def test_a_killed_replica_s_sessions_go_on_on_the_other_from_their_snapshots(tmp_path):
+    """Two replicas (one torch thread each); a stream and a chat session on each (the router balances new sessions);
+    every request of a session lands on its replica. The replica holding stream ``s1`` snapshots its sessions, then
+    takes ``N2`` more frames and a chat turn, and is killed. The next requests of its sessions are served by another
+    replica, which resumes them from the snapshot: the stream says it lost the ``N2`` frames, and, fed ``N3`` more,
+    answers as a single-process session fed the same frames (``N1`` then ``N3``); the chat's next turn reuses the
+    restored cache and answers as an uninterrupted server fed turn 1 and then that turn."""
+    import ray
+    from ray import serve
+
+    from livekv.serve.ray import build
+
+    frames = [png(image) for _, image in World(seed=12, duration_s=80).frames()]
+    n1, n2, n3 = 20, 6, 10
+    state, port = tmp_path / "state", free_port()
+    config = ServeConfig(threads=1, state_dir=str(state), snapshot_every_s=3600)
+    t0, stopped = time.monotonic(), False
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build(config, RayConfig(replicas=2, replica_cpus=1)), name=APP, route_prefix="/")
+        where: dict[str, list[str]] = {}
+
+        def call(c, method, path, session, **kwargs):
+            r = c.request(method, path, **kwargs)
+            assert r.status_code in (200, 201), (path, r.status_code, r.text)
+            where.setdefault(session, []).append(r.headers[REPLICA_HEADER])
+            return r
+
+        def push(c, sid, data):
+            return call(c, "POST", f"/v1/streams/{sid}/frames", sid, content=data,
+                        headers={"content-type": "image/png"}).json()
+
+        def ingested(c, sid, count):
+            deadline = time.monotonic() + 120
+            while (f := call(c, "GET", f"/v1/streams/{sid}", sid).json()["frames"])["ingested"] < count:
+                assert time.monotonic() < deadline, f
+                time.sleep(0.05)
+            return f
+
+        def chat(c, session, messages):
+            body = {"model": "x", "session": session, "method": "dense", "temperature": 0, "max_tokens": 8,
+                    "messages": messages}
+            return call(c, "POST", "/v1/chat/completions", session, json=body).json()
+
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+            health = c.get("/health").json()
+            assert len(health["replicas"]) == 2 and health["sessions"] == 0
+            s1 = call(c, "POST", "/v1/streams", "s1", json={"method": "livevlm", "memory_tokens": 56}).json()["id"]
+            where[s1] = where.pop("s1")
+            s2 = call(c, "POST", "/v1/streams", "s2", json={"method": "full"}).json()["id"]
+            where[s2] = where.pop("s2")
+            assert where[s1] != where[s2]  # new sessions go to the replica holding the fewest
+            u1 = [{"role": "user", "content": "Hi!"}]
+            first = {s: chat(c, s, u1) for s in ("c1", "c2")}
+            victim, survivor = where[s1][0], where[s2][0]
+            cv, co = sorted(("c1", "c2"), key=lambda s: where[s] != [victim])  # the chat on the victim, the other
+            assert where[cv] == [victim] and where[co] == [survivor]
+            for data in frames[:n1]:
+                push(c, s1, data)
+                push(c, s2, data)
+            ingested(c, s1, n1)
+            ingested(c, s2, n1)
+
+            snap = serve.get_deployment_handle(REPLICA, APP).options(session_id=f"stream/{s1}").checkpoint.remote()
+            assert snap.result(timeout_s=120) == {"replica": victim, "streams": 1, "chats": 1}
+            assert (state / "streams" / f"{s1}.json").is_file() and (state / "chats" / f"{cv}.json").is_file()
+            for data in frames[n1 : n1 + n2]:  # taken by the victim after its snapshot: lost with it
+                push(c, s1, data)
+            assert ingested(c, s1, n1 + n2)["since_snapshot"] == n2
+            u2 = u1 + [first[cv]["choices"][0]["message"], {"role": "user", "content": "How are you?"}]
+            second = chat(c, cv, u2)
+
+            before = {s: list(r) for s, r in where.items()}
+            killed = time.monotonic()
+            ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#{REPLICA}#{victim}", namespace="serve"), no_restart=True)
+            resumed = call(c, "GET", f"/v1/streams/{s1}", s1).json()["frames"]
+            failover_s = time.monotonic() - killed
+            assert resumed == {**resumed, "seen": n1 + n2, "ingested": n1, "lost": n2, "dropped": 0, "queued": 0}
+            for data in frames[n1 + n2 : n1 + n2 + n3]:
+                push(c, s1, data)
+            f = ingested(c, s1, n1 + n3)
+            assert f == {**f, "seen": n1 + n2 + n3, "ingested": n1 + n3, "lost": n2}
+            owner = json.loads((state / "streams" / f"{s1}.owner").read_text())
+            assert owner["replica"] == where[s1][-1] != victim and not owner["released"]
+            answers = {q: call(c, "POST", f"/v1/streams/{s1}/ask", s1, json={"question": q, "stream": False,
+                                                                           "max_tokens": 8}).json()["answer"]
+                       for q in QUESTIONS}
+            sse = call(c, "POST", f"/v1/streams/{s1}/ask", s1, json={"question": QUESTIONS[0]}).text
+            events = [line for line in sse.splitlines() if line]
+            assert json.loads(events[-2][6:])["answer"] == answers[QUESTIONS[0]] and events[-1] == "data: [DONE]"
+            u3 = u2 + [second["choices"][0]["message"], {"role": "user", "content": "Tell me a colour."}]
+            third = chat(c, cv, u3)
+            assert third["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the restored cache, reused
+            push(c, s2, frames[n1])  # the other replica's sessions stay where they are
+            assert chat(c, co, u1)["choices"] == first[co]["choices"]
+            listed = {s["id"]: s["frames"]["lost"] for s in c.get("/v1/streams").json()["data"]}
+            assert listed == {s1: n2, s2: 0}
+
+        after = {s: r[len(before[s]) :] for s, r in where.items()}
+        assert {s: set(before[s]) for s in (s1, cv, s2, co)} == {s1: {victim}, cv: {victim}, s2: {survivor},
+                                                                 co: {survivor}}
+        assert len(set(after[s1])) == len(set(after[cv])) == 1 and victim not in after[s1] + after[cv]
+        assert set(after[s2] + after[co]) == {survivor}
+        serve.shutdown()  # graceful: the replicas left snapshot what they hold
+        stopped = True
+        assert {p.name for p in (state / "streams").glob("*.json")} == {f"{s1}.json", f"{s2}.json"}
+        assert {p.name for p in (state / "chats").glob("*.json")} == {"c1.json", "c2.json"}
+        assert all(json.loads(p.read_text())["released"] for p in state.glob("*/*.owner"))  # let go, after snapshots
+        print(f"ray cluster up to shutdown: {time.monotonic() - t0:.1f} s; failover (kill to the next answer): "
+              f"{failover_s:.2f} s")
+    finally:
+        if not stopped:
+            serve.shutdown()
+        ray.shutdown()
+
+    torch.set_num_threads(1)
+    vlm = load_default_vlm()
+    reference = StreamSession(vlm, "livevlm", system=SYSTEM, memory_tokens=56)
+    for data in frames[:n1] + frames[n1 + n2 : n1 + n2 + n3]:  # the snapshot's frames, then those after the failover
+        reference.push(_decode(data)[None])
+    assert answers == {q: reference.answer(q, max_new_tokens=8) for q in QUESTIONS}
+    models = load_models(ServeConfig(vlm="none"))
+    with serving(ServeConfig(port=free_port(), threads=1, vlm="none"), models) as url, httpx.Client(base_url=url, timeout=120) as c:
+        body = {"model": "x", "session": "ref", "method": "dense", "temperature": 0, "max_tokens": 8}
+        assert c.post("/v1/chat/completions", json={**body, "messages": u1}).json()["choices"] == first[cv]["choices"]
+        uninterrupted = c.post("/v1/chat/completions", json={**body, "messages": u3}).json()  # turn 2 not in the cache
+    assert third["choices"] == uninterrupted["choices"] and third["usage"] == uninterrupted["usage"]
+
+
+def _decode(data: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
