@@ -433,8 +433,21 @@ def cmd_stream(args) -> None:
 def cmd_serve(args) -> None:
     from livekv.options import given
     from livekv.serve import ServeConfig, run
+    from livekv.serve.config import RayConfig
 
-    run(ServeConfig(**given(args, ServeConfig)))
+    config, ray_options = ServeConfig(**given(args, ServeConfig)), given(args, RayConfig)
+    ray_config = RayConfig(**ray_options)
+    if not ray_config.ray:
+        if ray_options.keys() - {"ray"}:
+            raise ValueError(f"--{'/--'.join(k.replace('_', '-') for k in sorted(ray_options.keys() - {'ray'}))} "
+                             "only apply with --ray")
+        run(config)
+        return
+    try:
+        from livekv.serve import ray as on_ray
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(f"livekv serve --ray needs Ray Serve ({e}): pip install 'livekv[ray]'") from None
+    on_ray.run(config, ray_config)
 
 
 def cmd_methods(args) -> None:
@@ -587,7 +600,10 @@ def build_parser() -> argparse.ArgumentParser:
     from livekv.options import add_options
     from livekv.serve.config import ServeConfig
 
+    from livekv.serve.config import RayConfig
+
     add_options(p, ServeConfig)
+    add_options(p.add_argument_group("on Ray Serve (livekv.serve.ray)"), RayConfig)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("methods", help="list the registered methods and their knobs")
