@@ -1,6 +1,6 @@
 """The HTTP API of ``livekv serve`` (FastAPI): OpenAI-compatible chat, live video streams, snapshots.
 
-    GET    /health                          liveness (no key needed)
+    GET    /health                          liveness, sessions held, resident memory (no key needed)
     GET    /v1/models                       the text and video models served
     POST   /v1/chat/completions             OpenAI's chat completion (stream: SSE chunks); livekv's own fields:
                                             method, budget, knobs, session, stream_id
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import pathlib
 import secrets
 import time
@@ -114,7 +115,7 @@ def _routes(app: FastAPI, config: ServeConfig) -> None:
     @app.get("/health")
     async def health(request: Request):
         s = server(request)
-        return {"status": "ok", "sessions": s.sessions, "engine_jobs_pending": s.engine.pending}
+        return {"status": "ok", "sessions": s.sessions, "engine_jobs_pending": s.engine.pending, "rss_bytes": _rss()}
 
     @app.get("/v1/models", dependencies=key)
     async def list_models(request: Request):
@@ -327,6 +328,15 @@ async def _body(request: Request, limit: int) -> bytes:
         if len(data) > limit:
             raise HTTPException(413, f"upload exceeds the limit of {limit} bytes")
     return bytes(data)
+
+
+def _rss() -> int | None:
+    """This process's resident memory, bytes (Linux; else None)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _key_ok(key: str, header: str | None, query: str | None) -> bool:

@@ -605,6 +605,7 @@ class LiveKVIngress:
         if message["path"].rstrip("/") == "/health":
             return JSONResponse({"status": "ok", "sessions": sum(b["sessions"] for _, b in bodies),
                                  "engine_jobs_pending": sum(b["engine_jobs_pending"] for _, b in bodies),
+                                 "rss_bytes": sum(b.get("rss_bytes") or 0 for _, b in bodies),
                                  "replicas": [{"replica": r, **b} for r, b in bodies],
                                  "unreachable": len(ids) - len(answers)})
         return JSONResponse({"object": "list", "data": [s for _, b in bodies for s in b["data"]]})
