@@ -3,7 +3,9 @@ cluster serving two replicas with the embedded models, one of them killed under 
 the other from their last snapshot, with the answers of an uninterrupted single-process run from that point and
 what was lost counted."""
 
+import itertools
 import json
+import threading
 import time
 import warnings
 
@@ -54,7 +56,9 @@ def test_a_killed_replica_s_sessions_go_on_on_the_other_from_their_snapshots(tmp
     takes ``N2`` more frames and a chat turn, and is killed. The next requests of its sessions are served by another
     replica, which resumes them from the snapshot: the stream says it lost the ``N2`` frames, and, fed ``N3`` more,
     answers as a single-process session fed the same frames (``N1`` then ``N3``); the chat's next turn reuses the
-    restored cache and answers as an uninterrupted server fed turn 1 and then that turn."""
+    restored cache and answers as an uninterrupted server fed turn 1 and then that turn. Then, with the killed
+    replica replaced, the application is deployed again with one replica under a steady flow of frames: the
+    sessions of the replicas stopped go on on the new one, nothing lost."""
     import ray
     from ray import serve
 
@@ -146,19 +150,73 @@ def test_a_killed_replica_s_sessions_go_on_on_the_other_from_their_snapshots(tmp
             assert chat(c, co, u1)["choices"] == first[co]["choices"]
             listed = {s["id"]: s["frames"]["lost"] for s in c.get("/v1/streams").json()["data"]}
             assert listed == {s1: n2, s2: 0}
+            after = {s: r[len(before[s]) :] for s, r in where.items()}
+            assert {s: set(before[s]) for s in (s1, cv, s2, co)} == {s1: {victim}, cv: {victim}, s2: {survivor},
+                                                                     co: {survivor}}
+            assert len(set(after[s1])) == len(set(after[cv])) == 1 and victim not in after[s1] + after[cv]
+            assert set(after[s2] + after[co]) == {survivor}
 
-        after = {s: r[len(before[s]) :] for s, r in where.items()}
-        assert {s: set(before[s]) for s in (s1, cv, s2, co)} == {s1: {victim}, cv: {victim}, s2: {survivor},
-                                                                 co: {survivor}}
-        assert len(set(after[s1])) == len(set(after[cv])) == 1 and victim not in after[s1] + after[cv]
-        assert set(after[s2] + after[co]) == {survivor}
+            # Serve replaces the killed replica; a new stream goes there (it holds the fewest). Then the application
+            # is deployed again with one replica (a new version: Serve stops both, gracefully, for a new one), while
+            # frames keep coming: a replica stopping snapshots and releases its sessions, and the one that gets
+            # their next request waits for that and resumes them. Nothing is lost, no frame, no chat turn.
+            deadline = time.monotonic() + 180
+            while len(c.get("/health").json()["replicas"]) < 2:
+                assert time.monotonic() < deadline, "the killed replica was not replaced"
+                time.sleep(0.5)
+            s3 = call(c, "POST", "/v1/streams", "s3", json={"method": "full"}).json()["id"]
+            where[s3] = where.pop("s3")
+            last = {cv: (u3, third), co: (u1, chat(c, co, u1))}
+            streams = {s: call(c, "GET", f"/v1/streams/{s}", s).json()["frames"]["seen"] for s in (s1, s2, s3)}
+            sent, failures, stop = dict.fromkeys(streams, 0), [], threading.Event()
+
+            def keep_pushing():
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as pc:
+                    for k in itertools.count():
+                        for sid in streams:
+                            r = pc.post(f"/v1/streams/{sid}/frames", content=frames[k % len(frames)],
+                                        headers={"content-type": "image/png"})
+                            if r.status_code != 200:
+                                failures.append((sid, r.status_code, r.text))
+                            sent[sid] += 1
+                        if stop.wait(0.1):
+                            return
+
+            pusher = threading.Thread(target=keep_pushing)
+            pusher.start()
+            try:
+                time.sleep(1)
+                serve.run(build(config, RayConfig(replicas=1, replica_cpus=1)), name=APP, route_prefix="/")
+                deadline = time.monotonic() + 120
+                while len(c.get("/health").json()["replicas"]) > 1:
+                    assert time.monotonic() < deadline, "the scale-down did not happen"
+                    time.sleep(0.5)
+                time.sleep(2)
+            finally:
+                stop.set()
+                pusher.join(60)
+            assert not failures and all(sent.values())
+            remaining = c.get("/health").json()["replicas"][0]["replica"]
+            moved = sorted(s for s in (s1, s2, s3, cv, co) if where[s][-1] != remaining)
+            assert moved  # sessions of a replica stopped went on on another
+            for sid, seen in streams.items():
+                lost = n2 if sid == s1 else 0
+                f = ingested(c, sid, seen + sent[sid] - lost)
+                assert f == {**f, "seen": seen + sent[sid], "lost": lost, "dropped": 0, "queued": 0}
+            for session, (messages, reply) in last.items():
+                more = chat(c, session, messages + [reply["choices"][0]["message"],
+                                                    {"role": "user", "content": "And another one?"}])
+                cached = reply["usage"]["prompt_tokens"] + reply["usage"]["completion_tokens"] - 1
+                assert more["usage"]["prompt_tokens_details"]["cached_tokens"] >= cached  # its last turn was kept
+            assert c.get("/health").json()["sessions"] == 5
+
         serve.shutdown()  # graceful: the replicas left snapshot what they hold
         stopped = True
-        assert {p.name for p in (state / "streams").glob("*.json")} == {f"{s1}.json", f"{s2}.json"}
+        assert {p.name for p in (state / "streams").glob("*.json")} == {f"{s1}.json", f"{s2}.json", f"{s3}.json"}
         assert {p.name for p in (state / "chats").glob("*.json")} == {"c1.json", "c2.json"}
         assert all(json.loads(p.read_text())["released"] for p in state.glob("*/*.owner"))  # let go, after snapshots
         print(f"ray cluster up to shutdown: {time.monotonic() - t0:.1f} s; failover (kill to the next answer): "
-              f"{failover_s:.2f} s")
+              f"{failover_s:.2f} s; moved by the scale-down: {moved}")
     finally:
         if not stopped:
             serve.shutdown()
