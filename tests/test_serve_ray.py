@@ -60,6 +60,7 @@ def test_a_killed_replica_s_sessions_go_on_on_the_other_from_their_snapshots(tmp
     replica replaced, the application is deployed again with one replica under a steady flow of frames: the
     sessions of the replicas stopped go on on the new one, nothing lost."""
     import ray
+    import websockets.sync.client as ws_client
     from ray import serve
 
     from livekv.serve.ray import build
@@ -143,6 +144,14 @@ def test_a_killed_replica_s_sessions_go_on_on_the_other_from_their_snapshots(tmp
             sse = call(c, "POST", f"/v1/streams/{s1}/ask", s1, json={"question": QUESTIONS[0]}).text
             events = [line for line in sse.splitlines() if line]
             assert json.loads(events[-2][6:])["answer"] == answers[QUESTIONS[0]] and events[-1] == "data: [DONE]"
+            with ws_client.connect(f"ws://127.0.0.1:{port}/v1/streams/{s1}/ws") as socket:  # held by the ingress
+                socket.send(frames[-1])
+                assert _event(socket, "frames")["frames"]["seen"] == n1 + n2 + n3 + 1
+                socket.send(json.dumps({"type": "ask", "question": QUESTIONS[0], "id": "q1"}))
+                done = _event(socket, "answer.done")
+                socket.send(json.dumps({"type": "ask", "question": "how many zebras ?", "id": "q2"}))
+                assert "zebras" in _event(socket, "error")["message"]
+            assert done["id"] == "q1" and done["answer"] and done["frames_ingested"] == n1 + n3 + 1
             u3 = u2 + [second["choices"][0]["message"], {"role": "user", "content": "Tell me a colour."}]
             third = chat(c, cv, u3)
             assert third["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the restored cache, reused
@@ -234,6 +243,13 @@ def test_a_killed_replica_s_sessions_go_on_on_the_other_from_their_snapshots(tmp
         assert c.post("/v1/chat/completions", json={**body, "messages": u1}).json()["choices"] == first[cv]["choices"]
         uninterrupted = c.post("/v1/chat/completions", json={**body, "messages": u3}).json()  # turn 2 not in the cache
     assert third["choices"] == uninterrupted["choices"] and third["usage"] == uninterrupted["usage"]
+
+
+def _event(socket, kind: str) -> dict:
+    """The next WebSocket event of type ``kind`` (stats and the rest skipped)."""
+    while (event := json.loads(socket.recv(timeout=60)))["type"] != kind:
+        pass
+    return event
 
 
 def _decode(data: bytes):
