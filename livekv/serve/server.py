@@ -175,6 +175,9 @@ class Server:
             record = await self.snapshot_stream(stream, root / "streams" / stream.id)
             state.write_json(root / "streams" / f"{stream.id}.json", record)
         for chat in list(self.chats.sessions.values()) if self.chats else []:
+            if not state.file_safe(chat.id):  # a client's id that would name a path outside the state directory
+                logger.warning("chat session %r is not snapshotted: its id cannot name a file", chat.id)
+                continue
             async with chat.lock:
                 await self.engine.run(chat.cache.save, root / "chats" / chat.id, self.models.text[0], priority=ANSWER)
                 state.write_json(root / "chats" / f"{chat.id}.json", state.chat_record(chat))
