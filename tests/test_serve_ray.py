@@ -3,6 +3,7 @@ cluster serving two replicas with the embedded models, one of them killed under 
 the other from their last snapshot, with the answers of an uninterrupted single-process run from that point and
 what was lost counted."""
 
+import asyncio
 import itertools
 import json
 import threading
@@ -47,6 +48,47 @@ def test_each_request_is_routed_to_its_session():
     assert route("POST", "/v1/chat/completions", b'{"model": "x"}').pin == ""  # any replica
     assert route("POST", "/v1/chat/completions", b"not json").pin == ""  # the replica answers 400
     assert route("GET", "/v1/models", b"") == route("GET", "/nowhere", b"")
+
+
+def test_the_router_keeps_a_session_on_its_replica_and_balances_new_ones():
+    """``SessionRouter.choose_replicas`` on stand-in replicas: the replica reporting a session gets it, only it; a
+    new session goes to the replica holding the fewest (counting those just sent there) and stays there until that
+    replica reports it; a session whose replica is gone goes to another; ``replica/<id>`` targets one."""
+    from collections import namedtuple
+    from types import SimpleNamespace
+
+    from livekv.serve.ray import SessionRouter
+
+    ReplicaID = namedtuple("ReplicaID", "unique_id")  # Serve's ReplicaID is hashable: the router keys on it
+
+    def replica(name, *held):
+        return SimpleNamespace(replica_id=ReplicaID(name), multiplexed_model_ids=set(held))
+
+    def request(pin):
+        return SimpleNamespace(metadata=SimpleNamespace(session_id=pin),
+                               routing_context=SimpleNamespace(should_backoff=False))
+
+    def choose(replicas, pin):
+        ranks = asyncio.run(router.choose_replicas(replicas, request(pin)))
+        return [[r.replica_id.unique_id for r in rank] for rank in ranks]
+
+    router = object.__new__(SessionRouter)
+    router.initialize_state()
+    a, b = replica("a", "stream/s1", "chat/c1", "chat/c3"), replica("b", "stream/s2")
+    assert choose([a, b], "stream/s1") == [["a"]] and choose([a, b], "stream/s2") == [["b"]]
+    assert choose([a, b], "chat/new") == [["b"]]  # b holds fewer
+    assert choose([a, b], "chat/new2") == [["b"]]  # 1 held + 1 on its way < 3
+    assert choose([a, b], "chat/new3") in ([["a"]], [["b"]])  # 3 and 3: either
+    for _ in range(5):
+        assert choose([a, b], "chat/new") == [["b"]]  # where it was sent, until b reports it
+    b.multiplexed_model_ids.add("chat/new")
+    assert choose([a, b], "chat/new") == [["b"]] and "chat/new" not in router._pins
+    assert choose([b], "stream/s1") == [["b"]]  # its replica gone: another takes it (and resumes it)
+    assert choose([a, b], "replica/b") == [["b"]] and choose([a], "replica/b") == [[]]
+    assert sorted(map(sorted, choose([a, b], ""))) == [["a", "b"]]  # no session: the less busy of two
+    pending = request("stream/s1")
+    asyncio.run(router.choose_replicas([a, b], pending))
+    assert pending.routing_context.should_backoff  # a busy replica is waited for
 
 
 @pytest.mark.slow

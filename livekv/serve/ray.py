@@ -27,7 +27,8 @@ What is lost is what the session got after that snapshot: a stream's frames sent
 ``frames.lost``: the ingress tells the new replica how many frames the stream had been sent), a chat's cache of the
 turns since then (nothing a client sees: every chat request carries the whole conversation, so the turns missing
 from the cache are prefilled again), and any request in flight on the dead replica (its client gets an error or a
-cut answer). ``--state-dir`` must be readable by every replica: a directory on one machine, a shared filesystem
+cut answer); a session with no snapshot yet is lost whole (a stream answers 404, a chat starts over from the
+conversation its next request carries). ``--state-dir`` must be readable by every replica: a directory on one machine, a shared filesystem
 (NFS, or an object store mounted with s3fs, gcsfuse or mountpoint-s3) on several.
 """
 
