@@ -359,8 +359,22 @@ def cmd_stream(args) -> None:
 
 def cmd_serve(args) -> None:
     from livekv.serve import run
+    from livekv.serve.config import RayConfig
 
-    run(ServeConfig(**given(args, fields_of(ServeConfig))))
+    config = ServeConfig(**given(args, fields_of(ServeConfig)))
+    ray_options = given(args, fields_of(RayConfig))
+    ray_config = RayConfig(**ray_options)
+    if not ray_config.ray:
+        if ray_options.keys() - {"ray"}:
+            raise ValueError(f"--{'/--'.join(k.replace('_', '-') for k in sorted(ray_options.keys() - {'ray'}))} "
+                             "only apply with --ray")
+        run(config)
+        return
+    try:
+        from livekv.serve import ray as on_ray
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(f"livekv serve --ray needs Ray Serve ({e}): pip install 'livekv[ray]'") from None
+    on_ray.run(config, ray_config)
 
 
 def cmd_methods(args) -> None:

@@ -4,7 +4,7 @@
                                             the page asks for one when the server wants it)
     GET    /page.json                       what the page needs: stream methods, whether a key is needed, the video
                                             model's frame size and the questions the embedded model knows
-    GET    /health                          liveness (no key needed)
+    GET    /health                          liveness, sessions held, resident memory (no key needed)
     GET    /v1/models                       the text and video models served
     POST   /v1/chat/completions             OpenAI's chat completion (stream: SSE chunks); livekv's own fields:
                                             method, budget, knobs, session, stream_id
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import pathlib
 
 from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket
@@ -46,21 +47,27 @@ STATUS = {ValueError: 400, SnapshotError: 400, media.MediaError: 400, Permission
           SessionLimit: 429}
 
 
-def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
-    """The application (models loaded at start-up unless given)."""
+def create_app(config: ServeConfig, models: Models | None = None, server: Server | None = None) -> FastAPI:
+    """The application (models loaded at start-up unless given). ``server``: one made and run by the caller (a Ray
+    replica, ``livekv.serve.ray``): the app serves it, and its start-up and shutdown are the caller's."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        if server is not None:
+            yield
+            return
         loaded = models or await asyncio.to_thread(load_models, config)
-        server = app.state.server = Server(config, loaded)
+        s = app.state.server = Server(config, loaded)
         if config.state_dir:
-            server.restore_all()
-        task = asyncio.create_task(server.background())
+            s.restore_all()
+        task = asyncio.create_task(s.background())
         yield
         task.cancel()
-        await server.shutdown()
+        await s.shutdown()
 
     app = FastAPI(title="livekv", lifespan=lifespan)
+    if server is not None:
+        app.state.server = server
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
@@ -117,7 +124,8 @@ def _routes(app: FastAPI, config: ServeConfig) -> None:
     @app.get("/health")
     async def health(request: Request):
         s = _server(request)
-        return {"status": "ok", "sessions": s.sessions, "engine_jobs_pending": s.engine.pending}
+        return {"status": "ok", "sessions": s.sessions, "engine_jobs_pending": s.engine.pending,
+                "rss_bytes": _rss()}
 
     @app.get("/v1/models", dependencies=key)
     async def list_models(request: Request):
@@ -170,7 +178,7 @@ def _chat_routes(app: FastAPI, key: list) -> None:
 def _stream_routes(app: FastAPI, config: ServeConfig, key: list) -> None:
     @app.post("/v1/streams", dependencies=key, status_code=201)
     async def create_stream(request: Request, body: StreamCreate):
-        return _server(request).create_stream(body).stats()
+        return _server(request).create_stream(body, _assigned_id(request)).stats()
 
     @app.get("/v1/streams", dependencies=key)
     async def list_streams(request: Request):
@@ -222,7 +230,8 @@ def _stream_routes(app: FastAPI, config: ServeConfig, key: list) -> None:
         data = await _body(request, 1 << 34)
         with state.scratch() as tmp:
             record = state.from_tar(data, pathlib.Path(tmp, "snap"))
-            stream = await asyncio.to_thread(s.restore_stream, pathlib.Path(tmp, "snap"), record, new_id())
+            stream = await asyncio.to_thread(s.restore_stream, pathlib.Path(tmp, "snap"), record,
+                                             _assigned_id(request) or new_id())
         return stream.stats()
 
     @app.websocket("/v1/streams/{sid}/ws")
@@ -247,6 +256,12 @@ def _page_info(config: ServeConfig, models: Models) -> dict:
     return {"video_model": models.vlm_id if vlm is not None else None, "frame_size": frame_size,
             "methods": [m for m in PAGE_METHODS if m in config.methods] if vlm is not None else [],
             "api_key_required": bool(config.api_key), "max_tokens": config.max_tokens, "questions": questions}
+
+
+def _assigned_id(request: Request) -> str | None:
+    """The id a new stream takes when its caller chose it: a router that pins sessions to replicas
+    (``livekv.serve.ray``) picks it first. It comes in the ASGI scope, which no HTTP client can set."""
+    return request.scope.get("livekv", {}).get("stream_id")
 
 
 async def _ask_by_chat(s: Server, body: ChatCompletionRequest, stream_id: str, request: Request):
@@ -352,3 +367,12 @@ async def _body(request: Request, limit: int) -> bytes:
         if len(data) > limit:
             raise HTTPException(413, f"upload exceeds the limit of {limit} bytes")
     return bytes(data)
+
+
+def _rss() -> int | None:
+    """This process's resident memory, bytes (Linux; else None)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
