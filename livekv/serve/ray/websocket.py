@@ -1,0 +1,131 @@
+"""The ingress's WebSocket: ``WS /v1/streams/{id}/ws`` as ``livekv serve`` has it (``livekv.serve.ws``), held by the
+ingress, each message forwarded to the stream's replica as the HTTP request it stands for (frames, questions
+answered as server-sent events, stats), its answers sent back as events."""
+
+import asyncio
+import json
+import logging
+
+from fastapi import WebSocket
+from fastapi.responses import Response, StreamingResponse
+
+from livekv.serve.ray.routing import Route, json_object
+
+logger = logging.getLogger("livekv.serve")
+
+
+def _image_type(data: bytes) -> str:
+    """The content type of a frame sent as bytes (PNG, WebP, else JPEG)."""
+    return "image/png" if data[:4] == b"\x89PNG" else "image/webp" if data[8:12] == b"WEBP" else "image/jpeg"
+
+
+class _Bridge:
+    """One WebSocket of stream ``sid``, forwarded through ``ingress`` (its ``send``, as its HTTP requests are)."""
+
+    def __init__(self, ingress, socket: WebSocket, sid: str):
+        key = ingress.config.api_key
+        self.ingress, self.socket, self.sid = ingress, socket, sid
+        self.auth = [(b"authorization", f"Bearer {key}".encode())] if key else []
+        self.lock, self.tasks = asyncio.Lock(), set()
+
+    async def call(self, method: str, path: str, body: bytes = b"", kind: str = "application/json", streaming=False):
+        """The stream's replica's response to the HTTP request a message stands for."""
+        message = {"method": method, "path": path, "query": b"", "body": body, "client": None,
+                   "headers": self.auth + [(b"content-type", kind.encode())]}
+        return await self.ingress.send(Route(f"stream/{self.sid}", streaming=streaming), message)
+
+    async def send(self, event: dict) -> None:
+        async with self.lock:
+            await self.socket.send_json(event)
+
+    async def result(self, response: Response, kind: str, qid=None) -> None:
+        """A whole response as an event: ``kind`` with its fields, or an error."""
+        out = json.loads(response.body)
+        if response.status_code == 200:
+            await self.send({"type": kind, **({"id": qid} if qid is not None else {}), **out})
+        else:
+            await self.send({"type": "error", **({"id": qid} if qid is not None else {}),
+                             "message": out.get("error", {}).get("message", ""), "code": response.status_code})
+
+    async def tick(self) -> None:
+        """The stream's stats every second."""
+        while True:
+            await asyncio.sleep(1.0)
+            await self.result(await self.call("GET", f"/v1/streams/{self.sid}"), "stats")
+
+    async def answer(self, event: dict) -> None:
+        """An ``ask`` event: the question asked, its answer sent back as ``answer.delta`` events, then
+        ``answer.done``."""
+        qid = event.get("id")
+        request = {"question": str(event.get("question", "")), "stream": True}
+        if isinstance(event.get("max_tokens"), int):
+            request["max_tokens"] = event["max_tokens"]
+        response = await self.call("POST", f"/v1/streams/{self.sid}/ask", json.dumps(request).encode(),
+                                   streaming=True)
+        if not isinstance(response, StreamingResponse) or response.status_code != 200:
+            if isinstance(response, StreamingResponse):  # an error, whole
+                response = Response(b"".join([c if isinstance(c, bytes) else c.encode()
+                                              async for c in response.body_iterator]), response.status_code)
+            await self.result(response, "answer.done", qid)
+            return
+        await self._relay(response, qid)
+
+    async def _relay(self, response: StreamingResponse, qid) -> None:
+        """An answer's server-sent events as ``answer.delta`` and ``answer.done`` events."""
+        pieces = []
+        async for chunk in response.body_iterator:
+            for block in (chunk if isinstance(chunk, str) else chunk.decode()).split("\n\n"):
+                data = next((line[6:] for line in block.splitlines() if line.startswith("data: ")), None)
+                if data is None or data == "[DONE]":
+                    continue
+                event = json.loads(data)
+                if "delta" in event:
+                    pieces.append(event["delta"])
+                    await self.send({"type": "answer.delta", "id": qid, "delta": event["delta"]})
+                elif "answer" in event:
+                    await self.send({"type": "answer.done", "id": qid, **event})
+
+    async def receive(self, message: dict) -> None:
+        """One message from the client: a frame (bytes), or an ``ask`` or ``stats`` event."""
+        if message.get("bytes") is not None:
+            data = message["bytes"]
+            out = await self.call("POST", f"/v1/streams/{self.sid}/frames", data, _image_type(data))
+            await self.result(out, "frames")
+        elif message.get("text") is not None:
+            event = json_object(message["text"].encode())
+            if event.get("type") == "ask":
+                self.tasks.add(asyncio.create_task(self.answer(event)))
+            elif event.get("type") == "stats":
+                await self.result(await self.call("GET", f"/v1/streams/{self.sid}"), "stats")
+            else:
+                await self.send({"type": "error", "message": f"unknown event {event.get('type')!r}", "code": 400})
+
+    async def serve(self) -> None:
+        """Until the client goes away: its messages forwarded, the stream's stats every second."""
+        self.tasks.add(asyncio.create_task(self.tick()))
+        try:
+            while True:
+                message = await self.socket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                await self.receive(message)
+        except Exception as e:  # noqa: BLE001 - the socket went away
+            logger.info("livekv ingress: websocket of %s ended (%s)", self.sid, type(e).__name__)
+        finally:
+            for task in self.tasks:
+                task.cancel()
+
+
+async def forward_websocket(ingress, socket: WebSocket, sid: str) -> None:
+    """``WS /v1/streams/{id}/ws`` on ``ingress``: the API key checked, the stream looked up on its replica, then
+    the socket accepted and served."""
+    if not ingress.config.accepts(socket.headers.get("authorization"), socket.query_params.get("api_key")):
+        await socket.close(code=1008, reason="missing or wrong API key")
+        return
+    bridge = _Bridge(ingress, socket, sid)
+    info = await bridge.call("GET", f"/v1/streams/{sid}")
+    if info.status_code != 200:
+        await socket.close(code=4404 if info.status_code == 404 else 1011, reason=f"no stream {sid!r}")
+        return
+    await socket.accept()
+    await bridge.serve()
