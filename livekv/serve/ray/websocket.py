@@ -72,7 +72,6 @@ class _Bridge:
 
     async def _relay(self, response: StreamingResponse, qid) -> None:
         """An answer's server-sent events as ``answer.delta`` and ``answer.done`` events."""
-        pieces = []
         async for chunk in response.body_iterator:
             for block in (chunk if isinstance(chunk, str) else chunk.decode()).split("\n\n"):
                 data = next((line[6:] for line in block.splitlines() if line.startswith("data: ")), None)
@@ -80,7 +79,6 @@ class _Bridge:
                     continue
                 event = json.loads(data)
                 if "delta" in event:
-                    pieces.append(event["delta"])
                     await self.send({"type": "answer.delta", "id": qid, "delta": event["delta"]})
                 elif "answer" in event:
                     await self.send({"type": "answer.done", "id": qid, **event})
