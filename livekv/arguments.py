@@ -8,6 +8,7 @@ import argparse
 
 from livekv.methods import knob_options
 from livekv.options import add_options, fields_of
+from livekv.quantize import WEIGHTS
 from livekv.serve.config import ServeConfig
 
 
@@ -191,7 +192,12 @@ def ints(text: str) -> list[int]:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local model directory (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model's dtype: its activations, its KV cache, and its weights unless --weights")
+    p.add_argument("--weights", default="float32", choices=WEIGHTS,
+                   help="how the linear layers' weights (lm_head too) are stored: float32: as loaded (in --dtype); "
+                   "bfloat16; int8 (a scale per output channel) or int4 (groups of 32): weight-only, CPU only, for "
+                   "faster decoding (default: float32)")
     p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 

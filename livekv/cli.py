@@ -60,13 +60,15 @@ def _load(args):
     import torch
 
     from livekv.models import load_model
+    from livekv.quantize import weight_bytes
 
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    print(f"loaded {model.config.model_type} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) "
-          f"in {time.perf_counter() - t0:.1f} s on {args.device}", file=sys.stderr)
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device,
+                                  weights=args.weights)
+    print(f"loaded {model.config.model_type} ({args.weights} weights, {weight_bytes(model) / 1e6:.0f} MB read per "
+          f"token) in {time.perf_counter() - t0:.1f} s on {args.device}", file=sys.stderr)
     return model, tokenizer
 
 

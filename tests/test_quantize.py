@@ -168,3 +168,41 @@ def test_embedded_model_with_int8_weights(smollm2):
         assert agree >= 0.9  # measured 0.96 (0.94 to 0.96 on other seeds)
     finally:
         torch.set_num_threads(threads)
+
+
+# --- wiring --------------------------------------------------------------------------------------------------------
+class _Loaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "hi"], ["eval", "needle", "--context", "512"],
+                                  ["bench", "decode", "--context", "512"]])
+def test_weights_flag_reaches_the_loader(monkeypatch, argv):
+    from livekv.cli import main
+
+    seen = {}
+
+    def load(*args, **kwargs):
+        seen.update(kwargs)
+        raise _Loaded
+
+    monkeypatch.setattr("livekv.models.load_model", load)
+    with pytest.raises(_Loaded):
+        main([*argv, "--weights", "int8"])
+    assert seen["weights"] == "int8"
+
+
+def test_unknown_weights_flag_is_refused(capsys):
+    from livekv.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--prompt", "hi", "--weights", "int3"])
+    assert e.value.code == 2 and "--weights" in capsys.readouterr().err
+
+
+def test_serve_config_takes_weights():
+    from livekv.serve.config import ServeConfig
+
+    assert ServeConfig().weights == "float32" and ServeConfig(weights="int4").weights == "int4"
+    with pytest.raises(ValueError, match="--weights"):
+        ServeConfig(weights="fp8")

@@ -32,6 +32,7 @@ from livekv.cache import LiveKVCache
 from livekv.layers import DenseLayer, LayerStats, RecallableLayer
 from livekv.generation import prefill
 from livekv.progress import above_bars, bar
+from livekv.quantize import weight_bytes
 
 
 def memory_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
@@ -54,9 +55,10 @@ def fill_cache(cache: LiveKVCache, layer_kv: list[tuple[torch.Tensor, torch.Tens
 
 
 def bytes_per_step(model, cache: LiveKVCache) -> int:
-    """Bytes a decode step must read: every weight once + the KV it reads (dense: all; sparse: digests or cluster
-    centroids + the recalled tokens, read from the host tier and again by attention)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes a decode step must read: the weights (``weight_bytes``: quantized ones as stored) + the KV it reads
+    (dense: all; sparse: digests or cluster centroids + the recalled tokens, read from the host tier and again by
+    attention)."""
+    total = weight_bytes(model)
     for layer in cache.layers:
         if isinstance(layer, DenseLayer):
             k, v = layer.fast.view()
