@@ -1,5 +1,6 @@
 """Weight-only quantization (``livekv.quantize``): each kind's layer against float32 within bounds derived from its
-quantization step, tied embeddings kept usable, the embedded model's greedy text under int8, and bytes read per token (issue 30)."""
+quantization step, tied embeddings kept usable, the embedded model's greedy text under int8, bytes read per token,
+and ``--weights`` reaching the loader (issue 30)."""
 
 import copy
 import math
