@@ -193,12 +193,46 @@ def test_weights_flag_reaches_the_loader(monkeypatch, argv):
     assert seen["weights"] == "int8"
 
 
-def test_unknown_weights_flag_is_refused(capsys):
+def test_bench_decode_loads_each_form_of_weights(monkeypatch):
+    from livekv.cli import main
+
+    loaded, ran = [], {}
+
+    def load(*args, weights, **kwargs):
+        loaded.append(weights)
+        return quantize_weights(tiny_model(), weights), "tokenizer"
+
+    monkeypatch.setattr("livekv.models.load_model", load)
+    monkeypatch.setattr("livekv.bench.decode.run", lambda forms, tok, *a, **k: ran.update(forms) or {"results": []})
+    main(["bench", "decode", "--context", "512", "--weights", "float32,int8"])
+    assert loaded == ["float32", "int8"] and list(ran) == ["float32", "int8"]
+    assert isinstance(ran["int8"].lm_head, Int8Linear) and isinstance(ran["float32"].lm_head, nn.Linear)
+
+
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "hi", "--weights", "int3"],
+                                  ["bench", "decode", "--weights", "float32,int3"],
+                                  ["bench", "decode", "--weights", "int8,int8"]])
+def test_unknown_weights_flag_is_refused(capsys, argv):
     from livekv.cli import main
 
     with pytest.raises(SystemExit) as e:
-        main(["generate", "--prompt", "hi", "--weights", "int3"])
+        main(argv)
     assert e.value.code == 2 and "--weights" in capsys.readouterr().err
+
+
+def test_bench_decode_interleaves_forms_of_weights(monkeypatch):
+    """``bench.decode.run`` with ``{weights: model}``: every form decodes every method; records say which."""
+    from livekv.bench import decode
+
+    monkeypatch.setattr("livekv.evals.corpus.filler_token_ids", lambda tok, n, **k: list(range(2, 2 + n)))
+    monkeypatch.setattr(decode, "memory_bandwidth", lambda: 1e10)
+    forms = {kind: quantize_weights(tiny_model(), kind) for kind in ("float32", "int8")}
+    payload = decode.run(forms, None, [("dense", {}), ("quest", {"budget": 32})], [256], steps=1, rounds=1,
+                         fill_tokens=64, log=lambda *a: None)
+    rows = [(r["weights"], r["method"]) for r in payload["results"]]
+    assert rows == [("float32", "dense"), ("float32", "quest"), ("int8", "dense"), ("int8", "quest")]
+    step_bytes = {r["weights"]: r["bytes_per_step"] for r in payload["results"] if r["method"] == "dense"}
+    assert step_bytes["int8"] < step_bytes["float32"]  # the weights counted as stored
 
 
 def test_serve_config_takes_weights():
