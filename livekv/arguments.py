@@ -8,6 +8,7 @@ import argparse
 
 from livekv.methods import knob_options
 from livekv.options import add_options, fields_of
+from livekv.quantize import WEIGHTS
 from livekv.serve.config import RayConfig, ServeConfig
 
 
@@ -95,7 +96,7 @@ def _bench(sub, commands: dict) -> None:
     """``livekv bench decode | stream | serve | soak``."""
     bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="task", required=True)
     p = bench.add_parser("decode", help="decode ms/token per method and context length")
-    add_model_args(p)
+    add_model_args(p, several_weights=True)
     add_method_args(p, multi=True)
     p.add_argument("--context", type=ints, default="4096,16384,32768", help="context lengths, comma-separated")
     p.add_argument("--steps", type=int, default=8, help="decode steps per round")
@@ -190,11 +191,31 @@ def ints(text: str) -> list[int]:
     return values
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, several_weights: bool = False) -> None:
+    """``--model``, ``--dtype``, ``--weights`` (with ``several_weights``: comma-separated, a list), ``--device``,
+    ``--threads``."""
     p.add_argument("--model", default=None, help="local model directory (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model's dtype: its activations, its KV cache, and its weights unless --weights")
+    text = ("how the linear layers' weights (lm_head too) are stored: float32: as loaded (in --dtype); bfloat16; int8 "
+            "(a scale per output channel) or int4 (groups of 32): weight-only, CPU only, for faster decoding")
+    if several_weights:
+        p.add_argument("--weights", type=weights_list, default=["float32"], help=text + "; comma-separated: each "
+                       "form measured with every method, interleaved (default: float32)")
+    else:
+        p.add_argument("--weights", default="float32", choices=WEIGHTS, help=text + " (default: float32)")
     p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def weights_list(text: str) -> list[str]:
+    """The argparse type of comma-separated ``--weights`` kinds (``"float32,int8"``)."""
+    kinds = [x.strip() for x in text.split(",") if x.strip()]
+    wrong = [k for k in kinds if k not in WEIGHTS]
+    if not kinds or wrong or len(set(kinds)) < len(kinds):
+        raise argparse.ArgumentTypeError(f"expected distinct kinds of {', '.join(WEIGHTS)}, comma-separated, "
+                                         f"got {text!r}")
+    return kinds
 
 
 def add_method_args(p: argparse.ArgumentParser, multi: bool) -> None:

@@ -56,17 +56,20 @@ def _require_corpus() -> None:
     check_corpus()
 
 
-def _load(args):
+def _load(args, weights: str | None = None):
+    """The model and tokenizer the arguments name, its weights stored as ``weights`` (default: ``--weights``)."""
     import torch
 
     from livekv.models import load_model
+    from livekv.quantize import weight_bytes
 
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    print(f"loaded {model.config.model_type} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) "
-          f"in {time.perf_counter() - t0:.1f} s on {args.device}", file=sys.stderr)
+    weights = weights or args.weights
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device, weights=weights)
+    print(f"loaded {model.config.model_type} ({weights} weights, {weight_bytes(model) / 1e6:.0f} MB read per "
+          f"token) in {time.perf_counter() - t0:.1f} s on {args.device}", file=sys.stderr)
     return model, tokenizer
 
 
@@ -339,8 +342,9 @@ def cmd_bench(args) -> None:
 
         methods = _method_grid(args)
         _require_corpus()
-        model, tok = _load(args)
-        payload = bench.run(model, tok, methods, args.context, steps=args.steps, rounds=args.rounds,
+        loaded = {weights: _load(args, weights) for weights in args.weights}  # each form decodes every method
+        forms, tok = {weights: model for weights, (model, _) in loaded.items()}, loaded[args.weights[0]][1]
+        payload = bench.run(forms, tok, methods, args.context, steps=args.steps, rounds=args.rounds,
                             recall_core=args.recall_core, progress=True)
     _write_json(args.json, payload, args)
     _write_plot(args.json, lambda png: bench.plot(payload["results"], png))

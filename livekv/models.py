@@ -93,14 +93,19 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str = ATTN_IMPLEMENTATION,
+    weights: str = "float32",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` in eval mode on ``device`` and ``dtype``; never downloads anything.
+    """Load ``(model, tokenizer)`` in eval mode on ``device`` and ``dtype``, its linear layers' weights then stored
+    as ``weights`` (``livekv.quantize``: float32 leaves them as loaded; bfloat16, int8, int4); never downloads.
 
     ``None`` (or ``DEFAULT_MODEL``): the embedded SmolLM2-135M-Instruct, converted once from its GGUF into
     ``cache_dir()``. A local directory: loaded from there. Any other name: only from the local Hugging Face cache.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from livekv.quantize import check_weights, quantize_weights
+
+    check_weights(weights)
     if name_or_path is None or name_or_path == DEFAULT_MODEL:
         path = cache_dir() / _CACHE_SUBDIR
         if not (path / "config.json").is_file():
@@ -122,4 +127,4 @@ def load_model(
             f"downloads: pass the path of a local model directory (or None for the embedded {DEFAULT_MODEL})."
         ) from e
     model.to(device=device, dtype=dtype).eval()
-    return model, tokenizer
+    return quantize_weights(model, weights), tokenizer

@@ -32,6 +32,7 @@ from livekv.cache import LiveKVCache
 from livekv.layers import DenseLayer, LayerStats, RecallableLayer
 from livekv.generation import prefill
 from livekv.progress import above_bars, bar
+from livekv.quantize import weight_bytes
 
 
 def memory_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
@@ -54,9 +55,10 @@ def fill_cache(cache: LiveKVCache, layer_kv: list[tuple[torch.Tensor, torch.Tens
 
 
 def bytes_per_step(model, cache: LiveKVCache) -> int:
-    """Bytes a decode step must read: every weight once + the KV it reads (dense: all; sparse: digests or cluster
-    centroids + the recalled tokens, read from the host tier and again by attention)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes a decode step must read: the weights (``weight_bytes``: quantized ones as stored) + the KV it reads
+    (dense: all; sparse: digests or cluster centroids + the recalled tokens, read from the host tier and again by
+    attention)."""
+    total = weight_bytes(model)
     for layer in cache.layers:
         if isinstance(layer, DenseLayer):
             k, v = layer.fast.view()
@@ -76,10 +78,12 @@ def recalls_in_background(cache: LiveKVCache) -> bool:
 
 
 @torch.no_grad()
-def _decode_round(model, caches: list[LiveKVCache], token: torch.Tensor, steps: int, threads: list[int]) -> list[float]:
-    """ms/token of each cache, one after the other, cache i with ``threads[i]`` torch threads."""
+def _decode_round(models: list, caches: list[LiveKVCache], token: torch.Tensor, steps: int,
+                  threads: list[int]) -> list[float]:
+    """ms/token of each cache, one after the other, cache i decoded by ``models[i]`` with ``threads[i]`` torch
+    threads."""
     out, default = [], torch.get_num_threads()
-    for cache, n in zip(caches, threads):
+    for model, cache, n in zip(models, caches, threads):
         torch.set_num_threads(n)
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -104,8 +108,13 @@ def run(
     progress: bool = False,
 ) -> dict:
     """Every method at every context length (see the module docstring); ``progress``: a bar of the decode rounds
-    (warm-up, ``rounds``, profiled) on stderr."""
+    (warm-up, ``rounds``, profiled) on stderr. ``model``: the model, or ``{weights: model}``, forms of one model
+    (``--weights``) each decoding with every method, interleaved like methods; records then carry ``weights``."""
     from livekv.evals.corpus import filler_token_ids
+
+    forms = model if isinstance(model, dict) else {None: model}
+    model = next(iter(forms.values()))
+    entries = [(weights, form, name, knobs) for weights, form in forms.items() for name, knobs in methods]
 
     bandwidth = memory_bandwidth()
     log(f"memory bandwidth (copy, read+write): {bandwidth / 1e9:.1f} GB/s; threads={torch.get_num_threads()}")
@@ -118,30 +127,31 @@ def run(
     rounds_bar = bar(len(contexts) * (rounds + 2), "decode", "round", enabled=progress)
     log = above_bars(log)
     for context in contexts:
-        caches = []
-        for name, knobs in methods:
+        caches, models = [], [form for _, form, _, _ in entries]
+        for _, _, name, knobs in entries:
             caches.append(LiveKVCache(model.config, name, ignore_unknown=True, **knobs))
             fill_cache(caches[-1], layer_kv, context)
         total = torch.get_num_threads()
         threads = [max(1, total - 1) if recall_core and recalls_in_background(c) else total for c in caches]
-        _decode_round(model, caches, token, 2, threads)  # warm-up: allocations, first selections
+        _decode_round(models, caches, token, 2, threads)  # warm-up: allocations, first selections
         rounds_bar.update()
         rounds_ms = []
         for _ in range(rounds):
-            rounds_ms.append(_decode_round(model, caches, token, steps, threads))
+            rounds_ms.append(_decode_round(models, caches, token, steps, threads))
             rounds_bar.update()
         for cache in caches:
             cache.set_profile(True)
             for layer in cache.recallable_layers:
                 layer.stats = LayerStats()
-        profiled = _decode_round(model, caches, token, steps, threads)
+        profiled = _decode_round(models, caches, token, steps, threads)
         rounds_bar.update()
-        for i, ((name, _), cache) in enumerate(zip(methods, caches)):
+        for i, ((weights, form, name, _), cache) in enumerate(zip(entries, caches)):
             ms = statistics.median(r[i] for r in rounds_ms)
             s = cache.stats()
-            step_bytes = bytes_per_step(model, cache)
+            step_bytes = bytes_per_step(form, cache)
             limit_ms = step_bytes / bandwidth * 1000
             record = {
+                **({} if weights is None else {"weights": weights}),
                 "method": name,
                 "context": context,
                 "budget": getattr(cache.method, "budget", None),
@@ -159,10 +169,11 @@ def run(
                 **cache.memory(),
             }
             results.append(record)
+            label = name if weights is None else f"{name}/{weights}"
             hidden = "" if s["recall_hidden"] is None else (
                 f"(background {record['recall_background_share']:5.1%}, {s['recall_hidden']:4.0%} hidden) ")
             log(
-                f"decode {name:12s} context={context:6d} budget={record['budget']!s:6s} threads={threads[i]} {ms:8.1f} ms/token "
+                f"decode {label:12s} context={context:6d} budget={record['budget']!s:6s} threads={threads[i]} {ms:8.1f} ms/token "
                 f"select={record['select_share']:5.1%} recall={record['recall_share']:5.1%} {hidden}"
                 f"read={step_bytes / 1e6:7.1f} MB/step limit={limit_ms:6.1f} ms (x{record['x_traffic_limit']:.1f}) "
                 f"fast={record['fast_kv_bytes'] / 1e6:.0f} MB host={record['host_kv_bytes'] / 1e6:.0f} MB"
@@ -179,9 +190,10 @@ def plot(results: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, budget in dict.fromkeys((r["method"], r["budget"]) for r in results):
-        rows = [r for r in results if (r["method"], r["budget"]) == (method, budget)]
-        method = method if budget is None else f"{method} {budget}"
+    for key in dict.fromkeys((r["method"], r["budget"], r.get("weights")) for r in results):
+        rows = [r for r in results if (r["method"], r["budget"], r.get("weights")) == key]
+        method, budget, weights = key
+        method = " ".join(str(x) for x in (method, budget, weights) if x is not None)
         ctx = [r["context"] for r in rows]
         ax.plot(ctx, [r["ms_per_token"] for r in rows], "o-", label=f"{method} measured")
         ax.plot(ctx, [r["traffic_limit_ms"] for r in rows], "x--", alpha=0.6, label=f"{method} memory-traffic limit")

@@ -8,6 +8,8 @@ import os
 import secrets
 from dataclasses import dataclass
 
+from livekv.quantize import check_weights
+
 
 def setting(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
@@ -21,6 +23,8 @@ class ServeConfig:
     port: int = setting(8000, "port to listen on")
     model: str | None = setting(None, "text model: a local directory (default: the embedded SmolLM2-135M-Instruct; "
                                       "'none': no chat)")
+    weights: str = setting("float32", "how the text model's linear layers' weights are stored: float32 (as loaded), "
+                                      "bfloat16, int8 or int4 (weight-only, CPU only; livekv.quantize)")
     vlm: str | None = setting(None, "video model: a local LLaVA-OneVision or Qwen2-VL directory (default: the "
                                     "embedded one; 'none': no streams)")
     methods: tuple[str, ...] = setting(("quest", "dense", "sink_window", "freekv", "clusterkv", "livevlm", "full",
@@ -54,6 +58,7 @@ class ServeConfig:
         return given is not None and secrets.compare_digest(given.encode(), self.api_key.encode())
 
     def __post_init__(self):
+        check_weights(self.weights)
         if self.media_dir is not None and not os.path.isdir(self.media_dir):
             raise ValueError(f"--media-dir {self.media_dir!r} is not a directory")
         for name in ("max_sessions", "max_upload_bytes", "max_frame_pixels", "max_queue_frames", "max_tokens",

@@ -38,7 +38,7 @@ def load_models(config: ServeConfig) -> Models:
     """The models the config names (the embedded ones by default); never downloads."""
     from livekv.models import load_model
 
-    text = None if config.model == "none" else load_model(config.model)
+    text = None if config.model == "none" else load_model(config.model, weights=config.weights)
     vlm, system, vlm_id = None, None, "livekv-world-vlm"
     if config.vlm is None:
         from livekv.vlm.model import SYSTEM, load_default_vlm
