@@ -6,6 +6,7 @@
     livekv chat --method quest --budget 512
     livekv eval needle --method dense,quest --budget 256 --context 2048,4096 --json out/needle.json
     livekv eval fidelity --method quest --budget 1024 --context 8192 --json out/fidelity.json
+    livekv eval ruler --method dense,quest,freekv,clusterkv --budget 256 --context 4096 --split test --json out/ruler.json
     livekv bench decode --methods dense,quest --context 4096,16384,32768 --json out/decode.json
     livekv stream VIDEO --model DIR --ask "What happened?" --ask-at 30:"What colour is the car?"
     livekv bench stream --methods full,rekv,livevlm --frames 16,64,256,512 --json out/stream.json
@@ -325,6 +326,40 @@ def cmd_eval(args) -> None:
     _write_plot(args.json, lambda png: plots.against_budget(payload["results"], png, panels))
 
 
+def cmd_eval_ruler(args) -> None:
+    from livekv import plots
+    from livekv.evals import ruler
+    from livekv.methods import make_method, parse_spec
+
+    tasks = ruler.TASKS if args.tasks == "all" else tuple(t for t in args.tasks.split(",") if t)
+    unknown = [t for t in tasks if t not in ruler.TASKS]
+    if unknown:
+        raise ValueError(f"unknown RULER task(s) {', '.join(unknown)}; choose from {', '.join(ruler.TASKS)} or 'all'")
+    protocols = ruler.PROTOCOLS if args.protocol == "both" else (args.protocol,)
+    knobs = {k: v for k, v in _knobs(args).items() if k != "budget"}
+    methods = []
+    for spec in split_specs(args.method):  # specs such as quest:gqa_pool=rank compare knobs in one run
+        name, own = parse_spec(spec)
+        for budget in (args.budget or [None]):
+            cfg = {**knobs, "budget": budget, **own}
+            make_method(name, ignore_unknown=True, **cfg)  # validate now, with a clear error
+            methods.append((spec, cfg))
+            if name == "dense":
+                break
+    _require_corpus()
+    if args.split == "test":
+        from livekv.evals.corpus import check_shakespeare
+
+        check_shakespeare()
+    model, tok = _load(args)
+    for context in args.context:
+        _check_positions(model, "context", context, context + 100)
+    payload = ruler.evaluate(model, tok, methods, args.context, args.split, tasks, args.cases, protocols,
+                             first=args.first, template=args.template, progress=True)
+    _write_json(args.json, payload, args)
+    _write_plot(args.json, lambda png: plots.ruler_tasks(payload["results"], png))
+
+
 def cmd_stream_qa(args) -> None:
     import torch
 
@@ -489,6 +524,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--json", help="write results here (and a PNG plot against the budget beside it)")
         p.set_defaults(func=cmd_eval)
+    p = evals.add_parser("ruler", help="RULER-style long-context tasks (needles, variable tracking, common and "
+                         "frequent words) on the real model, on a dev or a held-apart test split")
+    _add_model_args(p)
+    _add_method_args(p, multi=True)
+    p.set_defaults(method="dense,quest,freekv,clusterkv", budget=[256])
+    p.add_argument("--context", type=_ints, default="4096", help="context lengths, comma-separated")
+    p.add_argument("--split", choices=["dev", "test"], default="dev",
+                   help="dev: choose on it; test: held apart, quote it (livekv/evals/ruler.py says what differs)")
+    p.add_argument("--tasks", default="all", help="comma-separated: niah_single, niah_multikey, niah_multivalue, "
+                   "niah_multiquery, vt, cwe, fwe (default: all)")
+    p.add_argument("--cases", type=int, default=10, help="cases per task (one case is 100/N points of a task)")
+    p.add_argument("--first", type=int, default=0, help="index of the first case (run more cases in pieces)")
+    p.add_argument("--protocol", choices=["prompt", "fed", "both"], default="both",
+                   help="prompt: the question prefilled with the context, the answer decoded sparse; fed: the "
+                   "question fed token by token after the context")
+    p.add_argument("--template", choices=["chat", "raw"], default="chat", help="the prompt in the model's chat "
+                   "template, or plain text")
+    p.add_argument("--json", help="write results and every case here (and a PNG of accuracy against the budget "
+                   "per task beside it)")
+    p.set_defaults(func=cmd_eval_ruler)
     p = evals.add_parser("stream-qa", help="streaming video QA on the synthetic world, with the embedded VLM")
     p.add_argument("--method", "--methods", dest="method", default="full,livevlm", help="streaming methods, comma-separated")
     p.add_argument("--minutes", type=float, default=2.0, help="stream length")
