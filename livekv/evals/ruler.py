@@ -571,6 +571,36 @@ def summarize(cases: list[dict]) -> list[dict]:
     return out
 
 
+def table(results: list[dict]) -> str:
+    """A markdown table per context and protocol: a row per method (and budget), a column per task and for the
+    retrieval / other / all means, in percent; under each sparse method's row its difference to dense."""
+    out = []
+    tasks = [t for t in (*TASKS, "retrieval", "other", "all") if any(r["task"] == t for r in results)]
+    for context in sorted({r["context"] for r in results}):
+        for protocol in [p for p in PROTOCOLS if any(r["protocol"] == p for r in results)]:
+            mine = {(r["method"], r["budget"], r["task"]): r for r in results
+                    if r["context"] == context and r["protocol"] == protocol}
+            rows = list(dict.fromkeys((m, b) for m, b, _ in mine))
+            n = {t: next(r["cases"] for (m, b, tt), r in mine.items() if tt == t) for t in tasks[:-3] if
+                 any(tt == t for _, _, tt in mine)}
+            out.append(f"\ncontext {context}, protocol {protocol} (cases per task: "
+                       + ", ".join(f"{t} {c}" for t, c in n.items()) + ")\n")
+            out.append("| method | budget | " + " | ".join(tasks) + " |")
+            out.append("|---|---|" + "---|" * len(tasks))
+            dense = next(((m, b) for m, b in rows if b is None), None)
+            for m, b in rows:
+                cells = [mine.get((m, b, t)) for t in tasks]
+                out.append(f"| {m} | {b or 'all'} | " + " | ".join(
+                    "-" if c is None else f"{100 * c['accuracy']:.1f}" for c in cells) + " |")
+                if dense and (m, b) != dense:
+                    deltas = []
+                    for t, c in zip(tasks, cells):
+                        d = mine.get((*dense, t))
+                        deltas.append("-" if c is None or d is None else f"{100 * (c['accuracy'] - d['accuracy']):+.1f}")
+                    out.append("| (vs dense) | | " + " | ".join(deltas) + " |")
+    return "\n".join(out)
+
+
 def evaluate(model, tokenizer, methods: list[tuple[str, dict]], contexts: list[int], split: str = "dev",
              tasks=TASKS, cases: int = 10, protocols=PROTOCOLS, first: int = 0, template: str = "chat",
              chunk: int = 2048, log=print, progress: bool = False) -> dict:
@@ -616,4 +646,5 @@ def evaluate(model, tokenizer, methods: list[tuple[str, dict]], contexts: list[i
         if r["task"] in ("retrieval", "other", "all"):
             log(f"ruler {split} {r['method']:11s} budget={r['budget']!s:5s} context={r['context']} "
                 f"{r['protocol']:6s} {r['task']:9s} {100 * r['accuracy']:5.1f} ({r['cases']} cases)")
+    log(table(results))
     return {"split": split, "template": template, "results": results, "cases": records}
