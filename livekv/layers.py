@@ -34,7 +34,8 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from livekv.attention import attend, set_pending
-from livekv.store import FastBuffer, HostStore, ResidentSet, make_host_store
+from livekv.slots import ResidentSet
+from livekv.store import FastBuffer, HostStore, make_host_store
 
 
 @dataclass

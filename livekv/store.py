@@ -7,7 +7,8 @@ Two tiers, each in the layout its reader wants:
   keys and values, so recalling a page of a head is one copy. It also keeps a digest per page and KV head, the
   element-wise min and max of the page's post-RoPE keys, laid out ``[B, G, P, D]`` so that scoring all pages is
   a matmul. The host tier is CPU memory (pinned when the fast tier is a GPU).
-* fast tier (``FastBuffer``): what attention reads, ``[B, G, S, D]`` keys and values, on the compute device.
+* fast tier (``FastBuffer``): what attention reads, ``[B, G, S, D]`` keys and values, on the compute device (the
+  slot sets that keep recalled tokens or pages across steps are in ``livekv.slots``).
 
 Recall copies tokens from the host tier into the fast tier; what comes back is bit-identical to what was stored.
 Shapes: B batch, G KV heads, T tokens, D head dim, P pages, p page size.
@@ -30,7 +31,7 @@ class Bytes(NamedTuple):
     nbytes: int
 
 
-def _grow(buf: torch.Tensor, dim: int, needed: int) -> torch.Tensor:
+def grow(buf: torch.Tensor, dim: int, needed: int) -> torch.Tensor:
     """Return ``buf`` with capacity >= ``needed`` along ``dim``, contents kept. Grows by 1/4 at least (amortised
     O(1) appends at most 25% slack: capacity is what the tiers report as resident). The new part is zeros: masked
     slots must not hold NaNs (masked attention still multiplies their values by 0)."""
@@ -54,16 +55,16 @@ class FastBuffer:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append ``k, v [B, G, n, D]`` after the valid tokens."""
         end = self.length + k.shape[2]
-        self.keys = _grow(self.keys, 2, end)
-        self.values = _grow(self.values, 2, end)
+        self.keys = grow(self.keys, 2, end)
+        self.values = grow(self.values, 2, end)
         self.keys[:, :, self.length : end] = k
         self.values[:, :, self.length : end] = v
         self.length = end
 
     def reserve(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Resize to exactly ``n`` valid tokens (contents undefined) and return writable views ``[B, G, n, D]``."""
-        self.keys = _grow(self.keys, 2, n)
-        self.values = _grow(self.values, 2, n)
+        self.keys = grow(self.keys, 2, n)
+        self.values = grow(self.values, 2, n)
         self.length = n
         return self.view()
 
@@ -119,87 +120,6 @@ class FastBuffer:
         return buf
 
 
-def assign_slots(held: torch.Tensor, wanted: torch.Tensor):
-    """Slot assignment for a resident set: ``held [B, G, S]`` ids in the slots (-1: empty), ``wanted [B, G, k]``
-    ids to make resident (no duplicates per row, k <= S).
-
-    Returns ``keep [B, G, S]`` (int8: the slot holds a wanted id), ``missing [B, G, k]`` (bool: not resident) and
-    ``target [B, G, k]``: the slot a missing id goes to (the r-th missing id of a row takes its r-th free slot).
-    """
-    B, G, S = held.shape
-    ids, order = held.sort(dim=-1)
-    pos = torch.searchsorted(ids, wanted.contiguous()).clamp(max=S - 1)
-    hit = ids.gather(-1, pos) == wanted
-    keep = torch.zeros(B, G, S, dtype=torch.int8, device=held.device)
-    keep.scatter_reduce_(-1, order.gather(-1, pos), hit.to(torch.int8), "amax")
-    missing = ~hit
-    rank = (missing.cumsum(-1) - 1).clamp(min=0)
-    return keep, missing, keep.argsort(dim=-1, stable=True).gather(-1, rank)
-
-
-class ResidentSet:
-    """Fast-tier slots that keep recalled tokens across decode steps, so that only newly selected tokens are copied.
-
-    ``keys, values [B, G, S, D]``; ``token [B, G, S]`` is the logical id held by each slot (-1: empty). A recall
-    keeps the slots whose token is selected again, evicts the others (they were not selected: the lowest-scoring)
-    and copies the missing tokens into the freed slots. Slots not selected this step are masked out.
-    """
-
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        self.keys = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
-        self.values = torch.empty_like(self.keys)
-        self.token = torch.empty(batch, kv_heads, 0, dtype=torch.long, device=device)
-
-    def _grow(self, n: int) -> None:
-        S = self.token.shape[-1]
-        if n <= S:
-            return
-        self.keys, self.values = _grow(self.keys, 2, n), _grow(self.values, 2, n)
-        self.token = torch.cat([self.token, self.token.new_full((*self.token.shape[:2], self.keys.shape[2] - S), -1)], -1)
-
-    def recall(self, host: "HostStore", token_idx: torch.Tensor):
-        """Make ``token_idx [B, G, k]`` (no duplicates per row) resident.
-
-        Returns ``keys, values [B, G, S, D]``, ``valid [B, G, S]`` (the slots holding selected tokens; ``None`` if
-        all are) and the number of tokens copied from the host tier.
-        """
-        self._grow(token_idx.shape[-1])
-        keep, missing, target = assign_slots(self.token, token_idx)
-        b, g, j = missing.nonzero(as_tuple=True)
-        if len(j):
-            slot, tok = target[b, g, j], token_idx[b, g, j]
-            k_new, v_new = host.gather_rows(host.rows(b.cpu(), g.cpu(), tok.cpu()))
-            self.keys[b, g, slot] = k_new.to(self.keys.device, non_blocking=True)
-            self.values[b, g, slot] = v_new.to(self.keys.device, non_blocking=True)
-            self.token[b, g, slot] = tok
-            keep[b, g, slot] = 1
-        valid = keep.bool()
-        evicted = ~valid
-        self.token[evicted] = -1
-        return self.keys, self.values, (None if bool(valid.all()) else valid), len(j)
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        rows = rows.to(self.keys.device)
-        self.keys, self.values, self.token = (x.index_select(0, rows) for x in (self.keys, self.values, self.token))
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes + self.token.nbytes
-
-    @property
-    def used(self) -> int:
-        """Bytes of the slots that hold a token."""
-        S = self.token.shape[-1]
-        return self.nbytes * int((self.token >= 0).sum()) // max(1, self.token.numel()) if S else 0
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"keys": self.keys, "values": self.values, "token": self.token}
-
-    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        device = self.keys.device
-        self.keys, self.values, self.token = (tensors[k].to(device) for k in ("keys", "values", "token"))
-
-
 class HostStore:
     """Every appended token of one layer, paged, with per-page min/max key digests.
 
@@ -247,14 +167,14 @@ class HostStore:
         self._update_digests(start // p, self.num_full_pages)
 
     def _reserve_pages(self, n: int) -> None:
-        self.pages = _grow(self.pages, 1, n)
+        self.pages = grow(self.pages, 1, n)
 
     def _update_digests(self, first: int, last: int) -> None:
         """Compute digests of full pages ``[first, last)``."""
         if last <= first or not self.track_digests:
             return
-        self.key_max = _grow(self.key_max, 2, last)
-        self.key_min = _grow(self.key_min, 2, last)
+        self.key_max = grow(self.key_max, 2, last)
+        self.key_min = grow(self.key_min, 2, last)
         keys = self.pages[:, first:last, :, 0].to(self.device, non_blocking=True)  # [B, n, G, p, D]
         self.key_max[:, :, first:last] = keys.amax(dim=3).transpose(1, 2)
         self.key_min[:, :, first:last] = keys.amin(dim=3).transpose(1, 2)
@@ -349,7 +269,7 @@ class DiskHostStore(HostStore):
 
     Same layout and API as ``HostStore`` (digests stay in memory). The file is created in ``directory`` (default:
     the system temp dir) and unlinked at once, so it disappears with the store. Growing makes a new, larger file
-    and copies the pages over (amortised like ``_grow``).
+    and copies the pages over (amortised like ``grow``).
 
     Keeping it cold: after every append the mapping is synced and dropped from this process
     (``madvise(MADV_DONTNEED)``) and the file from the page cache (``posix_fadvise(POSIX_FADV_DONTNEED)``), so a

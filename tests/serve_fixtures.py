@@ -83,13 +83,16 @@ def wait_healthy(url: str, proc=None, timeout: float = 120.0) -> None:
     raise RuntimeError("livekv serve did not become healthy")
 
 
-def wait_ingested(client: httpx.Client, sid: str, source: bool = True, timeout: float = 120.0) -> dict:
-    """The stream's record once its source ended (``source``) and every frame seen was ingested or dropped."""
+def wait_ingested(client: httpx.Client, sid: str, source: bool = True, timeout: float = 120.0,
+                  count: int | None = None) -> dict:
+    """The stream's record once its source ended (``source``) and every frame seen (at least ``count``) was
+    ingested or dropped."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = client.get(f"/v1/streams/{sid}").json()
         f = info["frames"]
-        if (info["source_done"] or not source) and f["queued"] == 0 and f["seen"] == f["ingested"] + f["dropped"]:
+        settled = f["queued"] == 0 and f["seen"] == f["ingested"] + f["dropped"] >= (count or 0)
+        if (info["source_done"] or not source) and settled:
             return info
         time.sleep(0.05)
     raise TimeoutError(f"stream {sid} did not finish ingesting: {info}")

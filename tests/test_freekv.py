@@ -6,7 +6,8 @@ import torch
 from conftest import decode, tiny_model
 from livekv import LiveKVCache, make_method
 from livekv.methods.freekv import diagnostics
-from livekv.recall import PageSlots, RecallEngine, copy_pages
+from livekv.recall import RecallEngine, copy_pages
+from livekv.slots import PageSlots
 from livekv.store import DiskHostStore, HostStore
 
 SMALL = dict(budget=48, page_size=8)  # 200 tokens: sparse from the first decode step

@@ -62,6 +62,18 @@ def test_models_are_listed(url):
     assert ids == ["smollm2-135m-instruct", "livekv-world-vlm"]
 
 
+def test_the_browser_page_and_what_it_needs_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'src="static/app.js"' in page.text
+    assert client.get("/static/app.js").status_code == 200 and client.get("/static/style.css").status_code == 200
+    info = client.get("/page.json").json()
+    assert info["methods"] == ["livevlm", "rekv", "sink_window", "full"] and info["frame_size"] == [48, 48]
+    assert info["api_key_required"] is False and info["video_model"] == "livekv-world-vlm"
+    assert info["questions"]["templates"]["count_now"] == COUNT
+    assert set(info["questions"]["slots"]) == {"colour", "shape", "cell"}
+
+
 def test_chat_with_the_openai_client_streamed_and_not(url):
     oc = openai_client(url)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -158,7 +170,7 @@ def test_websocket_frames_in_answers_out(url, client, media):
     with ws_client.connect(f"{url.replace('http', 'ws')}/v1/streams/{sid}/ws") as socket:
         for data in frames:
             socket.send(data)
-        wait_ingested(client, sid, source=False)
+        wait_ingested(client, sid, source=False, count=len(frames))  # the socket's frames may still be in flight
         socket.send(json.dumps({"type": "ask", "question": COUNT, "id": "q1"}))
         events = []
         while not events or events[-1]["type"] != "answer.done":
@@ -307,4 +319,4 @@ def test_a_client_gone_mid_answer_leaves_the_stream_ingesting(client, media):
         next(response.iter_lines())  # the first event, then the client goes
     for data in images[5:10]:
         client.post(f"/v1/streams/{sid}/frames", content=data, headers={"content-type": "image/png"})
-    assert wait_ingested(client, sid, source=False, timeout=30)["frames"]["ingested"] == 10
+    assert wait_ingested(client, sid, source=False, timeout=60, count=10)["frames"]["ingested"] == 10

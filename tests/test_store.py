@@ -77,7 +77,7 @@ def test_fast_buffer_append_keeps_contents(n):
 
 
 def test_resident_set_copies_only_missing_tokens_and_matches_plain_recall():
-    from livekv.store import ResidentSet
+    from livekv.slots import ResidentSet
 
     store = HostStore(2, 3, 8, page_size=4, dtype=torch.float32, device=torch.device("cpu"))
     _fill(store, [100])

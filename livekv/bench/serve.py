@@ -4,8 +4,11 @@ time to the first answer token measured from the request, over SSE).
 
 Per number of sessions it reports the time to first token (p50, p95), the frames each session ingested per second,
 the frames dropped, the fast-tier memory per session, and whether every session kept up in real time (no drops, and
-all frames ingested within a second of the end). The server runs in a process of its own (``livekv serve``) unless
-``url`` names one; the load generator shares the machine with it.
+all frames ingested within a second of the end); the round trip of a light request (a stream's record) on the idle
+server and of a frame push under the load, p50 and p95 (what a proxy in front of the server, such as Ray Serve's,
+adds shows there); and the resident memory of the server, or of each of its replicas (``/health``), at the end of
+the level. The server runs in a process of its own (``livekv serve``) unless ``url`` names one (``livekv serve
+--ray``, say); the load generator shares the machine with it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from PIL import Image
 from livekv.vlm.world import NUMBERS, World
 
 QUESTION = "how many objects are there now ?"
+IDLE_REQUESTS = 40  # light requests timed on the idle server, per level
 
 
 def run(sessions: list[int], duration: float = 30.0, fps: float = 2.0, ask_every: float = 10.0,
@@ -46,32 +50,47 @@ async def _level(base: str, n: int, frames: list[bytes], duration: float, fps: f
                  method: str, headers: dict, log) -> dict:
     async with httpx.AsyncClient(base_url=base, timeout=120, headers=headers) as client:
         ids = [(await client.post("/v1/streams", json={"method": method, "fps": fps})).json()["id"] for _ in range(n)]
+        idle = []
+        for k in range(IDLE_REQUESTS):  # the round trip of a light request, nothing else running
+            start = time.perf_counter()
+            (await client.get(f"/v1/streams/{ids[k % n]}")).raise_for_status()
+            idle.append((time.perf_counter() - start) * 1e3)
         t0 = time.perf_counter()
         runs = await asyncio.gather(*(_session(client, sid, frames, t0, duration, fps, ask_every) for sid in ids))
         late = await _wait_ingested(client, ids, timeout=30.0)
         infos = [(await client.get(f"/v1/streams/{sid}")).json() for sid in ids]
+        health = (await client.get("/health")).json()
         for sid in ids:
             await client.delete(f"/v1/streams/{sid}")
-    ttfts = [t for r in runs for t in r["ttft_ms"]]
+    ttfts, pushes = [t for r in runs for t in r["ttft_ms"]], [t for r in runs for t in r["push_ms"]]
     dropped = sum(i["frames"]["dropped"] for i in infos)
+    rss = [r.get("rss_bytes") for r in health.get("replicas", [health])]  # livekv serve --ray: one per replica
     record = dict(sessions=n, ttft_p50_ms=_pct(ttfts, 50), ttft_p95_ms=_pct(ttfts, 95), questions=len(ttfts),
                   right=sum(r["right"] for r in runs), frames_sent=sum(r["sent"] for r in runs), dropped=dropped,
                   ingest_fps_per_session=statistics.mean(i["frames"]["ingested"] / duration for i in infos),
                   fast_kv_bytes_per_session=statistics.mean(i["memory"]["fast"]["used"] for i in infos),
+                  request_p50_ms=_pct(idle, 50), request_p95_ms=_pct(idle, 95), push_p50_ms=_pct(pushes, 50),
+                  push_p95_ms=_pct(pushes, 95), rss_bytes_per_replica=rss,
                   catch_up_s=late, real_time=dropped == 0 and late <= 1.0)
+    mb = "/".join(f"{b / 2**20:.0f}" if b else "?" for b in rss)
     log(f"{n} sessions: TTFT p50 {record['ttft_p50_ms']:.0f} ms, p95 {record['ttft_p95_ms']:.0f} ms | ingest "
         f"{record['ingest_fps_per_session']:.2f} frames/s per session | dropped {dropped} | caught up "
         f"{late:.1f} s after the end | fast KV {record['fast_kv_bytes_per_session'] / 1e6:.2f} MB per session | "
+        f"request {record['request_p50_ms']:.1f} ms idle, push {record['push_p50_ms']:.1f} ms p50 | RSS {mb} MiB | "
         f"{'real time' if record['real_time'] else 'NOT real time'}")
     return record
 
 
 async def _session(client: httpx.AsyncClient, sid: str, frames: list[bytes], t0: float, duration: float,
                    fps: float, ask_every: float) -> dict:
+    pushed = []
+
     async def push():
         for k, data in enumerate(frames[: int(duration * fps)]):
             await asyncio.sleep(max(0.0, t0 + k / fps - time.perf_counter()))
+            start = time.perf_counter()
             await client.post(f"/v1/streams/{sid}/frames", content=data, headers={"content-type": "image/png"})
+            pushed.append((time.perf_counter() - start) * 1e3)
 
     async def ask():
         out = []
@@ -86,7 +105,7 @@ async def _session(client: httpx.AsyncClient, sid: str, frames: list[bytes], t0:
         return out
 
     _, asked = await asyncio.gather(push(), ask())
-    return {"sent": int(duration * fps), "ttft_ms": [t for t, _ in asked],
+    return {"sent": int(duration * fps), "ttft_ms": [t for t, _ in asked], "push_ms": pushed,
             "right": sum(any(f'"{w}"' in line for w in NUMBERS) for _, line in asked)}
 
 

@@ -44,7 +44,8 @@ from livekv.attention import attend
 from livekv.layers import DenseLayer, Memory, RecallableLayer
 from livekv.methods.base import knob
 from livekv.methods.quest import QuestConfig, sink_pages_window
-from livekv.recall import PageSlots, copy_pages, engine, wait_cuda
+from livekv.recall import copy_pages, engine, wait_cuda
+from livekv.slots import PageSlots
 
 if TYPE_CHECKING:
     from livekv.cache import LiveKVCache

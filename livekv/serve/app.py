@@ -1,6 +1,10 @@
 """The HTTP API of ``livekv serve`` (FastAPI): OpenAI-compatible chat, live video streams, snapshots.
 
-    GET    /health                          liveness (no key needed)
+    GET    /                                the browser page: camera or file in, answers out (static/; no key needed,
+                                            the page asks for one when the server wants it)
+    GET    /page.json                       what the page needs: stream methods, whether a key is needed, the video
+                                            model's frame size and the questions the embedded model knows
+    GET    /health                          liveness, sessions held, resident memory (no key needed)
     GET    /v1/models                       the text and video models served
     POST   /v1/chat/completions             OpenAI's chat completion (stream: SSE chunks); livekv's own fields:
                                             method, budget, knobs, session, stream_id
@@ -20,44 +24,50 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import os
 import pathlib
-import secrets
-import time
-import uuid
 
-from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 
-from livekv.serve import media, state
-from livekv.serve.chat import SessionLimit, Turn
+from livekv.serve import media, responses, state, ws
+from livekv.serve.chat import SessionLimit
 from livekv.serve.config import ServeConfig
 from livekv.serve.schemas import AskRequest, ChatCompletionRequest, StreamCreate
 from livekv.serve.server import Models, Server, load_models
 from livekv.serve.streams import new_id
 from livekv.snapshot import SnapshotError
 
+STATIC = pathlib.Path(__file__).parent / "static"
+PAGE_METHODS = ("livevlm", "rekv", "sink_window", "full")  # the page's method switch, in create_stream's order
 STATUS = {ValueError: 400, SnapshotError: 400, media.MediaError: 400, PermissionError: 403, KeyError: 404,
           SessionLimit: 429}
 
 
-def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
-    """The application (models loaded at start-up unless given)."""
+def create_app(config: ServeConfig, models: Models | None = None, server: Server | None = None) -> FastAPI:
+    """The application (models loaded at start-up unless given). ``server``: one made and run by the caller (a Ray
+    replica, ``livekv.serve.ray``): the app serves it, and its start-up and shutdown are the caller's."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        if server is not None:
+            yield
+            return
         loaded = models or await asyncio.to_thread(load_models, config)
-        server = app.state.server = Server(config, loaded)
+        s = app.state.server = Server(config, loaded)
         if config.state_dir:
-            server.restore_all()
-        task = asyncio.create_task(server.background())
+            s.restore_all()
+        task = asyncio.create_task(s.background())
         yield
         task.cancel()
-        await server.shutdown()
+        await s.shutdown()
 
     app = FastAPI(title="livekv", lifespan=lifespan)
+    if server is not None:
+        app.state.server = server
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
@@ -95,35 +105,51 @@ def _handler(body, status):
 
 def _routes(app: FastAPI, config: ServeConfig) -> None:
     def authorized(request: Request) -> None:
-        if config.api_key and not _key_ok(config.api_key, request.headers.get("authorization"),
-                                          request.query_params.get("api_key")):
+        if not config.accepts(request.headers.get("authorization"), request.query_params.get("api_key")):
             raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <key>)",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    def server(request: Request) -> Server:
-        return request.app.state.server
-
     key = [Depends(authorized)]
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/page.json", include_in_schema=False)
+    async def page_info(request: Request):
+        return _page_info(config, _server(request).models)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/health")
     async def health(request: Request):
-        s = server(request)
-        return {"status": "ok", "sessions": s.sessions, "engine_jobs_pending": s.engine.pending}
+        s = _server(request)
+        return {"status": "ok", "sessions": s.sessions, "engine_jobs_pending": s.engine.pending,
+                "rss_bytes": _rss()}
 
     @app.get("/v1/models", dependencies=key)
     async def list_models(request: Request):
-        m = server(request).models
+        m = _server(request).models
         data = [(m.text_id, "chat") if m.text else None, (m.vlm_id, "video streams") if m.vlm else None]
         return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "livekv",
                                             "livekv": {"serves": what, "methods": list(config.methods)}}
                                            for i, what in filter(None, data)]}
 
+    _chat_routes(app, key)
+    _stream_routes(app, config, key)
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.server
+
+
+def _chat_routes(app: FastAPI, key: list) -> None:
     @app.post("/v1/chat/completions", dependencies=key)
     async def chat_completions(request: Request, body: ChatCompletionRequest):
-        s = server(request)
+        s = _server(request)
         stream_id = body.stream_id or (body.model.split("/", 1)[1] if body.model.startswith("stream/") else None)
         if stream_id:
-            return await _ask_by_chat(s, body, stream_id, request)
+            return await responses.ask_by_chat(s, body, stream_id)
         if s.chats is None:
             raise HTTPException(404, "this server has no text model (--model none)")
         prompt = s.chats.prompt(body)
@@ -131,12 +157,12 @@ def _routes(app: FastAPI, config: ServeConfig) -> None:
         session = s.chats.session(body, method, knobs, s.sessions)
         events = s.chats.complete(body, session, prompt, request.is_disconnected)
         if body.stream:
-            return _sse(_chunks(body, events, s.models.text_id))
-        return await _completion(body, events, s.models.text_id, session)
+            return responses.sse(responses.chunks(body, events, s.models.text_id))
+        return await responses.completion(body, events, s.models.text_id, session)
 
     @app.get("/v1/sessions/{sid}", dependencies=key)
     async def get_session(request: Request, sid: str):
-        chats = server(request).chats
+        chats = _server(request).chats
         if chats is None or sid not in chats.sessions:
             raise KeyError(f"no session {sid!r}")
         chat = chats.sessions[sid]
@@ -145,29 +171,31 @@ def _routes(app: FastAPI, config: ServeConfig) -> None:
 
     @app.delete("/v1/sessions/{sid}", dependencies=key)
     async def delete_session(request: Request, sid: str):
-        server(request).delete_chat(sid)
+        _server(request).delete_chat(sid)
         return {"id": sid, "object": "session", "deleted": True}
 
+
+def _stream_routes(app: FastAPI, config: ServeConfig, key: list) -> None:
     @app.post("/v1/streams", dependencies=key, status_code=201)
     async def create_stream(request: Request, body: StreamCreate):
-        return server(request).create_stream(body).stats()
+        return _server(request).create_stream(body, _assigned_id(request)).stats()
 
     @app.get("/v1/streams", dependencies=key)
     async def list_streams(request: Request):
-        return {"object": "list", "data": [st.stats() for st in server(request).streams.values()]}
+        return {"object": "list", "data": [st.stats() for st in _server(request).streams.values()]}
 
     @app.get("/v1/streams/{sid}", dependencies=key)
     async def get_stream(request: Request, sid: str):
-        return server(request).stream(sid).stats()
+        return _server(request).stream(sid).stats()
 
     @app.delete("/v1/streams/{sid}", dependencies=key)
     async def delete_stream(request: Request, sid: str):
-        server(request).delete_stream(sid)
+        _server(request).delete_stream(sid)
         return {"id": sid, "object": "stream", "deleted": True}
 
     @app.post("/v1/streams/{sid}/frames", dependencies=key)
     async def push_frames(request: Request, sid: str):
-        stream = server(request).stream(sid)
+        stream = _server(request).stream(sid)
         data = await _body(request, config.max_upload_bytes)
         images = await asyncio.to_thread(media.decode, data, request.headers.get("content-type"),
                                          stream.spec["fps"], config.max_upload_bytes, config.max_frame_pixels)
@@ -176,39 +204,64 @@ def _routes(app: FastAPI, config: ServeConfig) -> None:
 
     @app.post("/v1/streams/{sid}/ask", dependencies=key)
     async def ask(request: Request, sid: str, body: AskRequest):
-        stream = server(request).stream(sid)
+        stream = _server(request).stream(sid)
         answer = stream.ask(body.question, min(body.max_tokens, config.max_tokens))
-        first = await _first(answer)  # a question that cannot be answered fails here, as a 400
+        first = await responses.first_piece(answer)  # a question that cannot be answered fails here, as a 400
         if body.stream:
-            return _sse(_ask_events(stream, first, answer))
+            return responses.sse(responses.ask_events(stream, first, answer))
         async with contextlib.aclosing(answer):
             text = first + "".join([piece async for piece in answer])
         return {"answer": text, "ttft_ms": stream.counters.last_ttft_ms, "frames_ingested": stream.counters.ingested}
 
     @app.get("/v1/streams/{sid}/snapshot", dependencies=key)
     async def snapshot(request: Request, sid: str):
-        s = server(request)
-        stream = s.stream(sid)
+        s = _server(request)
         with state.scratch() as tmp:
-            record = await s.snapshot_stream(stream, pathlib.Path(tmp, "snap"))
+            record = await s.snapshot_stream(s.stream(sid), pathlib.Path(tmp, "snap"))
             data = state.to_tar(pathlib.Path(tmp, "snap"), record)
         return Response(data, media_type="application/x-tar",
                         headers={"Content-Disposition": f'attachment; filename="{sid}.tar"'})
 
     @app.post("/v1/streams/restore", dependencies=key, status_code=201)
     async def restore(request: Request):
-        s = server(request)
+        s = _server(request)
         if s.sessions >= config.max_sessions:
             raise SessionLimit(f"the server holds its maximum of {config.max_sessions} sessions")
         data = await _body(request, 1 << 34)
         with state.scratch() as tmp:
             record = state.from_tar(data, pathlib.Path(tmp, "snap"))
-            stream = await asyncio.to_thread(s.restore_stream, pathlib.Path(tmp, "snap"), record, new_id())
+            stream = await asyncio.to_thread(s.restore_stream, pathlib.Path(tmp, "snap"), record,
+                                             _assigned_id(request) or new_id())
         return stream.stats()
 
     @app.websocket("/v1/streams/{sid}/ws")
     async def websocket(socket: WebSocket, sid: str):
-        await _websocket(socket, sid, config)
+        await ws.websocket(socket, sid, config)
+
+
+def _page_info(config: ServeConfig, models: Models) -> dict:
+    """What the browser page needs to know. ``questions``: the embedded model's question forms, from its world
+    (``livekv.vlm.world``: it answers nothing else); ``None`` for another model, which takes free text."""
+    questions, vlm = None, models.vlm
+    if vlm is not None:
+        from livekv.vlm.model import DefaultVLMAdapter
+
+        if isinstance(vlm, DefaultVLMAdapter):
+            from livekv.vlm import world
+
+            slots = {"colour": list(world.COLOURS), "shape": list(world.SHAPES), "cell": list(world.CELLS)}
+            questions = {"templates": world.TEMPLATES, "slots": slots}
+    size = getattr(vlm, "image_size", None)
+    frame_size = [size, size] if size else list(getattr(vlm, "frame_size", ())) or None
+    return {"video_model": models.vlm_id if vlm is not None else None, "frame_size": frame_size,
+            "methods": [m for m in PAGE_METHODS if m in config.methods] if vlm is not None else [],
+            "api_key_required": bool(config.api_key), "max_tokens": config.max_tokens, "questions": questions}
+
+
+def _assigned_id(request: Request) -> str | None:
+    """The id a new stream takes when its caller chose it: a router that pins sessions to replicas
+    (``livekv.serve.ray``) picks it first. It comes in the ASGI scope, which no HTTP client can set."""
+    return request.scope.get("livekv", {}).get("stream_id")
 
 
 async def _ask_by_chat(s: Server, body: ChatCompletionRequest, stream_id: str, request: Request):
@@ -316,88 +369,10 @@ async def _body(request: Request, limit: int) -> bytes:
     return bytes(data)
 
 
-def _key_ok(key: str, header: str | None, query: str | None) -> bool:
-    given = header.removeprefix("Bearer ").strip() if header and header.startswith("Bearer ") else query
-    return given is not None and secrets.compare_digest(given.encode(), key.encode())
-
-
-async def _websocket(socket: WebSocket, sid: str, config: ServeConfig) -> None:
-    """Binary messages are frames (an encoded image each); text messages are JSON events: ``{"type": "ask",
-    "question": ..., "max_tokens": ..., "id": ...}``, ``{"type": "stats"}``. Out: ``answer.delta``,
-    ``answer.done``, ``frames`` (after each frame), ``stats`` (every second) and ``error`` events."""
-    if config.api_key and not _key_ok(config.api_key, socket.headers.get("authorization"),
-                                      socket.query_params.get("api_key")):
-        await socket.close(code=1008, reason="missing or wrong API key")
-        return
-    server: Server = socket.app.state.server
-    if sid not in server.streams:
-        await socket.close(code=4404, reason=f"no stream {sid!r}")
-        return
-    stream = server.streams[sid]
-    await socket.accept()
-    send_lock, tasks = asyncio.Lock(), set()
-
-    async def send(event: dict) -> None:
-        async with send_lock:
-            await socket.send_json(event)
-
-    async def tick():
-        while True:
-            await asyncio.sleep(1.0)
-            await send({"type": "stats", **stream.stats()})
-
-    async def answer(event: dict):
-        qid = event.get("id")
-        try:
-            pieces = []
-            answer = stream.ask(str(event.get("question", "")), min(int(event.get("max_tokens", 16)), config.max_tokens))
-            async with contextlib.aclosing(answer):
-                async for piece in answer:
-                    pieces.append(piece)
-                    await send({"type": "answer.delta", "id": qid, "delta": piece})
-            await send({"type": "answer.done", "id": qid, "answer": "".join(pieces),
-                        "ttft_ms": stream.counters.last_ttft_ms, "frames_ingested": stream.counters.ingested})
-        except ValueError as e:
-            await send({"type": "error", "id": qid, "message": str(e), "code": 400})
-
-    tasks.add(asyncio.create_task(tick()))
+def _rss() -> int | None:
+    """This process's resident memory, bytes (Linux; else None)."""
     try:
-        while True:
-            message = await socket.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            if message.get("bytes") is not None:
-                await _ws_frame(stream, message["bytes"], config, send)
-            elif message.get("text") is not None:
-                event = _json(message["text"])
-                if event.get("type") == "ask":
-                    tasks.add(asyncio.create_task(answer(event)))
-                elif event.get("type") == "stats":
-                    await send({"type": "stats", **stream.stats()})
-                else:
-                    await send({"type": "error", "message": f"unknown event {event.get('type')!r}", "code": 400})
-    except WebSocketDisconnect:
-        pass
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-async def _ws_frame(stream, data: bytes, config: ServeConfig, send) -> None:
-    kind = "image/png" if data[:4] == b"\x89PNG" else "image/webp" if data[8:12] == b"WEBP" else "image/jpeg"
-    try:
-        images = await asyncio.to_thread(media.decode, data, kind, stream.spec["fps"], config.max_upload_bytes,
-                                         config.max_frame_pixels)
-    except media.MediaError as e:
-        await send({"type": "error", "message": str(e), "code": e.status})
-        return
-    dropped = stream.push(images)
-    await send({"type": "frames", "accepted": len(images), "dropped": dropped, "frames": stream.stats()["frames"]})
-
-
-def _json(text: str) -> dict:
-    try:
-        event = json.loads(text)
-    except json.JSONDecodeError:
-        return {"type": None}
-    return event if isinstance(event, dict) else {"type": None}
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

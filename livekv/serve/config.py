@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 from dataclasses import dataclass
 
 
@@ -44,6 +45,14 @@ class ServeConfig:
     generation_timeout_s: float = setting(120.0, "an answer stops after this many seconds")
     clip_frames: int = setting(1, "frames per clip a stream ingests at once")
 
+    def accepts(self, authorization: str | None, query_key: str | None = None) -> bool:
+        """Whether a request may pass: no key is set, or it gives it (``Bearer KEY``, or ``?api_key=KEY`` where a
+        client cannot set headers, such as a browser's WebSocket)."""
+        if not self.api_key:
+            return True
+        given = authorization[7:].strip() if authorization and authorization.startswith("Bearer ") else query_key
+        return given is not None and secrets.compare_digest(given.encode(), self.api_key.encode())
+
     def __post_init__(self):
         if self.media_dir is not None and not os.path.isdir(self.media_dir):
             raise ValueError(f"--media-dir {self.media_dir!r} is not a directory")
@@ -51,3 +60,27 @@ class ServeConfig:
                      "clip_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RayConfig:
+    """Settings of ``livekv serve --ray``: the same server as replicas of a Ray Serve application
+    (``livekv.serve.ray``); sessions pinned to replicas and restored from ``--state-dir`` when theirs dies."""
+
+    ray: bool = setting(False, "serve on Ray Serve: several replicas (on one machine or a Ray cluster), each "
+                               "session pinned to one; needs ray[serve] (pip install 'livekv[ray]')")
+    ray_address: str | None = setting(None, "the Ray cluster to join ('auto': the one `ray start` runs here; "
+                                            "default: a new one on this machine)")
+    replicas: int = setting(2, "replicas, each with its own models and sessions (ignored with --max-replicas)")
+    min_replicas: int = setting(1, "autoscaling: fewest replicas (with --max-replicas)")
+    max_replicas: int | None = setting(None, "autoscaling on ongoing requests between --min-replicas and this many")
+    target_ongoing_requests: float = setting(8.0, "autoscaling: ongoing requests per replica it aims at")
+    replica_cpus: float = setting(1.0, "CPUs Ray reserves for each replica (its torch threads default to this)")
+    max_ongoing_requests: int = setting(64, "requests a replica takes at once (frames, questions, answers "
+                                            "streaming); more wait in the router")
+
+    def __post_init__(self):
+        if self.replicas < 1 or self.min_replicas < 0:
+            raise ValueError("replicas must be >= 1 and min_replicas >= 0")
+        if self.max_replicas is not None and self.max_replicas < max(self.min_replicas, 1):
+            raise ValueError("max_replicas must be >= min_replicas and >= 1")

@@ -60,6 +60,7 @@ class Server:
         self.engine = Engine(config.threads)
         self.chats = Chats(*models.text, self.engine, config) if models.text else None
         self.streams: dict[str, Stream] = {}
+        self.on_end = None  # called with ("stream" | "chat", id) when a session ends (deleted, expired)
 
     @property
     def sessions(self) -> int:
@@ -67,10 +68,14 @@ class Server:
 
     # --- streams ----------------------------------------------------------------------------------------------------
     def create_stream(self, spec: StreamCreate, sid: str | None = None, session: StreamSession | None = None) -> Stream:
+        """A new stream (``session`` None: counted against ``--max-sessions``), or one resumed from ``session``; its
+        id is ``sid`` if given (chosen by a router: ``livekv.serve.ray``), else a new one."""
         if self.models.vlm is None:
             raise ValueError("this server has no video model (--vlm none)")
-        if sid is None and self.sessions >= self.config.max_sessions:
+        if session is None and self.sessions >= self.config.max_sessions:
             raise SessionLimit(f"the server holds its maximum of {self.config.max_sessions} sessions")
+        if sid in self.streams:
+            raise ValueError(f"stream {sid!r} exists")
         method = spec.method or next(m for m in self.config.methods if m in ("livevlm", "full", "rekv", "sink_window"))
         if method not in self.config.methods:
             raise ValueError(f"method {method!r} is not served here; choose one of {list(self.config.methods)}")
@@ -117,6 +122,8 @@ class Server:
             root = pathlib.Path(self.config.state_dir) / "streams"
             shutil.rmtree(root / sid, ignore_errors=True)
             (root / f"{sid}.json").unlink(missing_ok=True)
+        if self.on_end:
+            self.on_end("stream", sid)
 
     async def snapshot_stream(self, stream: Stream, directory: pathlib.Path) -> dict:
         """Save ``stream`` into ``directory``, after the frames queued so far are ingested (at most 30 s) and between
@@ -157,6 +164,8 @@ class Server:
             root = pathlib.Path(self.config.state_dir) / "chats"
             shutil.rmtree(root / sid, ignore_errors=True)
             (root / f"{sid}.json").unlink(missing_ok=True)
+        if self.on_end:
+            self.on_end("chat", sid)
 
     # --- the state directory ----------------------------------------------------------------------------------------
     async def save_all(self) -> None:
@@ -166,9 +175,19 @@ class Server:
             record = await self.snapshot_stream(stream, root / "streams" / stream.id)
             state.write_json(root / "streams" / f"{stream.id}.json", record)
         for chat in list(self.chats.sessions.values()) if self.chats else []:
+            if not state.file_safe(chat.id):  # a client's id that would name a path outside the state directory
+                logger.warning("chat session %r is not snapshotted: its id cannot name a file", chat.id)
+                continue
             async with chat.lock:
                 await self.engine.run(chat.cache.save, root / "chats" / chat.id, self.models.text[0], priority=ANSWER)
                 state.write_json(root / "chats" / f"{chat.id}.json", state.chat_record(chat))
+
+    def restore_chat(self, directory: pathlib.Path, record: dict) -> ChatSession:
+        """A chat session from its snapshot: its cache and the token ids it holds."""
+        cache = LiveKVCache.load(directory, self.models.text[0])
+        chat = self.chats.sessions[record["id"]] = ChatSession(record["id"], record["method"], record["knobs"], cache,
+                                                               record["tokens"])
+        return chat
 
     def restore_all(self) -> None:
         """Resume the sessions saved in ``--state-dir``."""
@@ -176,9 +195,28 @@ class Server:
             self.restore_stream(directory, record)
             logger.info("resumed stream %s (%d frames ingested)", record["id"], record["counters"]["ingested"])
         for directory, record in state.saved(self.config.state_dir, "chats") if self.chats else []:
-            cache = LiveKVCache.load(directory, self.models.text[0])
-            self.chats.sessions[record["id"]] = ChatSession(record["id"], record["method"], record["knobs"], cache,
-                                                            record["tokens"])
+            self.restore_chat(directory, record)
+
+    def holds(self, kind: str, sid: str) -> bool:
+        """Whether this server holds the stream (``kind`` "stream") or chat session ("chat") ``sid``."""
+        return sid in (self.streams if kind == "stream" else self.chats.sessions if self.chats else {})
+
+    def restore_one(self, kind: str, sid: str) -> bool:
+        """Resume the one session ``sid`` (``kind``: "stream" or "chat") from its snapshot in ``--state-dir``, if
+        there is one and it is not held here already (how a Ray replica takes over the session of one that died);
+        whether it was resumed."""
+        if not self.config.state_dir or self.holds(kind, sid) or (kind == "chat" and self.chats is None):
+            return False
+        found = state.saved_one(self.config.state_dir, f"{kind}s", sid)
+        if found is None:
+            return False
+        directory, record = found
+        if kind == "stream":
+            self.restore_stream(directory, record)
+        else:
+            self.restore_chat(directory, record)
+        logger.info("resumed %s %s from its snapshot", kind, sid)
+        return True
 
     async def expire_idle(self) -> None:
         """Sessions unused for ``--idle-timeout`` end (their snapshots go too)."""

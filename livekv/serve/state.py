@@ -48,6 +48,21 @@ def saved(state_dir: str | os.PathLike, kind: str) -> list[tuple[pathlib.Path, d
     return out
 
 
+def file_safe(sid: str) -> bool:
+    """Whether a session id can name a file of the state directory (and nothing outside it)."""
+    return bool(sid) and "/" not in sid and "\\" not in sid and not sid.startswith(".") and "\0" not in sid
+
+
+def saved_one(state_dir: str | os.PathLike, kind: str, sid: str) -> tuple[pathlib.Path, dict] | None:
+    """The snapshot of the one session ``sid`` of ``kind`` in ``state_dir`` (``None`` if there is none)."""
+    if not file_safe(sid):
+        return None
+    record, directory = pathlib.Path(state_dir) / kind / f"{sid}.json", pathlib.Path(state_dir) / kind / sid
+    if not record.is_file() or not (directory / MANIFEST).is_file():
+        return None
+    return directory, json.loads(record.read_text())
+
+
 def to_tar(directory: pathlib.Path, record: dict) -> bytes:
     """A snapshot directory and its record as one tar archive (what ``GET .../snapshot`` returns)."""
     buffer = io.BytesIO()

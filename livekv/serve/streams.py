@@ -26,11 +26,14 @@ from livekv.stream.source import VideoError, frames
 
 @dataclass
 class Counters:
-    """What happened to a stream's frames: ``seen`` = ``ingested`` + ``dropped`` + queued."""
+    """What happened to a stream's frames: ``seen`` = ``ingested`` + ``dropped`` + queued + ``lost``. ``lost``: frames
+    the stream was sent after its last snapshot, gone with a server (a Ray replica) that died before it could write
+    another; a stream resumed from that snapshot lacks them (``livekv.serve.ray``)."""
 
     seen: int = 0
     ingested: int = 0
     dropped: int = 0
+    lost: int = 0
     snapshot_frames: int = 0  # frames ingested when the last snapshot was written
     questions: int = 0
     last_ttft_ms: float | None = None
@@ -55,7 +58,8 @@ class Stream:
     def __post_init__(self):
         self.queue: collections.deque = collections.deque()
         self.cond = threading.Condition()
-        self.answering = self.scheduled = self.closed = self.source_stopped = False
+        self.answering = self.scheduled = self.closed = self.source_stopped = self.ingesting = False
+        self._memory = self.session.memory()  # the last reading between clips
         self.reader: threading.Thread | None = None
         self.source_done = self.spec["source"]["type"] == "push"
 
@@ -97,6 +101,7 @@ class Stream:
             if n == 0:
                 return
             clip = np.stack([self.queue.popleft() for _ in range(n)])
+            self.ingesting = True
             self.cond.notify_all()
         try:
             self.session.push(clip)
@@ -106,6 +111,9 @@ class Stream:
         else:
             with self.cond:
                 self.counters.ingested += n
+        finally:
+            with self.cond:
+                self.ingesting = False
         with self.cond:
             self._schedule()
 
@@ -150,6 +158,16 @@ class Stream:
                     self._schedule()
                 self.last_used = time.monotonic()
 
+    def account_lost(self, sent: int) -> int:
+        """A stream resumed from a snapshot, told it had been sent ``sent`` frames in all: those after the snapshot
+        are lost (a file source is not: it reads them again). Returns how many were found lost now."""
+        with self.cond:
+            missing = sent - self.counters.seen if self.spec["source"]["type"] != "file" else 0
+            if missing > 0:
+                self.counters.lost += missing
+                self.counters.seen += missing
+            return max(missing, 0)
+
     # --- state ------------------------------------------------------------------------------------------------------
     def stop_source(self) -> None:
         """The source stops being read (what it queued is still ingested)."""
@@ -173,13 +191,23 @@ class Stream:
             await asyncio.sleep(0.01)
         return False
 
+    def memory(self) -> dict:
+        """The session's memory, never read while a clip is half-way through the model (its tokens in some layers
+        only, not yet compressed): then the last reading. While a question is answered it includes the answer's
+        context (what the question retrieved into the fast tier)."""
+        with self.cond:
+            if not self.ingesting:
+                self._memory = self.session.memory()
+            return self._memory
+
     def stats(self) -> dict:
-        s, c, mem = self.session.stats, self.counters, self.session.memory()
+        s, c, mem = self.session.stats, self.counters, self.memory()
         fps = self.spec.get("fps") or 0.5
         return {
             "id": self.id, "object": "stream", "created": int(self.created), "method": self.session.method.name,
             "source": self.spec["source"], "frames": {"seen": c.seen, "ingested": c.ingested, "dropped": c.dropped,
-                                                      "queued": len(self.queue), "since_snapshot": c.ingested - c.snapshot_frames},
+                                                      "queued": len(self.queue), "lost": c.lost,
+                                                      "since_snapshot": c.ingested - c.snapshot_frames},
             "stream_time_s": s.frames / fps, "ingest_fps": s.ingest_fps, "questions": c.questions,
             "last_ttft_ms": c.last_ttft_ms, "source_error": c.source_error, "source_done": self.source_done,
             "memory": {"fast": {"used": mem["fast_kv_bytes"], "reserved": mem["fast_kv_reserved_bytes"]},

@@ -1,0 +1,96 @@
+"""The WebSocket of a live stream: frames in (binary messages, an encoded image each), questions in (JSON) and events
+out (JSON): ``frames`` after each frame, ``stats`` every second, ``answer.delta``, ``answer.done``, ``error``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+from fastapi import WebSocket, WebSocketDisconnect
+
+from livekv.serve import media
+from livekv.serve.config import ServeConfig
+from livekv.serve.server import Server
+from livekv.serve.streams import Stream
+
+
+async def websocket(socket: WebSocket, sid: str, config: ServeConfig) -> None:
+    """Binary messages are frames (an encoded image each); text messages are JSON events: ``{"type": "ask",
+    "question": ..., "max_tokens": ..., "id": ...}``, ``{"type": "stats"}``. Out: ``answer.delta``,
+    ``answer.done``, ``frames`` (after each frame), ``stats`` (every second) and ``error`` events."""
+    if not config.accepts(socket.headers.get("authorization"), socket.query_params.get("api_key")):
+        await socket.close(code=1008, reason="missing or wrong API key")
+        return
+    server: Server = socket.app.state.server
+    if sid not in server.streams:
+        await socket.close(code=4404, reason=f"no stream {sid!r}")
+        return
+    stream = server.streams[sid]
+    await socket.accept()
+    send_lock, tasks = asyncio.Lock(), set()
+
+    async def send(event: dict) -> None:
+        async with send_lock:
+            await socket.send_json(event)
+
+    async def tick():
+        while True:
+            await asyncio.sleep(1.0)
+            await send({"type": "stats", **stream.stats()})
+
+    async def answer(event: dict):
+        qid = event.get("id")
+        try:
+            pieces = []
+            answer = stream.ask(str(event.get("question", "")), min(int(event.get("max_tokens", 16)), config.max_tokens))
+            async with contextlib.aclosing(answer):
+                async for piece in answer:
+                    pieces.append(piece)
+                    await send({"type": "answer.delta", "id": qid, "delta": piece})
+            await send({"type": "answer.done", "id": qid, "answer": "".join(pieces),
+                        "ttft_ms": stream.counters.last_ttft_ms, "frames_ingested": stream.counters.ingested})
+        except ValueError as e:
+            await send({"type": "error", "id": qid, "message": str(e), "code": 400})
+
+    tasks.add(asyncio.create_task(tick()))
+    try:
+        while True:
+            message = await socket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            if message.get("bytes") is not None:
+                await _ws_frame(stream, message["bytes"], config, send)
+            elif message.get("text") is not None:
+                event = _json(message["text"])
+                if event.get("type") == "ask":
+                    tasks.add(asyncio.create_task(answer(event)))
+                elif event.get("type") == "stats":
+                    await send({"type": "stats", **stream.stats()})
+                else:
+                    await send({"type": "error", "message": f"unknown event {event.get('type')!r}", "code": 400})
+    except WebSocketDisconnect:
+        pass
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _ws_frame(stream, data: bytes, config: ServeConfig, send) -> None:
+    kind = "image/png" if data[:4] == b"\x89PNG" else "image/webp" if data[8:12] == b"WEBP" else "image/jpeg"
+    try:
+        images = await asyncio.to_thread(media.decode, data, kind, stream.spec["fps"], config.max_upload_bytes,
+                                         config.max_frame_pixels)
+    except media.MediaError as e:
+        await send({"type": "error", "message": str(e), "code": e.status})
+        return
+    dropped = stream.push(images)
+    await send({"type": "frames", "accepted": len(images), "dropped": dropped, "frames": stream.stats()["frames"]})
+
+
+def _json(text: str) -> dict:
+    try:
+        event = json.loads(text)
+    except json.JSONDecodeError:
+        return {"type": None}
+    return event if isinstance(event, dict) else {"type": None}
