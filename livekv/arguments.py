@@ -93,7 +93,7 @@ def _ruler(evals, commands: dict) -> None:
     p.set_defaults(method="dense,quest,freekv,clusterkv", budget=[256])
     p.add_argument("--context", type=ints, default="4096", help="context lengths, comma-separated")
     p.add_argument("--split", choices=["dev", "test"], default="dev",
-                   help="dev: choose on it; test: held apart, quote it (livekv/evals/ruler.py says what differs)")
+                   help="dev: choose on it; test: held apart, quote it (livekv/evals/ruler/__init__.py says what differs)")
     p.add_argument("--tasks", default="all", help="comma-separated: niah_single, niah_multikey, niah_multivalue, "
                    "niah_multiquery, vt, cwe, fwe (default: all)")
     p.add_argument("--cases", type=int, default=10, help="cases per task (one case is 100/N points of a task)")

@@ -81,8 +81,8 @@ def test_scoring_counts_whole_items_only():
     assert ruler.score("The number is 1234567.", ["1234567"]) == 1.0
     assert ruler.score("The number is 12345678.", ["1234567"]) == 0.0  # one digit too many is wrong
     assert ruler.score("apple, Pear", ["apple", "pear", "plum"]) == pytest.approx(2 / 3)
-    assert not ruler._complete("is 1234567", ["1234567"])  # a digit may still follow
-    assert ruler._complete("is 1234567.", ["1234567"])
+    assert not ruler.run._complete("is 1234567", ["1234567"])  # a digit may still follow
+    assert ruler.run._complete("is 1234567.", ["1234567"])
 
 
 def test_a_budget_covering_the_context_answers_like_dense():
