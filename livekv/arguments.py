@@ -8,7 +8,7 @@ import argparse
 
 from livekv.methods import knob_options
 from livekv.options import add_options, fields_of
-from livekv.serve.config import ServeConfig
+from livekv.serve.config import RayConfig, ServeConfig
 
 
 def build_parser(commands: dict, description: str | None = None) -> argparse.ArgumentParser:
@@ -195,6 +195,7 @@ def _serve(sub, commands: dict) -> None:
     """``livekv serve`` and ``livekv methods``."""
     p = sub.add_parser("serve", help="an HTTP server: OpenAI-compatible chat and live video sessions")
     add_options(p, fields_of(ServeConfig))
+    add_options(p.add_argument_group("on Ray Serve (livekv.serve.ray)"), fields_of(RayConfig))
     p.set_defaults(func=commands["serve"])
 
     p = sub.add_parser("methods", help="list the registered methods and their knobs")

@@ -413,3 +413,20 @@ def test_demo_json_keeps_every_question_and_answer(tmp_path):
     r = _json(out)
     assert r["method"] == "livevlm" and r["questions"] and r["right"] == sum(q["correct"] for q in r["questions"])
     assert all({"question", "expected", "answer", "ttft_ms", "fast_kv_bytes"} <= set(q) for q in r["questions"])
+
+
+# --- livekv serve --ray ------------------------------------------------------------------------------------------
+def test_serve_ray_options_reach_ray_and_are_refused_without_it(monkeypatch):
+    """``--replicas`` and the other Ray options parse into a RayConfig handed to ``livekv.serve.ray.run`` with the
+    ServeConfig; without ``--ray`` they are refused, naming them, before any server starts."""
+    import livekv.serve
+    import livekv.serve.ray
+
+    got = {}
+    monkeypatch.setattr(livekv.serve, "run", _fail)
+    monkeypatch.setattr(livekv.serve.ray, "run", lambda config, ray: got.update(config=config, ray=ray))
+    main(["serve", "--ray", "--replicas", "3", "--replica-cpus", "0.5", "--threads", "1", "--port", "9001"])
+    assert (got["ray"].ray, got["ray"].replicas, got["ray"].replica_cpus) == (True, 3, 0.5)
+    assert (got["config"].threads, got["config"].port) == (1, 9001)
+    with pytest.raises(SystemExit, match="--max-replicas/--replicas only apply with --ray"):
+        main(["serve", "--replicas", "2", "--max-replicas", "4"])

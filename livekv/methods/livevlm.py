@@ -23,7 +23,7 @@ by Vision Sink Bucketing, and position-agnostic retrieval when a question arrive
 Paper defaults: M = 12k tokens, B = 1, C = 16, 40% of pages. Ours: budgets from the session's memory (``resolve``),
 r = min(32, short-term), R = M / 4, the page score (measured on intermediate weights of the embedded VLM: 0.692 /
 0.688 answered on two sets of 480 questions, against 0.677 / 0.669 scoring pages by the dot product of the mean
-question query with the mean page key; docs/results.md).
+question query with the mean page key; docs/trials.md).
 """
 
 from __future__ import annotations

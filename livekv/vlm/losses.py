@@ -43,7 +43,7 @@ def answer_loss(adapter: DefaultVLMAdapter, batch: Batch, attentions: bool = Fal
     and, with ``attentions`` (the model must run eager attention), every layer's attention ``[B, H, L, L]``."""
     # additive, as eager attention (which ``attentions`` needs) reads it; sdpa takes it alike. For eager attention
     # under autocast in the autocast dtype, so that adding it does not make a float32 copy of every layer's
-    # [B, H, L, L] scores; sdpa stays float32, faster so (docs/results.md, run 17)
+    # [B, H, L, L] scores; sdpa stays float32, faster so (docs/trials.md, run 17)
     eager_autocast = attentions and torch.is_autocast_enabled("cpu")
     dtype = torch.get_autocast_dtype("cpu") if eager_autocast else torch.float32
     mask = torch.zeros(batch.mask.shape, dtype=dtype).masked_fill_(~batch.mask, torch.finfo(dtype).min)

@@ -37,7 +37,7 @@ FIRST_WORDS = [f"{a}_{b}" for a, b in FIRST_PAIRS]
 def object_words() -> dict[str, tuple[str, str]]:
     """The tokenizer's two-word tokens and their words (``OBJECT_WORDS``, then ``FIRST_WORDS``). One token per
     object description makes a question's lookup match one key, where two words must be bound together first:
-    that binding is what this small decoder got wrong (``docs/results.md``)."""
+    that binding is what this small decoder got wrong (``docs/trials.md``)."""
     return dict(zip(OBJECT_WORDS + FIRST_WORDS, OBJECT_PAIRS + FIRST_PAIRS))
 
 

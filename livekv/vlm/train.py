@@ -9,7 +9,7 @@ are first learnt, at a third of a long step's cost), then the longest grows to `
 of a batch are of similar length: little padding). From 30% of training on, half the streams lose a random 50-95%
 of the visual tokens of all but their last two frames (positions closing up, as after compression), so that the
 model learns to answer from a compressed memory. The training steps run under bfloat16 autocast where the CPU has
-native bfloat16, elsewhere in float32, where emulated bfloat16 is far slower (``docs/results.md``, runs 15 and 18).
+native bfloat16, elsewhere in float32, where emulated bfloat16 is far slower (``docs/trials.md``, runs 15 and 18).
 Deterministic given the seed and the number of steps.
 """
 
@@ -159,7 +159,7 @@ def train(config: TrainConfig) -> dict:
     end), so that a run cut short keeps its last checkpoint and never leaves a half-trained model in ``out`` (by
     default the shipped weights). With ``config.resume``, go on from ``out/checkpoint``, ending with the model the
     run would have made uninterrupted. The attention losses need eager attention; they apply from the first step
-    (started with the long streams instead, the lookups came later: ``docs/results.md``, run 22). Returns what ``training.json`` holds: the settings, the held-out answer accuracy
+    (started with the long streams instead, the lookups came later: ``docs/trials.md``, run 22). Returns what ``training.json`` holds: the settings, the held-out answer accuracy
     (teacher-forced, per kind) and timings."""
     keep_freed_memory()
     if config.threads is not None:
@@ -265,7 +265,7 @@ def native_bf16() -> bool:
 def keep_freed_memory() -> None:
     """With glibc, serve every allocation from the heap and keep what is freed for the next one. By default glibc
     maps each block over 32 MB (a layer's [B, H, L, L] attention at full length) afresh and unmaps it when freed,
-    so every step faults in those pages again (``docs/results.md``, run 18: ~30% of a long float32 step). The
+    so every step faults in those pages again (``docs/trials.md``, run 18: ~30% of a long float32 step). The
     process keeps its peak memory; elsewhere it does nothing."""
     try:
         libc = ctypes.CDLL("libc.so.6")
