@@ -99,11 +99,11 @@ def test_a_budget_covering_the_context_answers_like_dense():
 
 def test_eval_ruler_writes_cases_results_and_a_plot(tmp_path, capsys):
     out = tmp_path / "ruler.json"
-    main(["eval", "ruler", "--method", "dense,quest,quest:gqa_pool=softmax_mean", "--budget", "64", "--context",
+    main(["eval", "ruler", "--method", "dense,quest:gqa_pool=softmax_mean", "--budget", "64", "--context",
           "384", "--tasks", "niah_single,cwe", "--cases", "1", "--protocol", "both", "--json", str(out)])
     payload = json.loads(out.read_text())
     assert payload["split"] == "dev"
-    assert len(payload["cases"]) == 2 * 2 * 3  # tasks x protocols x methods
+    assert len(payload["cases"]) == 2 * 2 * 2  # tasks x protocols x methods
     case = payload["cases"][0]
     assert {"expected", "answer", "score", "correct", "task", "protocol", "haystack", "form"} <= set(case)
     cells = {(r["method"], r["protocol"], r["task"]) for r in payload["results"]}
