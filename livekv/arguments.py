@@ -58,7 +58,7 @@ def _text(sub, commands: dict) -> None:
 
 
 def _evals(sub, commands: dict) -> None:
-    """``livekv eval needle | fidelity | stream-qa``."""
+    """``livekv eval needle | fidelity | ruler | stream-qa``."""
     evals = sub.add_parser("eval", help="accuracy and fidelity").add_subparsers(dest="task", required=True)
     for task, text in (("needle", "needle in a haystack on the real model"),
                        ("fidelity", "fidelity to dense and perplexity on the real model")):
@@ -71,6 +71,7 @@ def _evals(sub, commands: dict) -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--json", help="write results here (and a PNG plot against the budget beside it)")
         p.set_defaults(func=commands["eval"])
+    _ruler(evals, commands)
     p = evals.add_parser("stream-qa", help="streaming video QA on the synthetic world, with the embedded VLM")
     p.add_argument("--method", "--methods", dest="method", default="full,livevlm", help="streaming methods, comma-separated")
     p.add_argument("--minutes", type=float, default=2.0, help="stream length")
@@ -83,6 +84,29 @@ def _evals(sub, commands: dict) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", help="write results here")
     p.set_defaults(func=commands["stream_qa"])
+
+
+def _ruler(evals, commands: dict) -> None:
+    p = evals.add_parser("ruler", help="RULER-style long-context tasks (needles, variable tracking, common and "
+                         "frequent words) on the real model, on a dev or a held-apart test split")
+    add_model_args(p)
+    add_method_args(p, multi=True)
+    p.set_defaults(method="dense,quest,freekv,clusterkv", budget=[256])
+    p.add_argument("--context", type=ints, default="4096", help="context lengths, comma-separated")
+    p.add_argument("--split", choices=["dev", "test"], default="dev",
+                   help="dev: choose on it; test: held apart, quote it (livekv/evals/ruler/__init__.py says what differs)")
+    p.add_argument("--tasks", default="all", help="comma-separated: niah_single, niah_multikey, niah_multivalue, "
+                   "niah_multiquery, vt, cwe, fwe (default: all)")
+    p.add_argument("--cases", type=int, default=10, help="cases per task (one case is 100/N points of a task)")
+    p.add_argument("--first", type=int, default=0, help="index of the first case (run more cases in pieces)")
+    p.add_argument("--protocol", choices=["prompt", "fed", "both"], default="both",
+                   help="prompt: the question prefilled with the context, the answer decoded sparse; fed: the "
+                   "question fed token by token after the context")
+    p.add_argument("--template", choices=["chat", "raw"], default="chat", help="the prompt in the model's chat "
+                   "template, or plain text")
+    p.add_argument("--json", help="write results and every case here (and a PNG of accuracy against the budget "
+                   "per task beside it)")
+    p.set_defaults(func=commands["eval_ruler"])
 
 
 def _train(sub, commands: dict) -> None:

@@ -6,6 +6,7 @@
     livekv chat --method quest --budget 512
     livekv eval needle --method dense,quest --budget 256 --context 2048,4096 --json out/needle.json
     livekv eval fidelity --method quest --budget 1024 --context 8192 --json out/fidelity.json
+    livekv eval ruler --method dense,quest,freekv,clusterkv --budget 256 --context 4096 --split test --json out/ruler.json
     livekv bench decode --methods dense,quest --context 4096,16384,32768 --json out/decode.json
     livekv stream VIDEO --model DIR --ask "What happened?" --ask-at 30:"What colour is the car?"
     livekv bench stream --methods full,rekv,livevlm --frames 16,64,256,512 --json out/stream.json
@@ -293,6 +294,40 @@ def cmd_eval(args) -> None:
     _write_plot(args.json, lambda png: plots.against_budget(payload["results"], png, panels))
 
 
+def cmd_eval_ruler(args) -> None:
+    from livekv import plots
+    from livekv.evals import ruler
+    from livekv.methods import make_method, parse_spec
+
+    tasks = ruler.TASKS if args.tasks == "all" else tuple(t for t in args.tasks.split(",") if t)
+    unknown = [t for t in tasks if t not in ruler.TASKS]
+    if unknown:
+        raise ValueError(f"unknown RULER task(s) {', '.join(unknown)}; choose from {', '.join(ruler.TASKS)} or 'all'")
+    protocols = ruler.PROTOCOLS if args.protocol == "both" else (args.protocol,)
+    knobs = {k: v for k, v in _knobs(args).items() if k != "budget"}
+    methods = []
+    for spec in split_specs(args.method):  # specs such as quest:gqa_pool=mean compare knobs in one run
+        name, own = parse_spec(spec)
+        for budget in (args.budget or [None]):
+            cfg = {**knobs, "budget": budget, **own}
+            make_method(name, ignore_unknown=True, **cfg)  # validate now, with a clear error
+            methods.append((spec, cfg))
+            if name == "dense":
+                break
+    _require_corpus()
+    if args.split == "test":
+        from livekv.evals.corpus import check_shakespeare
+
+        check_shakespeare()
+    model, tok = _load(args)
+    for context in args.context:
+        _check_positions(model, "context", context, context + 100)
+    payload = ruler.evaluate(model, tok, methods, args.context, args.split, tasks, args.cases, protocols,
+                             first=args.first, template=args.template, progress=True)
+    _write_json(args.json, payload, args)
+    _write_plot(args.json, lambda png: plots.ruler_tasks(payload["results"], png))
+
+
 def cmd_stream_qa(args) -> None:
     import torch
 
@@ -391,7 +426,7 @@ def cmd_methods(args) -> None:
             print(f"    {option.name} = {option.default!r}: {option.help}")
 
 
-COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval,
+COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "eval_ruler": cmd_eval_ruler,
             "stream_qa": cmd_stream_qa, "train_vlm": cmd_train_vlm, "bench": cmd_bench, "stream": cmd_stream,
             "serve": cmd_serve, "methods": cmd_methods}
 

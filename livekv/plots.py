@@ -40,6 +40,38 @@ def against_budget(results: list[dict], path: str, panels: list[tuple[str, str]]
     _save(fig, plt, path)
 
 
+def ruler_tasks(results: list[dict], path: str) -> None:
+    """``livekv eval ruler``: a panel per task (and the retrieval / other / all means), accuracy against the
+    budget, a line per method, protocol and context; dense as a dashed horizontal line."""
+    plt = _pyplot()
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    budgets = sorted({r["budget"] for r in results if r["budget"] is not None}) or [1]
+    cols = min(4, len(tasks))
+    rows_n = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        mine = [r for r in results if r["task"] == task]
+        for key in dict.fromkeys((r["method"], r["protocol"], r["context"]) for r in mine):
+            rows = sorted((r for r in mine if (r["method"], r["protocol"], r["context"]) == key),
+                          key=lambda r: r["budget"] or 0)
+            name = f"{key[0]}, {key[1]}, {key[2]}"
+            ys = [100 * r["accuracy"] for r in rows]
+            if rows[0]["budget"] is None:
+                ax.plot([budgets[0], budgets[-1]], ys * 2, "--", alpha=0.7, label=name)
+            else:
+                ax.plot([r["budget"] for r in rows], ys, "o-", label=name)
+        ax.set_title(f"{task} ({mine[0]['cases']} cases)", fontsize=9)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-3, 103)
+        ax.set_xlabel("budget (tokens per KV head)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    axes[0][0].legend(fontsize=6)
+    _save(fig, plt, path)
+
+
 def stream_timeline(series: list[dict], path: str) -> None:
     """Memory per tier and ingest speed against the stream time, one point per pushed clip."""
     plt = _pyplot()
