@@ -14,6 +14,11 @@ IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp"}
 VIDEO_TYPES = {"video/mp4", "video/webm", "video/x-matroska", "video/quicktime"}
 
 
+def image_type(data: bytes) -> str:
+    """The content type of a frame sent as bare bytes (a WebSocket message): PNG, WebP, else JPEG."""
+    return "image/png" if data[:4] == b"\x89PNG" else "image/webp" if data[8:12] == b"WEBP" else "image/jpeg"
+
+
 class MediaError(ValueError):
     """Media a request cannot use: ``status`` 413 (too large), 415 (unsupported type) or 400 (corrupt)."""
 

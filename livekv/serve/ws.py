@@ -77,10 +77,9 @@ async def websocket(socket: WebSocket, sid: str, config: ServeConfig) -> None:
 
 
 async def _ws_frame(stream, data: bytes, config: ServeConfig, send) -> None:
-    kind = "image/png" if data[:4] == b"\x89PNG" else "image/webp" if data[8:12] == b"WEBP" else "image/jpeg"
     try:
-        images = await asyncio.to_thread(media.decode, data, kind, stream.spec["fps"], config.max_upload_bytes,
-                                         config.max_frame_pixels)
+        images = await asyncio.to_thread(media.decode, data, media.image_type(data), stream.spec["fps"],
+                                         config.max_upload_bytes, config.max_frame_pixels)
     except media.MediaError as e:
         await send({"type": "error", "message": str(e), "code": e.status})
         return

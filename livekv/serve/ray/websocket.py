@@ -9,14 +9,10 @@ import logging
 from fastapi import WebSocket
 from fastapi.responses import Response, StreamingResponse
 
+from livekv.serve.media import image_type
 from livekv.serve.ray.routing import Route, json_object
 
 logger = logging.getLogger("livekv.serve")
-
-
-def _image_type(data: bytes) -> str:
-    """The content type of a frame sent as bytes (PNG, WebP, else JPEG)."""
-    return "image/png" if data[:4] == b"\x89PNG" else "image/webp" if data[8:12] == b"WEBP" else "image/jpeg"
 
 
 class _Bridge:
@@ -87,7 +83,7 @@ class _Bridge:
         """One message from the client: a frame (bytes), or an ``ask`` or ``stats`` event."""
         if message.get("bytes") is not None:
             data = message["bytes"]
-            out = await self.call("POST", f"/v1/streams/{self.sid}/frames", data, _image_type(data))
+            out = await self.call("POST", f"/v1/streams/{self.sid}/frames", data, image_type(data))
             await self.result(out, "frames")
         elif message.get("text") is not None:
             event = json_object(message["text"].encode())
