@@ -18,10 +18,11 @@ def method_knobs(args) -> dict:
 
 
 def method_grid(args) -> list[tuple[str, dict]]:
-    """(name, knobs) for every method x budget; dense once (it has no budget)."""
-    from livekv.methods import make_method
+    """(name, knobs) for every method x budget; dense once (it has no budget). A name may be a spec with knobs of
+    its own (``quest:coarse_pages=0``), which win over the shared ones."""
+    from livekv.methods import make_method, split_specs
 
-    names = [m for m in args.method.split(",") if m]
+    names = split_specs(args.method)
     budgets = args.budget if args.budget is not None else [None]
     knobs = {k: v for k, v in method_knobs(args).items() if k != "budget"}
     grid = []
@@ -30,7 +31,7 @@ def method_grid(args) -> list[tuple[str, dict]]:
             cfg_knobs = {**knobs, "budget": budget}
             make_method(name, ignore_unknown=True, **cfg_knobs)  # validate now, with a clear error
             grid.append((name, cfg_knobs))
-            if name == "dense":
+            if name.partition(":")[0] == "dense":
                 break
     return grid
 

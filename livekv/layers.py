@@ -74,7 +74,10 @@ class LayerStats:
 
 class Selector(Protocol):
     """Maps a decode step's query to the tokens attention reads: ``query [B, H, D]`` -> token ids ``[B, G, k]``
-    (logical positions, no duplicates per row; all query heads of a GQA group read the same tokens)."""
+    (logical positions, no duplicates per row; all query heads of a GQA group read the same tokens).
+    ``select_nbytes``: the bytes of its index (digests, centroids) the last selection read."""
+
+    select_nbytes: int
 
     def select(self, query: torch.Tensor, store: HostStore) -> torch.Tensor: ...
 

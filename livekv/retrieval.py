@@ -7,7 +7,9 @@ page of a stream's long-term memory (the attention the question pays its tokens:
 
 1. score: ``[B, G, r, n]`` per query head of each group (or, for per-layer retrieval, one score per block);
 2. pool the group (``pool_group``): ``max`` (Quest), ``softmax_mean`` (FreeKV), ``mean``;
-3. pick (``top_blocks`` for blocks of one size, ``ranked_prefix`` for blocks of many sizes);
+3. pick (``top_blocks`` for blocks of one size, ``ranked_prefix`` for blocks of many sizes); a two-level
+   selection picks coarse blocks first and scores only the fine blocks inside them (``fine_candidates``,
+   ``gather_summaries``);
 4. expand to token ids (``page_tokens``; a method with its own block table, e.g. clusters, maps them itself).
 
 B batch, G KV heads, r = H / G query heads per group, n blocks, D head dim.
@@ -98,6 +100,28 @@ def ranked_prefix(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> tup
     scores = scores.masked_fill(sizes == 0, float("-inf"))
     order = scores.topk(min(budget, scores.shape[-1]), dim=-1).indices
     return order, sizes.gather(-1, order).cumsum(-1)
+
+
+def fine_candidates(coarse: torch.Tensor, per: int, loose: torch.Tensor) -> torch.Tensor:
+    """The fine blocks to score in a two-level selection: those of the chosen coarse blocks ``[B, G, m]`` (coarse
+    block ``c`` holds fine blocks ``c * per ...``) and the ``loose`` ones ``[l]`` outside any complete coarse block
+    -> fine ids ``[B, G, m * per + l]``."""
+    ids = page_tokens(coarse, per)
+    return torch.cat((ids, loose.expand(*ids.shape[:-1], -1)), dim=-1)
+
+
+def gather_summaries(summaries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summaries ``[B, G, n, D]`` of the blocks ``ids [B, G, k]`` -> ``[B, G, k, D]``.
+
+    Whole rows of ``D`` are copied (``index_select`` on the rows of the summaries' storage, which may be a slice of
+    a larger buffer): about 4x faster here than ``gather``, which copies element by element."""
+    B, G, n, D = summaries.shape
+    if summaries.stride(3) != 1 or summaries.stride(2) != D:
+        summaries = summaries.contiguous()
+    s0, s1 = summaries.stride(0) // D, summaries.stride(1) // D
+    rows = summaries.as_strided(((B - 1) * s0 + (G - 1) * s1 + n, D), (D, 1))
+    base = torch.arange(B, device=ids.device).view(B, 1, 1) * s0 + torch.arange(G, device=ids.device).view(1, G, 1) * s1
+    return rows.index_select(0, (ids + base).flatten()).view(*ids.shape, D)
 
 
 # --- 4. token ids --------------------------------------------------------------------------------------------------

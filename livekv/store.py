@@ -145,6 +145,7 @@ class HostStore:
         self.pages = torch.empty(batch, 0, kv_heads, 2, page_size, head_dim, dtype=dtype, device=host, pin_memory=pin)
         self.key_max = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
         self.key_min = torch.empty_like(self.key_max)
+        self.coarse: tuple[int, torch.Tensor, torch.Tensor] | None = None  # see coarse_digests
         self.length = 0
 
     @property
@@ -184,11 +185,30 @@ class HostStore:
         n = self.num_full_pages
         return self.key_max[:, :, :n], self.key_min[:, :, :n]
 
+    def coarse_digests(self, per: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key max and min over runs of ``per`` full pages (the coarse level of a two-level selection),
+        ``[B, G, P_full // per, D]`` each. Made from the page digests when first asked for, then extended as pages
+        fill (a full page's digest never changes)."""
+        n = self.num_full_pages // per
+        if self.coarse is None or self.coarse[0] != per:
+            empty = self.key_max[:, :, :0]
+            self.coarse = (per, empty, empty)
+        _, cmax, cmin = self.coarse
+        done = cmax.shape[2]
+        if n > done:
+            new = slice(done * per, n * per)
+            runs = (*self.key_max.shape[:2], n - done, per, self.key_max.shape[3])
+            cmax = torch.cat((cmax, self.key_max[:, :, new].reshape(runs).amax(3)), dim=2)
+            cmin = torch.cat((cmin, self.key_min[:, :, new].reshape(runs).amin(3)), dim=2)
+            self.coarse = (per, cmax, cmin)
+        return cmax[:, :, :n], cmin[:, :, :n]
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Row ``b`` becomes row ``rows[b]`` (beam search): pages copied in place (the disk tier stays a file)."""
         self.pages.copy_(self.pages.index_select(0, rows.to(self.pages.device)))
         rows = rows.to(self.key_max.device)
         self.key_max, self.key_min = self.key_max.index_select(0, rows), self.key_min.index_select(0, rows)
+        self.coarse = None
 
     def rows(self, b: torch.Tensor, g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Row numbers of the keys of tokens ``t`` of (batch ``b``, KV head ``g``) in ``pages`` viewed as
@@ -236,10 +256,11 @@ class HostStore:
         return B * G * 2 * D * self.pages.element_size() * self.length
 
     def digest_memory(self) -> Bytes:
-        """The digests' bytes: used (full pages) and allocated."""
+        """The digests' bytes (the coarse level's included): used (full pages) and allocated."""
         per_page = (self.key_max.nbytes + self.key_min.nbytes) // max(1, self.key_max.shape[2])
-        return Bytes(per_page * (self.num_full_pages if self.track_digests else 0),
-                     self.key_max.nbytes + self.key_min.nbytes)
+        coarse = 0 if self.coarse is None else self.coarse[1].nbytes + self.coarse[2].nbytes
+        return Bytes(per_page * (self.num_full_pages if self.track_digests else 0) + coarse,
+                     self.key_max.nbytes + self.key_min.nbytes + coarse)
 
     def state(self) -> dict[str, torch.Tensor]:
         """The used pages and the digests of the full pages (what ``load_state`` needs to go on exactly)."""
@@ -258,6 +279,7 @@ class HostStore:
         if self.track_digests:
             self.key_max = tensors["key_max"].to(self.device)
             self.key_min = tensors["key_min"].to(self.device)
+        self.coarse = None
         self._loaded()
 
     def _loaded(self) -> None:

@@ -14,10 +14,11 @@ def _store(T, page_size=4, B=2, G=2, D=8, seed=0):
     return store
 
 
-@pytest.mark.parametrize("method", ["quest", "sink_window"])
+@pytest.mark.parametrize("method", ["quest", "sink_window", "quest:coarse_pages=2"])
 @pytest.mark.parametrize("T", [37, 64, 203])
 def test_selection_invariants(method, T):
-    cfg = make_method(method, budget=32, sink=4, window=8, page_size=4)
+    name, _, knob = method.partition(":coarse_pages=")
+    cfg = make_method(name, budget=32, sink=4, window=8, page_size=4, **({"coarse_pages": int(knob)} if knob else {}))
     store = _store(T)
     q = torch.randn(2, 6, 8)  # 6 query heads over 2 KV heads
     idx = cfg.make_selector(0).select(q, store)
@@ -48,6 +49,44 @@ def test_quest_picks_the_page_holding_the_key_that_matches_the_query():
     store.append(keys, values)
     idx = QuestConfig(budget=48, sink=8, window=8, page_size=8, dense_layers=0).make_selector(0).select(q, store)
     assert 133 in idx.tolist()[0][0]
+
+
+def _two_level(per, budget=64):
+    return QuestConfig(budget=budget, sink=8, window=8, page_size=4, dense_layers=0, coarse_pages=per)
+
+
+def test_two_level_selection_scores_the_pages_of_the_best_runs_only():
+    store = _store(1024, B=2, G=2)
+    q = torch.randn(2, 6, 8)
+    sel = _two_level(8).make_selector(0)
+    first, last, n = 2, 254, 12  # 254 full candidate pages: runs 1..30 whole, pages 2-7 and 248-253 loose
+    picked = sel.pick(q, store, first, last, n)
+    kmax, kmin = store.digests()
+    cmax, cmin = store.coarse_digests(8)
+    runs = minmax_bound(q, cmax[:, :, 1:31], cmin[:, :, 1:31]).amax(-2).topk(n, dim=-1).indices + 1
+    for b in range(2):
+        for g in range(2):
+            cand = torch.cat([torch.arange(8 * r, 8 * r + 8) for r in runs[b, g].tolist()]
+                             + [torch.arange(2, 8), torch.arange(248, 254)])
+            pages = minmax_bound(q[b:b + 1, 3 * g:3 * g + 3], kmax[b:b + 1, g:g + 1, cand], kmin[b:b + 1, g:g + 1, cand])
+            best = cand[pages.amax(-2).flatten().topk(n).indices]
+            assert sorted(picked[b, g].tolist()) == sorted(best.tolist())
+
+
+def test_two_level_selection_finds_keys_planted_in_distinct_runs():
+    store = _store(2048, B=1, G=1)
+    q = torch.randn(1, 3, 8)
+    keys, values = store.all_tokens()
+    keys = keys.clone()
+    planted = [77, 403, 1190, 1601, 1999]  # pages 19, 100, 297, 400, 499: five runs of 16 pages
+    keys[0, 0, planted] = 30 * q[0, 0]
+    store = HostStore(1, 1, 8, 4, torch.float32, torch.device("cpu"))
+    store.append(keys, values)
+    one = QuestConfig(budget=64, sink=8, window=8, page_size=4, dense_layers=0, coarse_pages=0).make_selector(0)
+    two = QuestConfig(budget=64, sink=8, window=8, page_size=4, dense_layers=0, coarse_pages=16).make_selector(0)
+    for sel in (one, two):
+        idx = set(sel.select(q, store)[0, 0].tolist())
+        assert set(planted) <= idx
 
 
 def test_page_scores_bound_every_key_in_the_page():
@@ -87,3 +126,22 @@ def test_registry_and_defaults():
 def test_bad_configurations_raise_clear_errors(method, knobs, match):
     with pytest.raises(ValueError, match=match):
         make_method(method, **knobs)
+
+
+def test_a_spec_names_a_method_with_knobs_that_win_over_the_shared_ones():
+    cfg = make_method("quest:coarse_pages=0,page_size=8", budget=256, page_size=4)
+    assert (cfg.name, cfg.coarse_pages, cfg.page_size, cfg.budget) == ("quest", 0, 8, 256)
+    with pytest.raises(ValueError, match="coarse_pages"):
+        make_method("quest:coarse_pages=1", budget=256)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 50, 8), (1, 2, 7, 4)])
+def test_gather_summaries_equals_indexing_also_on_slices_of_a_larger_buffer(shape):
+    from livekv.retrieval import gather_summaries
+
+    B, G, n, D = shape
+    buf = torch.randn(B, G, n + 9, D)
+    ids = torch.randint(0, n, (B, G, 11))
+    for s in (buf[:, :, :n], buf[:, :, :n].transpose(0, 1).contiguous().transpose(0, 1), buf[:, :, :n, :].clone()):
+        want = torch.stack([torch.stack([s[b, g, ids[b, g]] for g in range(G)]) for b in range(B)])
+        assert torch.equal(gather_summaries(s, ids), want)

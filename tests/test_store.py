@@ -49,6 +49,20 @@ def test_digests_are_min_and_max_of_full_pages():
     assert torch.equal(kmax, pages.amax(3)) and torch.equal(kmin, pages.amin(3))
 
 
+def test_coarse_digests_cover_runs_of_full_pages_and_follow_appends_and_beams():
+    store = HostStore(2, 3, 8, page_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    _fill(store, [30])  # 7 full pages: one run of 3, and a loose page
+    cmax, cmin = store.coarse_digests(3)
+    assert cmax.shape == (2, 3, 2, 8)
+    _fill(store, [23], seed=1)  # 13 full pages: 4 runs, extended from the 2 already made
+    kmax, kmin = store.digests()
+    cmax, cmin = store.coarse_digests(3)
+    assert torch.equal(cmax, kmax[:, :, :12].reshape(2, 3, 4, 3, 8).amax(3))
+    assert torch.equal(cmin, kmin[:, :, :12].reshape(2, 3, 4, 3, 8).amin(3))
+    store.select_rows(torch.tensor([1, 1]))
+    assert torch.equal(store.coarse_digests(3)[0], cmax[[1, 1]])
+
+
 def test_bytes_are_tracked():
     store = HostStore(1, 2, 8, page_size=4, dtype=torch.float32, device=torch.device("cpu"))
     assert store.nbytes == 0

@@ -56,7 +56,8 @@ def fill_cache(cache: LiveKVCache, layer_kv: list[tuple[torch.Tensor, torch.Tens
 
 def bytes_per_step(model, cache: LiveKVCache) -> int:
     """Bytes a decode step must read: the weights (``weight_bytes``: quantized ones as stored) + the KV it reads
-    (dense: all; sparse: digests or cluster centroids + the recalled tokens, read from the host tier and again by
+    (dense: all; sparse: what the last selection read (page digests, those of a two-level selection's coarse
+    runs and candidate pages, or cluster centroids) + the recalled tokens, read from the host tier and again by
     attention)."""
     total = weight_bytes(model)
     for layer in cache.layers:
@@ -66,9 +67,8 @@ def bytes_per_step(model, cache: LiveKVCache) -> int:
         elif isinstance(layer, RecallableLayer):
             s = layer.stats
             recalled = s.bytes_recalled / max(s.steps, 1)
-            kmax, kmin = layer.host.digests()
-            index = getattr(layer.selector, "select_nbytes", 0)  # what a selector of its own reads (centroids)
-            total += kmax.nbytes + kmin.nbytes + index + 2 * int(recalled)
+            index = layer.selector.select_nbytes  # digests (those scored) or centroids
+            total += index + 2 * int(recalled)
     return total
 
 

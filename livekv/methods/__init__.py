@@ -60,7 +60,8 @@ def knob_options(context: str):
 
 def make_method(method: str | MethodConfig, *, context: str = "text", ignore_unknown: bool = False,
                 **knobs) -> MethodConfig:
-    """A method config from its name and knobs (``None`` knobs take the method's default), for ``context``.
+    """A method config from its name (or a spec, ``"quest:coarse_pages=0"``: see ``parse_spec``) and knobs
+    (``None`` knobs take the method's default), for ``context``.
 
     ``ignore_unknown`` drops knobs the method does not take (e.g. ``budget`` for ``dense``) instead of raising:
     for comparing several methods under one set of knobs.
@@ -70,6 +71,9 @@ def make_method(method: str | MethodConfig, *, context: str = "text", ignore_unk
             raise ValueError("pass knobs either in the method's config or as keywords, not both")
         cls = type(method)
     else:
+        if ":" in method:  # a spec: its knobs win over the shared ones
+            method, spec_knobs = parse_spec(method)
+            knobs = {**knobs, **spec_knobs}
         cls = METHODS.get(method) or ALIASES.get(method)
         if cls is None or context not in cls.contexts:
             raise ValueError(f"unknown {context} method {method!r}; choose one of {', '.join(names(context))}")

@@ -179,7 +179,7 @@ class FreeKVLayer(RecallableLayer):
     def select(self, q: torch.Tensor, length: int) -> torch.Tensor:
         """Quest's selection (sink + top pages + window) with query ``q [B, H, D]`` for a sequence of ``length``
         tokens -> token ids ``[B, G, k]``."""
-        return sink_pages_window(self.host, self.cfg, self.selector.score, q, length)
+        return sink_pages_window(self.host, self.cfg, self.selector.pick, q, length)
 
     def _flag(self, q: torch.Tensor, T: int) -> tuple[torch.Tensor | None, int]:
         """Heads to correct, ``[B, G]`` bool (``None``: all, no speculation for this length), and how many."""

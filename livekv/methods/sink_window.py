@@ -64,6 +64,8 @@ class SinkWindowConfig(SparseConfig, StreamMethod):
 
 
 class SinkWindowSelector:
+    select_nbytes = 0  # reads no index
+
     def __init__(self, cfg: SinkWindowConfig):
         self.cfg = cfg
 
