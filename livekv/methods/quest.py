@@ -5,7 +5,7 @@ query head is an upper bound of ``q . k`` over its keys (``retrieval.minmax_boun
 pooled (Quest: max) so that one KV head reads one set of pages.
 
 Two-level selection (``coarse_pages``): the store also keeps min/max digests over runs of ``coarse_pages`` pages;
-a step scores those first, keeps as many runs as it needs pages, and scores only the pages inside them (and the
+a step scores those first, keeps ``coarse_keep`` runs per page it needs, and scores only the pages inside them (and the
 few outside any complete run). A run's bound is at least the bound of each of its pages, so a page whose run is
 not kept is one whose run's bound ranks below that many others. At 32k tokens and budget 256 that scores about
 a sixth of the page digests.
@@ -32,12 +32,15 @@ class QuestConfig(SparseConfig):
 
     name: ClassVar[str] = "quest"
     gqa_pool: Literal["max", "softmax_mean"] = knob("max", "pooling of the page scores over a GQA group")
-    coarse_pages: int = knob(16, "pages per coarse block of the two-level selection (0: score every page)")
+    coarse_pages: int = knob(0, "pages per coarse block of the two-level selection (0: one level, every page scored)")
+    coarse_keep: int = knob(1, "two-level selection: coarse blocks kept per page to select")
 
     def validate(self) -> None:
         super().validate()
         if self.coarse_pages < 0 or self.coarse_pages == 1:
             raise ValueError(f"{self.name}: coarse_pages must be 0 (one level) or >= 2, got {self.coarse_pages}")
+        if self.coarse_keep < 1:
+            raise ValueError(f"{self.name}: coarse_keep must be >= 1, got {self.coarse_keep}")
 
     def make_selector(self, layer_idx: int) -> QuestSelector:
         return QuestSelector(self)
@@ -59,13 +62,14 @@ class QuestSelector:
         per = self.cfg.coarse_pages
         lo, hi = (-(-first // per), last // per) if per else (0, 0)
         digest_bytes = 2 * store.key_max[:, :, :1].nbytes
-        if hi - lo <= n:  # no fewer pages to score than in one level
+        keep = n * self.cfg.coarse_keep
+        if hi - lo <= keep:  # no fewer pages to score than in one level
             self.select_nbytes = (last - first) * digest_bytes
             return retrieval.top_blocks(self.score(query, store, first, last), n) + first
         cmax, cmin = store.coarse_digests(per)
         runs = retrieval.pool_group(retrieval.minmax_bound(query, cmax[:, :, lo:hi], cmin[:, :, lo:hi]), self.cfg.gqa_pool)
         loose = torch.cat((torch.arange(first, lo * per), torch.arange(hi * per, last))).to(query.device)
-        ids = retrieval.fine_candidates(retrieval.top_blocks(runs, n) + lo, per, loose)  # [B, G, n * per + l]
+        ids = retrieval.fine_candidates(retrieval.top_blocks(runs, keep) + lo, per, loose)  # [B, G, keep * per + l]
         self.select_nbytes = (hi - lo + ids.shape[-1]) * digest_bytes
         key_max, key_min = store.digests()
         bounds = retrieval.minmax_bound(query, retrieval.gather_summaries(key_max, ids),
