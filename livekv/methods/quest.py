@@ -31,7 +31,7 @@ class QuestConfig(SparseConfig):
     (fewer tokens at budgets under 1024)."""
 
     name: ClassVar[str] = "quest"
-    gqa_pool: Literal["max", "softmax_mean"] = knob("max", "pooling of the page scores over a GQA group")
+    gqa_pool: retrieval.Pool = knob("max", "pooling of the page scores over a GQA group")
     coarse_pages: int = knob(0, "pages per coarse block of the two-level selection (0: one level, every page scored)")
     coarse_keep: int = knob(1, "two-level selection: coarse blocks kept per page to select")
 
@@ -55,7 +55,7 @@ class QuestSelector:
         """Pooled scores ``[B, G, last - first]`` of full pages ``[first, last)`` for query ``[B, H, D]``."""
         key_max, key_min = store.digests()
         bounds = retrieval.minmax_bound(query, key_max[:, :, first:last], key_min[:, :, first:last])
-        return retrieval.pool_group(bounds, self.cfg.gqa_pool)
+        return retrieval.pool_group(bounds, self.cfg.gqa_pool, scale=query.shape[-1] ** -0.5)
 
     def pick(self, query: torch.Tensor, store: HostStore, first: int, last: int, n: int) -> torch.Tensor:
         """The ``n`` best full pages of ``[first, last)`` for query ``[B, H, D]``: page ids ``[B, G, n]``."""
@@ -67,14 +67,15 @@ class QuestSelector:
             self.select_nbytes = (last - first) * digest_bytes
             return retrieval.top_blocks(self.score(query, store, first, last), n) + first
         cmax, cmin = store.coarse_digests(per)
-        runs = retrieval.pool_group(retrieval.minmax_bound(query, cmax[:, :, lo:hi], cmin[:, :, lo:hi]), self.cfg.gqa_pool)
+        runs = retrieval.pool_group(retrieval.minmax_bound(query, cmax[:, :, lo:hi], cmin[:, :, lo:hi]), self.cfg.gqa_pool,
+                                       scale=query.shape[-1] ** -0.5)
         loose = torch.cat((torch.arange(first, lo * per), torch.arange(hi * per, last))).to(query.device)
         ids = retrieval.fine_candidates(retrieval.top_blocks(runs, keep) + lo, per, loose)  # [B, G, keep * per + l]
         self.select_nbytes = (hi - lo + ids.shape[-1]) * digest_bytes
         key_max, key_min = store.digests()
         bounds = retrieval.minmax_bound(query, retrieval.gather_summaries(key_max, ids),
                                         retrieval.gather_summaries(key_min, ids))
-        return ids.gather(-1, retrieval.top_blocks(retrieval.pool_group(bounds, self.cfg.gqa_pool), n))
+        return ids.gather(-1, retrieval.top_blocks(retrieval.pool_group(bounds, self.cfg.gqa_pool, scale=query.shape[-1] ** -0.5), n))
 
     def select(self, query: torch.Tensor, store: HostStore) -> torch.Tensor:
         """query ``[B, H, D]`` (post-RoPE) -> token ids ``[B, G, k]``, k <= budget."""
