@@ -6,7 +6,8 @@ FreeKV), a k-means cluster of keys (its centroid: ClusterKV), a frame of an offl
 page of a stream's long-term memory (the attention the question pays its tokens: LiveVLM's PaR). The steps:
 
 1. score: ``[B, G, r, n]`` per query head of each group (or, for per-layer retrieval, one score per block);
-2. pool the group (``pool_group``): ``max`` (Quest), ``softmax_mean`` (FreeKV), ``mean``;
+2. pool the group (``pool_group``): ``max`` (Quest), ``softmax_mean`` (FreeKV), ``mean``, ``softmax_max``,
+   ``rank`` (heads measured against their own scores);
 3. pick (``top_blocks`` for blocks of one size, ``ranked_prefix`` for blocks of many sizes); a two-level
    selection picks coarse blocks first and scores only the fine blocks inside them (``fine_candidates``,
    ``gather_summaries``);
@@ -22,7 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Pool = Literal["max", "softmax_mean", "mean"]
+Pool = Literal["max", "softmax_mean", "mean", "softmax_max", "rank"]
 
 
 # --- 1. scores ---------------------------------------------------------------------------------------------------
@@ -72,17 +73,28 @@ def block_sums(token_scores: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 # --- 2. pooling over a GQA group ----------------------------------------------------------------------------------
-def pool_group(scores: torch.Tensor, how: Pool) -> torch.Tensor:
+def pool_group(scores: torch.Tensor, how: Pool, scale: float = 1.0) -> torch.Tensor:
     """Pool per-query-head block scores ``[..., r, n]`` over the GQA group -> ``[..., n]``, so that all query
     heads of a group read the same blocks. ``max``: Quest. ``softmax_mean``: FreeKV's best, a softmax over blocks
-    per query head, then the group mean. ``mean``: the group mean of the raw scores."""
+    per query head, then the group mean. ``mean``: the group mean of the raw scores. ``softmax_max``: a softmax
+    over blocks per query head (of ``scale`` times the scores: the attention's scaling makes it an estimate of the
+    attention each head pays a block), then the group max: each head's scores are measured against its own, so
+    that a head whose scores run high does not take the budget from the others. ``rank``: the group's best rank
+    (each head ranks the blocks by its own scores; ties by ``softmax_max``): the top k blocks hold every head's
+    own top ``k // r`` at least."""
     if how == "max":
         return scores.amax(dim=-2)
     if how == "softmax_mean":
         return scores.float().softmax(dim=-1).mean(dim=-2)
     if how == "mean":
         return scores.mean(dim=-2)
-    raise ValueError(f"unknown GQA pooling {how!r}; expected 'max', 'softmax_mean' or 'mean'")
+    if how in ("softmax_max", "rank"):
+        log_p = (scores.float() * scale).log_softmax(dim=-1)
+        if how == "softmax_max":
+            return log_p.amax(dim=-2)
+        rank = log_p.argsort(dim=-1, descending=True).argsort(dim=-1)  # [..., r, n]: 0 = the head's best
+        return -rank.amin(dim=-2).float() + log_p.amax(dim=-2).exp() * 0.5  # ties broken by softmax_max (in [0, 0.5])
+    raise ValueError(f"unknown GQA pooling {how!r}; expected 'max', 'softmax_mean', 'mean', 'softmax_max' or 'rank'")
 
 
 # --- 3. picking under a budget -----------------------------------------------------------------------------------

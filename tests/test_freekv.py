@@ -22,7 +22,7 @@ def test_defaults_follow_the_paper_at_large_budgets_and_quest_at_small_ones():
     big = make_method("freekv")
     assert (big.budget, big.page_size, big.sink, big.window, big.gqa_pool, big.tau) == (2048, 32, 128, 128, "softmax_mean", 0.8)
     small = make_method("freekv", budget=256)
-    assert (small.page_size, small.gqa_pool) == (4, "max") == (make_method("quest", budget=256).page_size, "max")
+    assert (small.page_size, small.gqa_pool) == (2, "max") == (make_method("quest", budget=256).page_size, "max")
     with pytest.raises(ValueError, match="host"):
         make_method("freekv", host="tape")
 

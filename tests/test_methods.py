@@ -101,11 +101,12 @@ def test_page_scores_bound_every_key_in_the_page():
 def test_registry_and_defaults():
     assert {"dense", "sink_window", "quest"} <= set(METHODS)
     q = make_method("quest", budget=256)
-    assert (q.sink, q.window, q.page_size, q.dense_layers) == (16, 16, 4, 2)
+    assert (q.sink, q.window, q.page_size, q.dense_layers) == (16, 16, 2, 2)
     assert q.budget - q.sink - q.window >= 0.8 * q.budget  # most of a small budget goes to selection
     big = make_method("quest", budget=2048)
     assert (big.sink, big.window, big.page_size) == (128, 128, 16)  # Quest's page at large budgets
-    assert make_method("quest", budget=512).page_size == 8
+    assert make_method("quest", budget=512).page_size == 4  # budget // budget_pages (128)
+    assert make_method("quest", budget=256, budget_pages=64).page_size == 4
     sw = make_method("sink_window", budget=512)
     assert (sw.sink, sw.window, sw.dense_layers) == (4, 508, 0)
 
@@ -114,7 +115,7 @@ def test_registry_and_defaults():
     "method, knobs, match",
     [
         ("quest", dict(budget=64, sink=32, window=32), "too small"),
-        ("quest", dict(budget=256, sink=10), "multiple of page_size"),
+        ("quest", dict(budget=256, sink=9), "multiple of page_size"),
         ("quest", dict(budget=256, page_size=0), "page_size"),
         ("quest", dict(budget=256, dense_layers=-1), "dense_layers"),
         ("sink_window", dict(budget=100, sink=4, window=200), "smaller than sink"),

@@ -122,9 +122,10 @@ class HostTier:
 class SparseConfig(HostTier, MethodConfig):
     """Knobs shared by the sparse text methods. ``sink`` and ``window`` left ``None`` scale with the budget:
     ``min(128, page_size * max(1, budget // (16 * page_size)))`` each, so that at small budgets most of the budget
-    is left to selection (budget 256: sink 16, window 16). ``page_size`` left ``None``: Quest's 16 from budget
-    1024 up; below, the page shrinks so that the budget still holds 64 pages (``budget // 64``, at least 4): at
-    budget 256 min/max digests of 16-token pages were too loose to find a needle (docs/results.md)."""
+    is left to selection (budget 256: sink 16, window 16). ``page_size`` left ``None`` (``default_page_size``):
+    Quest's 16 from budget 1024 up; below, the page shrinks so that the budget still holds 64 pages (``budget //
+    64``, at least 4): at budget 256 min/max digests of 16-token pages were too loose to find a needle
+    (docs/results.md). Quest and FreeKV shrink it further (their ``budget_pages``)."""
 
     budget: int = knob(2048, "tokens read per KV head per decode step (sink + selected + window)")
     sink: int | None = knob(None, "the first tokens, always read")
@@ -132,11 +133,15 @@ class SparseConfig(HostTier, MethodConfig):
     page_size: int | None = knob(None, "tokens per page of the host tier")
     dense_layers: int = knob(2, "the first N layers stay dense")
 
+    def default_page_size(self) -> int:
+        """``page_size`` left ``None``: 16 from budget 1024 up, below ``budget // 64`` (a power of 2, at least 4)."""
+        return max(4, min(16, 1 << max(0, (self.budget // 64).bit_length() - 1)))
+
     def set_defaults(self) -> None:
         if self.budget < 1:
             raise ValueError(f"{self.name}: budget must be at least 1 token, got {self.budget}")
         if self.page_size is None:
-            self.page_size = max(4, min(16, 1 << max(0, (self.budget // 64).bit_length() - 1)))
+            self.page_size = self.default_page_size()
         p = self.page_size
         if p < 1:
             raise ValueError(f"page_size must be >= 1, got {p}")

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -74,7 +74,7 @@ class ClusterKVConfig(SparseConfig):
                                                 "budget // 80 below)")
     new_clusters: int = knob(8, "clusters made of every `window` decoded tokens")
     kmeans_iters: int = knob(20, "at most this many k-means iterations")
-    gqa_pool: Literal["max", "softmax_mean"] = knob("max", "pooling of the cluster scores over a GQA group")
+    gqa_pool: retrieval.Pool = knob("max", "pooling of the cluster scores over a GQA group")
 
     def set_defaults(self) -> None:
         if self.sink is not None and self.window is None:
@@ -137,7 +137,8 @@ class ClusterKVSelector:
 
     def score(self, query: torch.Tensor) -> torch.Tensor:
         """query ``[B, H, D]`` -> cluster scores ``[B, G, C]``: ``q . centroid`` pooled over the GQA group."""
-        return retrieval.pool_group(retrieval.dot(query, self.centroids), self.cfg.gqa_pool)
+        return retrieval.pool_group(retrieval.dot(query, self.centroids), self.cfg.gqa_pool,
+                                    scale=query.shape[-1] ** -0.5)
 
     def _cluster(self, store: "HostStore", end: int) -> None:
         """Cluster tokens ``[clustered, end)`` and append their clusters to the index."""

@@ -35,11 +35,12 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from livekv import retrieval
 from livekv.attention import attend
 from livekv.layers import DenseLayer, Memory, RecallableLayer
 from livekv.methods.base import knob
@@ -63,7 +64,7 @@ class FreeKVConfig(QuestConfig):
     """
 
     name: ClassVar[str] = "freekv"
-    gqa_pool: Literal["max", "softmax_mean"] | None = knob(None, "pooling over a GQA group (default: softmax_mean "
+    gqa_pool: retrieval.Pool | None = knob(None, "pooling over a GQA group (default: softmax_mean "
                                                                "from budget 2048, max below)")
     tau: float = knob(0.8, "correction threshold on the adjacent-query cosine")
 
