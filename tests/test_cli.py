@@ -54,7 +54,7 @@ def test_fidelity_of_full_budget_is_perfect(tmp_path):
 
 def test_bad_configuration_exits_with_a_clear_message():
     with pytest.raises(SystemExit, match="too small"):
-        main(["eval", "needle", "--method", "quest", "--budget", "8", "--context", "512"])
+        main(["eval", "needle", "--method", "quest", "--budget", "4", "--context", "512"])
 
 
 def test_stream_answers_during_and_after_playback(tmp_path, capsys):
