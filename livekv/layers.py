@@ -35,7 +35,8 @@ from transformers.cache_utils import CacheLayerMixin
 
 from livekv.attention import attend, set_pending
 from livekv.slots import ResidentSet
-from livekv.store import FastBuffer, HostStore, make_host_store
+from livekv.disk import make_host_store
+from livekv.store import FastBuffer, HostStore
 
 
 @dataclass
@@ -181,7 +182,7 @@ class RecallableLayer(Layer):
         self.page_size = page_size
         self.digests = digests
         self.reuse = reuse  # keep recalled tokens resident across steps, copy only the missing ones
-        self.host_kind, self.host_dir = host, host_dir  # see store.make_host_store
+        self.host_kind, self.host_dir = host, host_dir  # see disk.make_host_store
         self.stats = LayerStats()
         self.profile = False
         # Called after each sparse step as observer(layer, query [B,H,D], token_idx [B,G,k], output [B,1,H,D]).

@@ -8,7 +8,8 @@ from livekv import LiveKVCache, make_method
 from livekv.methods.freekv import diagnostics
 from livekv.recall import RecallEngine, copy_pages
 from livekv.slots import PageSlots
-from livekv.store import DiskHostStore, HostStore
+from livekv.disk import DiskHostStore
+from livekv.store import HostStore
 
 SMALL = dict(budget=48, page_size=8)  # 200 tokens: sparse from the first decode step
 

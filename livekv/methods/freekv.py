@@ -23,7 +23,7 @@ Choices (the brief leaves them open or they follow from the comparison with ``qu
   SmolLM2-135M, needle at budget 256: softmax-mean misses a 4k case (depth 0.3) that max finds, with blocking
   ``quest`` as well (``gqa_pool="softmax_mean"``), so it is the pooling, not speculation.
 * dense layers: 2, as ``quest`` (the paper keeps layer 0 dense), so that the comparison isolates speculation.
-* The host tier (``host``) is RAM or a memory-mapped file kept out of the page cache (``store.DiskHostStore``).
+* The host tier (``host``) is RAM or a memory-mapped file kept out of the page cache (``disk.DiskHostStore``).
 
 Hybrid layouts: the host tier keeps ``[B, P, G, 2, p, D]`` (one (page, KV head) = one contiguous block, laid out
 once, when a token is offloaded: ``HostStore.append``); the fast tier keeps page slots ``[B, G, S * p, D]``, the

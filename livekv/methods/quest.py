@@ -68,11 +68,16 @@ class QuestSelector:
         self.cfg = cfg
         self.select_nbytes = 0  # digest bytes the last selection read
 
+    def bound(self, query: torch.Tensor, key_max: torch.Tensor, key_min: torch.Tensor) -> torch.Tensor:
+        """Blocks' min/max bounds for query ``[B, H, D]``, pooled over each GQA group: digests ``[B, G, n, D]`` ->
+        ``[B, G, n]``."""
+        bounds = retrieval.minmax_bound(query, key_max, key_min)
+        return retrieval.pool_group(bounds, self.cfg.gqa_pool, scale=query.shape[-1] ** -0.5)
+
     def score(self, query: torch.Tensor, store: HostStore, first: int, last: int) -> torch.Tensor:
         """Pooled scores ``[B, G, last - first]`` of full pages ``[first, last)`` for query ``[B, H, D]``."""
         key_max, key_min = store.digests()
-        bounds = retrieval.minmax_bound(query, key_max[:, :, first:last], key_min[:, :, first:last])
-        return retrieval.pool_group(bounds, self.cfg.gqa_pool, scale=query.shape[-1] ** -0.5)
+        return self.bound(query, key_max[:, :, first:last], key_min[:, :, first:last])
 
     def pick(self, query: torch.Tensor, store: HostStore, first: int, last: int, n: int) -> torch.Tensor:
         """The ``n`` best full pages of ``[first, last)`` for query ``[B, H, D]``: page ids ``[B, G, n]``."""
@@ -84,15 +89,13 @@ class QuestSelector:
             self.select_nbytes = (last - first) * digest_bytes
             return retrieval.top_blocks(self.score(query, store, first, last), n) + first
         cmax, cmin = store.coarse_digests(per)
-        runs = retrieval.pool_group(retrieval.minmax_bound(query, cmax[:, :, lo:hi], cmin[:, :, lo:hi]), self.cfg.gqa_pool,
-                                       scale=query.shape[-1] ** -0.5)
+        runs = self.bound(query, cmax[:, :, lo:hi], cmin[:, :, lo:hi])
         loose = torch.cat((torch.arange(first, lo * per), torch.arange(hi * per, last))).to(query.device)
         ids = retrieval.fine_candidates(retrieval.top_blocks(runs, keep) + lo, per, loose)  # [B, G, keep * per + l]
         self.select_nbytes = (hi - lo + ids.shape[-1]) * digest_bytes
         key_max, key_min = store.digests()
-        bounds = retrieval.minmax_bound(query, retrieval.gather_summaries(key_max, ids),
-                                        retrieval.gather_summaries(key_min, ids))
-        return ids.gather(-1, retrieval.top_blocks(retrieval.pool_group(bounds, self.cfg.gqa_pool, scale=query.shape[-1] ** -0.5), n))
+        pages = self.bound(query, retrieval.gather_summaries(key_max, ids), retrieval.gather_summaries(key_min, ids))
+        return ids.gather(-1, retrieval.top_blocks(pages, n))
 
     def select(self, query: torch.Tensor, store: HostStore) -> torch.Tensor:
         """query ``[B, H, D]`` (post-RoPE) -> token ids ``[B, G, k]``, k <= budget."""

@@ -28,7 +28,8 @@ from transformers.cache_utils import Cache
 from livekv.attention import attend, set_pending
 from livekv.layers import Layer, Memory, Plan, Recall
 from livekv.retrieval import received_attention
-from livekv.store import BlockSummaries, FastBuffer, HostStore, make_host_store
+from livekv.disk import make_host_store
+from livekv.store import BlockSummaries, FastBuffer, HostStore
 
 HOST_PAGE = 16  # tokens per page of a stream's host tier (its layout only; blocks are the method's)
 
