@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from livekv.methods import METHODS, make_method
+from livekv.methods import METHODS, knob_options, make_method
 from livekv.methods.quest import QuestConfig
 from livekv.retrieval import minmax_bound
 from livekv.store import HostStore
@@ -110,6 +110,12 @@ def test_registry_and_defaults():
     sw = make_method("sink_window", budget=512)
     assert (sw.sink, sw.window, sw.dense_layers) == (4, 508, 0)
 
+
+
+def test_options_show_a_default_only_where_every_method_shares_it():
+    options = {o.name: o.default for o in knob_options("text")}
+    assert options["sink"] == options["dense_layers"] == "each method's own (`livekv methods`)"  # 4 / None, 0 / 2
+    assert options["budget_pages"] == 128 and options["host"] == "ram"  # quest and freekv agree; every method's
 
 @pytest.mark.parametrize(
     "method, knobs, match",
