@@ -115,3 +115,11 @@ def test_eval_ruler_writes_cases_results_and_a_plot(tmp_path, capsys):
 def test_eval_ruler_refuses_an_unknown_task():
     with pytest.raises(SystemExit, match="unknown RULER task"):
         main(["eval", "ruler", "--tasks", "niah_single,qa", "--context", "384"])
+
+
+def test_the_table_counts_the_cases_of_every_task_it_shows():
+    records = [dict(method=m, budget=b, context=4096, protocol="fed", task=t, score=s)
+               for m, b in (("dense", None), ("quest", 256)) for t in ruler.RETRIEVAL for s in (0.0, 1.0, 1.0)]
+    text = ruler.table(ruler.summarize(records))
+    assert "cases per task: " + ", ".join(f"{t} 3" for t in ruler.RETRIEVAL) + ")" in text
+    assert "| quest | 256 | 66.7 | 66.7 | 66.7 | 66.7 | 66.7 | 66.7 |" in text

@@ -100,7 +100,7 @@ def table(results: list[dict]) -> str:
             mine = {(r["method"], r["budget"], r["task"]): r for r in results
                     if r["context"] == context and r["protocol"] == protocol}
             rows = list(dict.fromkeys((m, b) for m, b, _ in mine))
-            n = {t: next(r["cases"] for (m, b, tt), r in mine.items() if tt == t) for t in tasks[:-3] if
+            n = {t: next(r["cases"] for (m, b, tt), r in mine.items() if tt == t) for t in tasks if t in TASKS and
                  any(tt == t for _, _, tt in mine)}
             out.append(f"\ncontext {context}, protocol {protocol} (cases per task: "
                        + ", ".join(f"{t} {c}" for t, c in n.items()) + ")\n")
