@@ -10,7 +10,9 @@ Two tiers, each in the layout its reader wants:
 * fast tier (``FastBuffer``): what attention reads, ``[B, G, S, D]`` keys and values, on the compute device (the
   slot sets that keep recalled tokens or pages across steps are in ``livekv.slots``).
 
-Recall copies tokens from the host tier into the fast tier; what comes back is bit-identical to what was stored.
+Recall copies tokens from the host tier into the fast tier; what comes back is bit-identical to what was stored
+(``livekv.quantized`` keeps a host tier in 8 or 4 bits behind the same API: readers go through ``rows`` /
+``gather_rows``, ``gather``, ``blocks`` and ``all_tokens``, never ``pages`` itself).
 Shapes: B batch, G KV heads, T tokens, D head dim, P pages, p page size.
 """
 
