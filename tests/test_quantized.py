@@ -266,3 +266,23 @@ def test_a_restored_stream_session_with_a_quantized_host_tier_continues_bit_iden
             s.push(clip(i))
     assert torch.equal(restored.logits([6, 7]), session.logits([6, 7]))
     assert restored.answer([6, 7], 4) == session.answer([6, 7], 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@torch.no_grad()
+def test_cuda_streams_recall_a_quantized_tier_like_the_cpu(ids):
+    cuda = torch.device("cuda")
+    store, pinned = QuantHostStore(2, 3, 8, 4, torch.float32, CPU, bits=4), QuantHostStore(2, 3, 8, 4, torch.float32, cuda, bits=4)
+    keys, values = _fill(store, [203])
+    pinned.append(keys.to(cuda), values.to(cuda))
+    n = 37
+    slot = torch.randperm(240, generator=torch.Generator().manual_seed(1))[:n]
+    b, h, slot = slot // 120, slot // 40 % 3, slot % 40
+    page = torch.randint(0, 51, (n,), generator=torch.Generator().manual_seed(2))
+    cpu, gpu = PageSlots(2, 3, 8, 4, torch.float32, CPU), PageSlots(2, 3, 8, 4, torch.float32, cuda)
+    for s in (cpu, gpu):
+        s._grow(40)
+    copy_pages(store, cpu, b, h, page, slot)
+    RecallEngine(group=5).stream(pinned, gpu, b, h, page, slot)
+    torch.cuda.current_stream().wait_event(gpu.done)
+    assert torch.equal(gpu.keys.cpu(), cpu.keys) and torch.equal(gpu.values.cpu(), cpu.values)
