@@ -110,7 +110,8 @@ class QuantHostStore(HostStore):
         self.residual[:, :, 1, : end - q - n] = values[:, :, n:]
 
     def _quantize(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Quantize tokens ``[quantized, quantized + n)``, keys and values ``[B, G, n, D]``, n a multiple of ``group``."""
+        """Quantize tokens ``[quantized, quantized + n)``: keys and values ``[B, G, n, D]``, n a multiple of
+        ``group``."""
         B, G, n, D = keys.shape
         p, bits = self.page_size, self.bits
         first, n_pages = self.quantized // p, n // p

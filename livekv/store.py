@@ -305,7 +305,8 @@ class HostStore:
         """Restore what ``state`` returned into this (empty) store of the same shape."""
         pages = tensors["pages"]
         if pages.dtype != self.pages.dtype:
-            raise ValueError(f"this snapshot's host tier holds {pages.dtype}, this one {self.pages.dtype} (host_bits differ)")
+            raise ValueError(f"this snapshot's host tier holds {pages.dtype}, this one {self.pages.dtype} "
+                             "(host_bits differ)")
         self._reserve_pages(pages.shape[1])
         self.pages[:, : pages.shape[1]].copy_(pages)
         self.length = length

@@ -32,7 +32,8 @@ def _fill(store, chunks=CHUNKS, seed=0, scale=1.0):
 
 
 def _steps(store):
-    """The quantization step of every quantized element: keys ``[B, G, q, D]`` (their group's), values ``[B, G, q, 1]``."""
+    """The quantization step of every quantized element: keys ``[B, G, q, D]`` (their group's), values
+    ``[B, G, q, 1]``."""
     q, p = store.quantized, store.page_size
     k_scale = store.key_scales[:, : q // store.group, :, 0].transpose(1, 2)  # [B, G, groups, D]
     k_step = k_scale.float().repeat_interleave(store.group, dim=2)
@@ -74,7 +75,8 @@ def test_bfloat16_keys_and_values_are_within_half_a_step_and_a_rounding():
     q = store.quantized
     for got, want, step in ((got_k, keys, k_step), (got_v, values, v_step)):
         want = want[:, :, :q].float()
-        assert bool(((got[:, :, :q].float() - want).abs() <= step / 2 * 1.001 + want.abs() * 2**-8 + 2**-8 * step).all())
+        bound = step / 2 * 1.001 + want.abs() * 2**-8 + 2**-8 * step  # half a step, bfloat16's rounding
+        assert bool(((got[:, :, :q].float() - want).abs() <= bound).all())
 
 
 def test_affine_keeps_the_range_inside_the_codes_even_far_from_zero():
@@ -85,8 +87,9 @@ def test_affine_keeps_the_range_inside_the_codes_even_far_from_zero():
         assert scale.dtype == zero.dtype == torch.float16
         assert bool((zero.float() <= lo).all()) and bool((zero.float() + scale.float() * (2**bits - 1) >= hi).all())
         x = torch.stack((lo, hi, (lo + hi) / 2, lo + (hi - lo) / 3), dim=-1)  # an even count: 4-bit packs pairs
-        back = dequantize(encode(x, scale[:, None], zero[:, None], bits), scale[:, None], zero[:, None], bits, torch.float32)
-        assert bool(((back - x).abs() <= scale[:, None].float() / 2 * 1.001 + 1e-6 * x.abs()).all())
+        scale, zero = scale[:, None], zero[:, None]
+        back = dequantize(encode(x, scale, zero, bits), scale, zero, bits, torch.float32)
+        assert bool(((back - x).abs() <= scale.float() / 2 * 1.001 + 1e-6 * x.abs()).all())
 
 
 @pytest.mark.parametrize("kind", ["ram", "disk"])
@@ -206,7 +209,8 @@ def _roundtrip_cache(tmp_path, ids, method, **knobs):
     cache.save(tmp_path / "snap", model)
     restored = LiveKVCache.load(tmp_path / "snap", model)
     assert restored.memory()["host_kv_bytes"] == cache.memory()["host_kv_bytes"]
-    expected, got = decode(model, cache, ids[:, 150:200], prefill=0), decode(model, restored, ids[:, 150:200], prefill=0)
+    expected = decode(model, cache, ids[:, 150:200], prefill=0)
+    got = decode(model, restored, ids[:, 150:200], prefill=0)
     assert torch.equal(got, expected)
     return cache, restored, model
 
@@ -272,7 +276,8 @@ def test_a_restored_stream_session_with_a_quantized_host_tier_continues_bit_iden
 @torch.no_grad()
 def test_cuda_streams_recall_a_quantized_tier_like_the_cpu(ids):
     cuda = torch.device("cuda")
-    store, pinned = QuantHostStore(2, 3, 8, 4, torch.float32, CPU, bits=4), QuantHostStore(2, 3, 8, 4, torch.float32, cuda, bits=4)
+    store = QuantHostStore(2, 3, 8, 4, torch.float32, CPU, bits=4)
+    pinned = QuantHostStore(2, 3, 8, 4, torch.float32, cuda, bits=4)
     keys, values = _fill(store, [203])
     pinned.append(keys.to(cuda), values.to(cuda))
     n = 37
