@@ -1,5 +1,5 @@
 """The disk host tier: a ``HostStore`` in a memory-mapped file kept out of the page cache, and ``make_host_store``,
-which builds the host tier a method names (``"ram"`` or ``"disk"``)."""
+which builds the host tier a method names (``"ram"`` or ``"disk"``, exact or quantized)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import tempfile
 
 import torch
 
+from livekv.quantized import QuantHostStore
 from livekv.store import HostStore
 
 
@@ -66,10 +67,30 @@ class DiskHostStore(HostStore):
         os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def make_host_store(kind: str, *args, directory: str | None = None, **kwargs) -> HostStore:
-    """The host tier: ``"ram"`` (``HostStore``) or ``"disk"`` (``DiskHostStore`` in ``directory``)."""
+class QuantDiskHostStore(QuantHostStore, DiskHostStore):
+    """A quantized host tier whose codes live in the disk tier's file (scales, zero points, residual in memory)."""
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        QuantHostStore.append(self, k, v)
+        self.drop_page_cache()
+
+
+def make_host_store(kind: str, *args, directory: str | None = None, bits: int = 16, **kwargs) -> HostStore:
+    """The host tier: ``"ram"`` (``HostStore``) or ``"disk"`` (``DiskHostStore`` in ``directory``), exact
+    (``bits`` 16: the KV's own dtype) or quantized in 8 or 4 bits (``livekv.quantized``)."""
+    if kind not in ("ram", "disk"):
+        raise ValueError(f"unknown host tier {kind!r}; expected 'ram' or 'disk'")
+    if bits == 16:
+        return HostStore(*args, **kwargs) if kind == "ram" else DiskHostStore(*args, directory=directory, **kwargs)
     if kind == "ram":
-        return HostStore(*args, **kwargs)
-    if kind == "disk":
-        return DiskHostStore(*args, directory=directory, **kwargs)
-    raise ValueError(f"unknown host tier {kind!r}; expected 'ram' or 'disk'")
+        return QuantHostStore(*args, bits=bits, **kwargs)
+    return QuantDiskHostStore(*args, bits=bits, directory=directory, **kwargs)
+
+
+def state_layout(tensors: dict[str, torch.Tensor]) -> tuple[int, int, int, torch.dtype]:
+    """Batch, KV heads, head dim and KV dtype of a host tier from its ``state()``."""
+    if "residual" in tensors:  # quantized: the residual [B, G, 2, r, D] holds the KV's dtype
+        r = tensors["residual"]
+        return r.shape[0], r.shape[1], r.shape[-1], r.dtype
+    pages = tensors["pages"]  # [B, P, G, 2, p, D]
+    return pages.shape[0], pages.shape[2], pages.shape[-1], pages.dtype

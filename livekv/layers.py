@@ -35,7 +35,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from livekv.attention import attend, set_pending
 from livekv.slots import ResidentSet
-from livekv.disk import make_host_store
+from livekv.disk import make_host_store, state_layout
 from livekv.store import FastBuffer, HostStore
 
 
@@ -176,13 +176,13 @@ class RecallableLayer(Layer):
     background = False  # whether the layer recalls on a worker thread, off the critical path
 
     def __init__(self, layer_idx: int, selector: Selector, page_size: int, digests: bool = True, reuse: bool = False,
-                 host: str = "ram", host_dir: str | None = None):
+                 host: str = "ram", host_dir: str | None = None, host_bits: int = 16):
         super().__init__(layer_idx)
         self.selector = selector
         self.page_size = page_size
         self.digests = digests
         self.reuse = reuse  # keep recalled tokens resident across steps, copy only the missing ones
-        self.host_kind, self.host_dir = host, host_dir  # see disk.make_host_store
+        self.host_kind, self.host_dir, self.host_bits = host, host_dir, host_bits  # see disk.make_host_store
         self.stats = LayerStats()
         self.profile = False
         # Called after each sparse step as observer(layer, query [B,H,D], token_idx [B,G,k], output [B,1,H,D]).
@@ -194,7 +194,7 @@ class RecallableLayer(Layer):
 
     def _make_tiers(self, B: int, G: int, D: int, dtype: torch.dtype, device: torch.device) -> None:
         self.host = make_host_store(self.host_kind, B, G, D, self.page_size, dtype, device, digests=self.digests,
-                                    directory=self.host_dir)
+                                    directory=self.host_dir, bits=self.host_bits)
         self.fast = FastBuffer(B, G, D, dtype, device)
         self.resident = ResidentSet(B, G, D, dtype, device) if self.reuse else None
         self.is_initialized = True
@@ -260,7 +260,7 @@ class RecallableLayer(Layer):
     @property
     def token_bytes(self) -> int:
         """Bytes of one token's key and value (one KV head)."""
-        return 2 * self.host.pages.shape[-1] * self.host.pages.element_size()
+        return self.host.token_bytes
 
     def _clock(self) -> float:
         if not self.profile:
@@ -304,9 +304,7 @@ class RecallableLayer(Layer):
         if not tensors:
             return
         part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
-        pages = tensors["host.pages"]
-        B, _, G, _, _, D = pages.shape
-        self._make_tiers(B, G, D, pages.dtype, torch.device(device))
+        self._make_tiers(*state_layout(part("host.")), torch.device(device))
         self.host.load_state(part("host."), meta["host_length"])
         if self.resident is not None:
             self.resident.load_state(part("resident."))  # onto the fast tier's device

@@ -1,7 +1,7 @@
 """Page-granular fast tier and the background, double-buffered recall engine (FreeKV).
 
 Recalls into ``livekv.slots.PageSlots`` (one layer's fast tier of page slots) copy only the missing pages, each
-(page, KV head) one contiguous ``[2, p, D]`` block of the host tier.
+(page, KV head) one ``[2, p, D]`` block of the host tier (``HostStore.blocks``: dequantized from a quantized tier).
 
 ``RecallEngine`` runs recalls off the critical path: a worker thread takes jobs in order; each job streams its
 pages in groups through two staging buffers, so that gathering group n from the host tier overlaps scattering
@@ -22,18 +22,11 @@ from livekv.slots import PageSlots
 from livekv.store import HostStore
 
 
-def gather_blocks(host: HostStore, b: torch.Tensor, g: torch.Tensor, page: torch.Tensor, out: torch.Tensor | None = None):
-    """The host tier's ``(b, g, page) [n]`` blocks as ``[n, 2, p, D]`` (one contiguous block each)."""
-    B, cap, G, _, p, D = host.pages.shape
-    blocks = host.pages.view(B * cap * G, 2, p, D)
-    return torch.index_select(blocks, 0, (b * cap + page) * G + g, out=out)
-
-
 def copy_pages(host: HostStore, slots: PageSlots, b, g, page, slot) -> None:
     """Blocking recall of pages ``(b, g, page) [n]`` into ``slots`` at ``slot [n]`` (CPU indices)."""
     if len(page):
         device = slots.keys.device
-        blocks = gather_blocks(host, b, g, page).to(device, non_blocking=True)
+        blocks = host.blocks(b, g, page).to(device, non_blocking=True)
         slots.put(*(x.to(device, non_blocking=True) for x in (b, g, slot)), blocks)
 
 
@@ -58,11 +51,12 @@ class RecallEngine:
     def submit(self, fn, *args) -> Future:
         return self._worker.submit(_timed, fn, *args)
 
-    def _buffers(self, like: torch.Tensor, pinned: bool) -> list[torch.Tensor]:
-        key = (like.shape[1:], like.dtype, like.device, pinned)
+    def _buffers(self, host: HostStore, pinned: bool) -> list[torch.Tensor]:
+        """Two staging buffers of ``group`` blocks ``[2, p, D]`` in the KV's dtype, on the CPU."""
+        shape = (self.group, 2, host.page_size, host.head_dim)
+        key = (shape, host.dtype, pinned)
         if key not in self._staging:
-            shape = (self.group, *like.shape[1:])
-            self._staging[key] = [torch.empty(shape, dtype=like.dtype, pin_memory=pinned) for _ in range(2)]
+            self._staging[key] = [torch.empty(shape, dtype=host.dtype, pin_memory=pinned) for _ in range(2)]
         return self._staging[key]
 
     def stream(self, host: HostStore, slots: PageSlots, b, g, page, slot) -> None:
@@ -73,14 +67,14 @@ class RecallEngine:
             return self._stream_cuda(host, slots, b, g, page, slot)
         if len(page) <= self.group:  # one group: nothing to overlap
             return copy_pages(host, slots, b, g, page, slot)
-        staging = self._buffers(host.pages[0, :1, 0], pinned=False)
+        staging = self._buffers(host, pinned=False)
         scatters: list[Future | None] = [None, None]
         for i, start in enumerate(range(0, len(page), self.group)):
             part = slice(start, start + self.group)
             if scatters[i % 2] is not None:
                 scatters[i % 2].result()  # its buffer is free again
             buf = staging[i % 2][: len(page[part])]
-            gather_blocks(host, b[part], g[part], page[part], out=buf)
+            host.blocks(b[part], g[part], page[part], out=buf)
             scatters[i % 2] = self._scatter.submit(slots.put, b[part], g[part], slot[part], buf)
         for f in scatters:
             if f is not None:
@@ -89,21 +83,21 @@ class RecallEngine:
     def _stream_cuda(self, host: HostStore, slots: PageSlots, b, g, page, slot) -> None:
         """Copy stream: pinned staging -> device staging; scatter stream: device staging -> slots. Events order
         the reuse of each buffer; ``done`` (waited for by ``wait_cuda``) marks the end of the recall."""
-        device, like = slots.keys.device, host.pages[0, :1, 0]  # like: one block, [1, 2, p, D]
-        key = (device, like.shape, like.dtype)
+        device = slots.keys.device
+        pinned = self._buffers(host, pinned=True)
+        key = (device, pinned[0].shape, pinned[0].dtype)
         if key not in self._cuda:
-            dev = [torch.empty((self.group, *like.shape[1:]), dtype=like.dtype, device=device) for _ in range(2)]
+            dev = [torch.empty_like(pinned[0], device=device) for _ in range(2)]
             events = [[torch.cuda.Event() for _ in range(2)] for _ in range(2)]  # [h2d done, scatter done]
             self._cuda[key] = (torch.cuda.Stream(device), torch.cuda.Stream(device), dev, events)
         copy_stream, scatter_stream, dev, (h2d, scattered) = self._cuda[key]
-        pinned = self._buffers(like, pinned=True)
         if slots.read is not None:
             scatter_stream.wait_event(slots.read)
         for i, start in enumerate(range(0, len(page), self.group)):
             j, part = i % 2, slice(start, start + self.group)
             n = len(page[part])
             h2d[j].synchronize()  # the pinned buffer's previous upload has finished
-            gather_blocks(host, b[part], g[part], page[part], out=pinned[j][:n])
+            host.blocks(b[part], g[part], page[part], out=pinned[j][:n])
             with torch.cuda.stream(copy_stream):
                 copy_stream.wait_event(scattered[j])  # the device buffer's previous scatter has finished
                 dev[j][:n].copy_(pinned[j][:n], non_blocking=True)

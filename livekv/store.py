@@ -10,7 +10,9 @@ Two tiers, each in the layout its reader wants:
 * fast tier (``FastBuffer``): what attention reads, ``[B, G, S, D]`` keys and values, on the compute device (the
   slot sets that keep recalled tokens or pages across steps are in ``livekv.slots``).
 
-Recall copies tokens from the host tier into the fast tier; what comes back is bit-identical to what was stored.
+Recall copies tokens from the host tier into the fast tier; what comes back is bit-identical to what was stored
+(``livekv.quantized`` keeps a host tier in 8 or 4 bits behind the same API: readers go through ``rows`` /
+``gather_rows``, ``gather``, ``blocks`` and ``all_tokens``, never ``pages`` itself).
 Shapes: B batch, G KV heads, T tokens, D head dim, P pages, p page size.
 """
 
@@ -137,9 +139,8 @@ class HostStore:
         self.page_size = page_size
         self.track_digests = digests
         self.device = device  # where digests live and recalled tokens go
-        pin = device.type == "cuda"
-        host = torch.device("cpu")
-        self.pages = torch.empty(batch, 0, kv_heads, 2, page_size, head_dim, dtype=dtype, device=host, pin_memory=pin)
+        self.dtype, self.head_dim = dtype, head_dim  # of the KV (what recall returns)
+        self.pages = self._empty_pages(batch, kv_heads, pin=device.type == "cuda")
         # Digests in float32 whatever the KV's dtype: torch's bfloat16 matmul copies a strided digest slice before
         # every bound (measured at 32k: a bfloat16 quest step spent 47% of its time in that copy).
         self.key_max = torch.empty(batch, kv_heads, 0, head_dim, dtype=torch.float32, device=device)
@@ -147,15 +148,30 @@ class HostStore:
         self.coarse: tuple[int, torch.Tensor, torch.Tensor] | None = None  # see coarse_digests
         self.length = 0
 
+    def _empty_pages(self, batch: int, kv_heads: int, pin: bool) -> torch.Tensor:
+        """The host tier's pages, none yet: ``[B, 0, G, 2, p, D]`` in the KV's dtype, on the CPU."""
+        return torch.empty(batch, 0, kv_heads, 2, self.page_size, self.head_dim, dtype=self.dtype, pin_memory=pin)
+
+    @property
+    def batch(self) -> int:
+        return self.pages.shape[0]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.pages.shape[2]
+
     @property
     def num_full_pages(self) -> int:
         return self.length // self.page_size
 
+    @property
+    def token_bytes(self) -> int:
+        """Host-tier bytes of one token's key and value of one KV head (what recalling it reads)."""
+        return 2 * self.head_dim * self.pages.element_size()
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k, v [B, G, n, D]`` (post-RoPE keys) after the tokens already stored."""
-        B, _, G, _, _, D = self.pages.shape
-        if k.ndim != 4 or k.shape[:2] != (B, G) or k.shape[3] != D or v.shape != k.shape:
-            raise ValueError(f"expected keys and values of shape [{B}, {G}, n, {D}], got {list(k.shape)} and {list(v.shape)}")
+        self._check_shapes(k, v)
         n, p = k.shape[2], self.page_size
         start, end = self.length, self.length + n
         self._reserve_pages(-(-end // p))
@@ -166,6 +182,11 @@ class HostStore:
         self.length = end
         self._update_digests(start // p, self.num_full_pages)
 
+    def _check_shapes(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        B, G, D = self.batch, self.kv_heads, self.head_dim
+        if k.ndim != 4 or k.shape[:2] != (B, G) or k.shape[3] != D or v.shape != k.shape:
+            raise ValueError(f"expected keys and values of shape [{B}, {G}, n, {D}], got {list(k.shape)} and {list(v.shape)}")
+
     def _reserve_pages(self, n: int) -> None:
         self.pages = grow(self.pages, 1, n)
 
@@ -173,9 +194,14 @@ class HostStore:
         """Compute digests of full pages ``[first, last)``."""
         if last <= first or not self.track_digests:
             return
+        self._set_digests(first, self.pages[:, first:last, :, 0])
+
+    def _set_digests(self, first: int, keys: torch.Tensor) -> None:
+        """Digests of the full pages ``first, first + 1, ...`` from their keys ``[B, n, G, p, D]``."""
+        last = first + keys.shape[1]
         self.key_max = grow(self.key_max, 2, last)
         self.key_min = grow(self.key_min, 2, last)
-        keys = self.pages[:, first:last, :, 0].to(self.device, non_blocking=True)  # [B, n, G, p, D]
+        keys = keys.to(self.device, non_blocking=True)
         self.key_max[:, :, first:last] = keys.amax(dim=3).transpose(1, 2)
         self.key_min[:, :, first:last] = keys.amin(dim=3).transpose(1, 2)
 
@@ -235,6 +261,13 @@ class HostStore:
         out[1].copy_(v, non_blocking=True)
         return out
 
+    def blocks(self, b: torch.Tensor, g: torch.Tensor, page: torch.Tensor, out: torch.Tensor | None = None):
+        """The ``(b, g, page) [n]`` blocks (one page of one KV head) as keys and values ``[n, 2, p, D]`` in the
+        KV's dtype, on the CPU (into ``out`` if given): each one contiguous block of ``pages``."""
+        B, cap, G, _, p, D = self.pages.shape
+        flat = self.pages.view(B * cap * G, 2, p, D)
+        return torch.index_select(flat, 0, (b * cap + page) * G + g, out=out)
+
     def all_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored token as keys, values ``[B, G, T, D]`` on the compute device (used by dense prefill)."""
         B, _, G, _, p, D = self.pages.shape
@@ -251,8 +284,7 @@ class HostStore:
     @property
     def used(self) -> int:
         """Bytes of the stored tokens."""
-        B, _, G, _, _, D = self.pages.shape
-        return B * G * 2 * D * self.pages.element_size() * self.length
+        return self.batch * self.kv_heads * self.token_bytes * self.length
 
     def digest_memory(self) -> Bytes:
         """The digests' bytes (the coarse level's included): used (full pages) and allocated."""
@@ -272,6 +304,9 @@ class HostStore:
     def load_state(self, tensors: dict[str, torch.Tensor], length: int) -> None:
         """Restore what ``state`` returned into this (empty) store of the same shape."""
         pages = tensors["pages"]
+        if pages.dtype != self.pages.dtype:
+            raise ValueError(f"this snapshot's host tier holds {pages.dtype}, this one {self.pages.dtype} "
+                             "(host_bits differ)")
         self._reserve_pages(pages.shape[1])
         self.pages[:, : pages.shape[1]].copy_(pages)
         self.length = length

@@ -63,7 +63,8 @@ class MethodConfig:
         if self.dense_layer(layer_idx):
             return DenseLayer(layer_idx)
         return RecallableLayer(layer_idx, self.make_selector(layer_idx), self.page_size, digests=self.uses_digests,
-                               reuse=self.reuse_resident, host=self.host, host_dir=self.host_dir)
+                               reuse=self.reuse_resident, host=self.host, host_dir=self.host_dir,
+                               host_bits=self.host_bits)
 
 
 @dataclass(kw_only=True)
@@ -110,10 +111,14 @@ class HostTier:
 
     host: str = knob("ram", "the host tier: 'ram', or 'disk' (a memory-mapped file kept out of the page cache)")
     host_dir: str | None = knob(None, "directory of the disk host tier (default: the temp dir)")
+    host_bits: int = knob(16, "bits per KV element in the host tier: 16 keeps the KV's own dtype (exact); 8 or 4 "
+                              "quantize it (keys per channel in groups of 32 tokens, values per token; KIVI)")
 
     def check_host(self) -> None:
         if self.host not in ("ram", "disk"):
             raise ValueError(f"host must be 'ram' or 'disk', got {self.host!r}")
+        if self.host_bits not in (16, 8, 4):
+            raise ValueError(f"host_bits must be 16 (exact), 8 or 4, got {self.host_bits}")
         if self.host_dir is not None and not os.path.isdir(self.host_dir):
             raise ValueError(f"host_dir {self.host_dir!r} is not a directory (the disk host tier keeps its file there)")
 

@@ -112,7 +112,7 @@ class ClusterKVSelector:
     def select(self, query: torch.Tensor, store: "HostStore") -> torch.Tensor:
         """query ``[B, H, D]`` (post-RoPE) -> token ids ``[B, G, k]``, k <= budget: sink, clustered tokens, recent."""
         cfg, T, device = self.cfg, store.length, query.device
-        B, G = query.shape[0], store.pages.shape[2]
+        B, G = query.shape[0], store.kv_heads
         if T <= cfg.budget:
             return torch.arange(T, device=device).expand(B, G, -1)
         if self.members is None or T - 1 - self.clustered >= cfg.window:
@@ -144,7 +144,7 @@ class ClusterKVSelector:
         """Cluster tokens ``[clustered, end)`` and append their clusters to the index."""
         t0 = time.perf_counter()
         cfg, start = self.cfg, self.clustered
-        B, G = store.pages.shape[0], store.pages.shape[2]
+        B, G = store.batch, store.kv_heads
         n = end - start
         ids = torch.arange(start, end).expand(B, G, n)
         keys, _ = store.gather(ids)  # [B, G, n, D]
@@ -222,7 +222,7 @@ def diagnostics(cache: "LiveKVCache") -> dict:
     layers = cache.recallable_layers
     per_layer = {layer.layer_idx: layer.selector.diagnostics() for layer in layers}
     stats = cache.stats()
-    read = sum(layer.stats.tokens_read * layer.host.pages.shape[0] * layer.host.pages.shape[2] for layer in layers
+    read = sum(layer.stats.tokens_read * layer.host.batch * layer.host.kv_heads for layer in layers
                if layer.is_initialized)  # (token, batch row, KV head) reads
     steps = stats["steps"] / max(len(layers), 1)
     return {

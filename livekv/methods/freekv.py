@@ -109,7 +109,8 @@ class FreeKVLayer(RecallableLayer):
     background = True
 
     def __init__(self, layer_idx: int, cfg: FreeKVConfig):
-        super().__init__(layer_idx, cfg.make_selector(layer_idx), cfg.page_size, host=cfg.host, host_dir=cfg.host_dir)
+        super().__init__(layer_idx, cfg.make_selector(layer_idx), cfg.page_size, host=cfg.host, host_dir=cfg.host_dir,
+                         host_bits=cfg.host_bits)
         self.cfg = cfg
         self.diag = FreeKVDiagnostics()
         self.pending: Future | None = None  # the background recall for the next step
@@ -187,7 +188,7 @@ class FreeKVLayer(RecallableLayer):
         if self.exact_next or self.spec_length != T:
             self.exact_next = False
             self.diag.exact_steps += 1
-            return None, q.shape[0] * self.host.pages.shape[2]
+            return None, q.shape[0] * self.host.kv_heads
         B, G = self.spec.shape[:2]
         cos = F.cosine_similarity(q.float(), self.q_prev.float(), dim=-1).view(B, G, -1).mean(-1)
         flagged = cos < self.cfg.tau

@@ -111,7 +111,7 @@ def sink_pages_window(store: HostStore, cfg: SparseConfig, pick, query: torch.Te
     candidate page and the window; with ``T <= budget`` every token is read (exactness). ``length``: select for a
     sequence of that many tokens instead of ``store.length`` (speculative selection for the next step: its
     candidate pages are all full already)."""
-    B, G, device = query.shape[0], store.pages.shape[2], query.device
+    B, G, device = query.shape[0], store.kv_heads, query.device
     T, p = (store.length if length is None else length), cfg.page_size
     if T <= cfg.budget:
         return torch.arange(T, device=device).expand(B, G, -1)

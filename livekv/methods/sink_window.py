@@ -71,7 +71,7 @@ class SinkWindowSelector:
 
     def select(self, query: torch.Tensor, store: HostStore) -> torch.Tensor:
         """query ``[B, H, D]`` -> token ids ``[B, G, sink + window]`` (all tokens while T <= budget)."""
-        B, G, T = query.shape[0], store.pages.shape[2], store.length
+        B, G, T = query.shape[0], store.kv_heads, store.length
         if T <= self.cfg.budget:
             return torch.arange(T, device=query.device).expand(B, G, -1)
         ids = torch.cat((torch.arange(self.cfg.sink), torch.arange(T - self.cfg.window, T))).to(query.device)

@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache
 from livekv.attention import attend, set_pending
 from livekv.layers import Layer, Memory, Plan, Recall
 from livekv.retrieval import received_attention
-from livekv.disk import make_host_store
+from livekv.disk import make_host_store, state_layout
 from livekv.store import BlockSummaries, FastBuffer, HostStore
 
 HOST_PAGE = 16  # tokens per page of a stream's host tier (its layout only; blocks are the method's)
@@ -179,7 +179,7 @@ class StreamLayer(Layer):
 
     def _host_store(self, kv_heads: int, head_dim: int, dtype: torch.dtype) -> HostStore:
         return make_host_store(self.method.host, 1, kv_heads, head_dim, HOST_PAGE, dtype, torch.device("cpu"),
-                               digests=False, directory=self.method.host_dir)
+                               digests=False, directory=self.method.host_dir, bits=self.method.host_bits)
 
     def shift(self, start: int, stop: int, delta: torch.Tensor) -> None:
         """Move the ctx tokens ``[start, stop)`` by ``delta`` positions, ``[P, stop - start]`` or ``[P, 1]`` (one shift
@@ -267,8 +267,8 @@ class StreamLayer(Layer):
         self.sink_end, self.packed = meta["sink_end"], meta["packed"]
         self.is_initialized = True
         if "host_length" in meta:
-            pages = tensors["host.pages"]
-            self.host = self._host_store(pages.shape[2], pages.shape[-1], pages.dtype)
+            _, G, D, dtype = state_layout(part("host."))
+            self.host = self._host_store(G, D, dtype)
             self.host.load_state(part("host."), meta["host_length"])
             self.blocks = BlockSummaries.from_state(part("blocks."), meta["blocks"])
 
