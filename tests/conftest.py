@@ -46,3 +46,23 @@ def model(request):
 @pytest.fixture
 def ids():
     return torch.randint(0, TINY["vocab_size"], (1, 200), generator=torch.Generator().manual_seed(1))
+
+
+def check_cuda_recall_like_cpu(store, pinned, n_pages: int) -> None:
+    """The double-buffered CUDA recall from ``pinned`` (a store of the same tokens on a GPU) writes the same page
+    slots as the blocking CPU copy from ``store`` (batch 2, 3 KV heads, head dim 8, pages of 4)."""
+    from livekv.recall import RecallEngine, copy_pages
+    from livekv.slots import PageSlots
+
+    cuda = torch.device("cuda")
+    n = 37
+    slot = torch.randperm(240, generator=torch.Generator().manual_seed(1))[:n]
+    b, h, slot = slot // 120, slot // 40 % 3, slot % 40
+    page = torch.randint(0, n_pages, (n,), generator=torch.Generator().manual_seed(2))
+    cpu, gpu = PageSlots(2, 3, 8, 4, torch.float32, torch.device("cpu")), PageSlots(2, 3, 8, 4, torch.float32, cuda)
+    for s in (cpu, gpu):
+        s._grow(40)
+    copy_pages(store, cpu, b, h, page, slot)
+    RecallEngine(group=5).stream(pinned, gpu, b, h, page, slot)
+    torch.cuda.current_stream().wait_event(gpu.done)
+    assert torch.equal(gpu.keys.cpu(), cpu.keys) and torch.equal(gpu.values.cpu(), cpu.values)

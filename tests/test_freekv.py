@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import decode, tiny_model
+from conftest import check_cuda_recall_like_cpu, decode, tiny_model
 from livekv import LiveKVCache, make_method
 from livekv.methods.freekv import diagnostics
 from livekv.recall import RecallEngine, copy_pages
@@ -176,17 +176,7 @@ def test_cuda_streams_recall_exactly_and_decode_like_cpu(ids):
     store, _, _ = _host(HostStore)
     pinned = HostStore(2, 3, 8, 4, torch.float32, cuda)
     pinned.append(*store.all_tokens())
-    n = 37
-    slot = torch.randperm(240, generator=torch.Generator().manual_seed(1))[:n]
-    b, h, slot = slot // 120, slot // 40 % 3, slot % 40
-    page = torch.randint(0, store.num_full_pages, (n,), generator=torch.Generator().manual_seed(2))
-    cpu, gpu = PageSlots(2, 3, 8, 4, torch.float32, torch.device("cpu")), PageSlots(2, 3, 8, 4, torch.float32, cuda)
-    for s in (cpu, gpu):
-        s._grow(40)
-    copy_pages(store, cpu, b, h, page, slot)
-    RecallEngine(group=5).stream(pinned, gpu, b, h, page, slot)
-    torch.cuda.current_stream().wait_event(gpu.done)
-    assert torch.equal(gpu.keys.cpu(), cpu.keys) and torch.equal(gpu.values.cpu(), cpu.values)
+    check_cuda_recall_like_cpu(store, pinned, store.num_full_pages)
 
     model = tiny_model("llama")
     want = decode(model, LiveKVCache(model.config, "freekv", **SMALL), ids, prefill=120)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from stream_models import tiny_llava_onevision
 
-from conftest import decode, tiny_model
+from conftest import check_cuda_recall_like_cpu, decode, tiny_model
 from livekv import LiveKVCache, make_method
 from livekv.disk import DiskHostStore, QuantDiskHostStore, make_host_store
 from livekv.quantized import QuantHostStore, affine, decode as dequantize, encode
@@ -280,14 +280,4 @@ def test_cuda_streams_recall_a_quantized_tier_like_the_cpu(ids):
     pinned = QuantHostStore(2, 3, 8, 4, torch.float32, cuda, bits=4)
     keys, values = _fill(store, [203])
     pinned.append(keys.to(cuda), values.to(cuda))
-    n = 37
-    slot = torch.randperm(240, generator=torch.Generator().manual_seed(1))[:n]
-    b, h, slot = slot // 120, slot // 40 % 3, slot % 40
-    page = torch.randint(0, 51, (n,), generator=torch.Generator().manual_seed(2))
-    cpu, gpu = PageSlots(2, 3, 8, 4, torch.float32, CPU), PageSlots(2, 3, 8, 4, torch.float32, cuda)
-    for s in (cpu, gpu):
-        s._grow(40)
-    copy_pages(store, cpu, b, h, page, slot)
-    RecallEngine(group=5).stream(pinned, gpu, b, h, page, slot)
-    torch.cuda.current_stream().wait_event(gpu.done)
-    assert torch.equal(gpu.keys.cpu(), cpu.keys) and torch.equal(gpu.values.cpu(), cpu.values)
+    check_cuda_recall_like_cpu(store, pinned, 51)
