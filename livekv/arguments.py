@@ -80,7 +80,6 @@ def _evals(sub, commands: dict) -> None:
     p.add_argument("--memory-tokens", type=int, default=None,
                    help="fast-tier memory of every bounded method, tokens per layer (default: each method's own)")
     p.add_argument("--model", default=None, help="a checkpoint made by `livekv train-vlm` (default: the embedded one)")
-    add_precision_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", help="write results here")
@@ -137,7 +136,6 @@ def _bench(sub, commands: dict) -> None:
     p.add_argument("--image-size", type=int, default=64, help="pixels per frame side: (size/16)^2 tokens per frame (224: 196)")
     p.add_argument("--layers", type=int, default=None, help="text layers (default: the 0.5B model's 24)")
     p.add_argument("--clip-frames", type=int, default=4, help="frames per clip pushed")
-    add_precision_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", help="write results here (and a PNG plot beside it)")
     p.set_defaults(func=commands["bench"])
@@ -160,7 +158,6 @@ def _bench(sub, commands: dict) -> None:
     p.add_argument("--method", default="livevlm")
     p.add_argument("--frames", type=int, default=10_000)
     p.add_argument("--every", type=int, default=500, help="a record every this many frames")
-    add_precision_args(p)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write results here (and a PNG plot beside it)")
     p.set_defaults(func=commands["bench"])
@@ -189,7 +186,6 @@ def _stream(sub, commands: dict) -> None:
     p.add_argument("--memory-tokens", type=int, default=None, help="fast-tier memory of a bounded method, tokens "
                    "per layer; the method sets its budgets from it (default: what fits the model)")
     add_options(p, knob_options("stream"))
-    add_precision_args(p)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", help="write every answer with its latency, and the memory over time, here (and a PNG "
                    "plot of the memory and ingest speed beside it)")
@@ -223,13 +219,6 @@ def add_model_args(p: argparse.ArgumentParser, several_weights: bool = False) ->
     """``--model``, ``--dtype``, ``--weights`` (with ``several_weights``: comma-separated, a list), ``--device``,
     ``--threads``."""
     p.add_argument("--model", default=None, help="local model directory (default: the embedded SmolLM2-135M-Instruct)")
-    add_precision_args(p, several_weights)
-    p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-
-
-def add_precision_args(p: argparse.ArgumentParser, several_weights: bool = False) -> None:
-    """``--dtype`` and ``--weights`` (with ``several_weights``: comma-separated, a list)."""
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the model's dtype: its activations, its KV cache, and its weights unless --weights")
     text = ("how the linear layers' weights (lm_head too) are stored: float32: as loaded (in --dtype); bfloat16; int8 "
@@ -239,6 +228,8 @@ def add_precision_args(p: argparse.ArgumentParser, several_weights: bool = False
                        "form measured with every method, interleaved (default: float32)")
     else:
         p.add_argument("--weights", default="float32", choices=WEIGHTS, help=text + " (default: float32)")
+    p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def weights_list(text: str) -> list[str]:

@@ -169,13 +169,11 @@ def cmd_stream_qa(args) -> None:
     import torch
 
     from livekv.evals import stream_qa
-    from livekv.quantize import set_precision
     from livekv.vlm import WEIGHTS, load_default_vlm
 
     if args.threads:
         torch.set_num_threads(args.threads)
     adapter = load_default_vlm(args.model or WEIGHTS)
-    set_precision(adapter.model, args.dtype, args.weights)
     payload = stream_qa.evaluate(adapter, split_specs(args.method), args.minutes, seed=args.seed,
                                  n_questions=args.questions, memory_tokens=args.memory_tokens, streams=args.streams)
     common.write_json(args.json, payload, args)
@@ -192,8 +190,6 @@ def cmd_train_vlm(args) -> None:
 def cmd_bench(args) -> None:
     import torch
 
-    from livekv.quantize import set_precision
-
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.task == "serve":
@@ -206,14 +202,11 @@ def cmd_bench(args) -> None:
         from livekv.bench import soak as bench
         from livekv.vlm import load_default_vlm
 
-        adapter = load_default_vlm()
-        set_precision(adapter.model, args.dtype, args.weights)
-        payload = bench.run(adapter, args.method, args.frames, args.every)
+        payload = bench.run(load_default_vlm(), args.method, args.frames, args.every)
     elif args.task == "stream":
         from livekv.bench import stream as bench
 
         adapter = bench.random_llava_onevision(args.image_size, args.layers)
-        set_precision(adapter.model, args.dtype, args.weights)
         print(f"random LLaVA-OneVision, 0.5B text shape, {adapter.tokens_per_frame} visual tokens per frame", file=sys.stderr)
         payload = bench.run(adapter, [m for m in args.method.split(",") if m], args.frames, clip_frames=args.clip_frames)
     else:

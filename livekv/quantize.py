@@ -129,13 +129,3 @@ def weight_bytes(model: nn.Module) -> int:
             total += sum(t.nbytes for t in module.parameters(recurse=False))
             total += sum(t.nbytes for t in module.buffers(recurse=False))
     return total
-
-
-def set_precision(model: nn.Module, dtype: str = "float32", weights: str = "float32") -> nn.Module:
-    """``model`` cast to ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``: its activations and KV follow) with
-    its linear layers then stored as ``weights`` (``quantize_weights``), in place; returns ``model``. For models
-    loaded elsewhere (the video models); ``livekv.models.load_model`` does the same for text models."""
-    check_weights(weights)
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    return quantize_weights(model.to(getattr(torch, dtype)), weights)

@@ -123,17 +123,3 @@ def test_stream_interactive_answers_typed_questions(tmp_path, capsys, monkeypatc
     main(["stream", str(video), "--model", "random", "--fps", "4", "--interactive", "--max-new-tokens", "2"])
     out = capsys.readouterr().out
     assert "What is moving?" in out and "Anything red?" in out and out.count("\nQ (t=") == 2
-
-
-@pytest.mark.parametrize("command", [["stream", "video.mp4"], ["eval", "stream-qa"], ["bench", "stream"],
-                                     ["bench", "soak"], ["generate"], ["bench", "decode"]])
-def test_every_model_command_takes_dtype_and_weights(command):
-    import collections
-
-    from livekv.arguments import build_parser
-
-    parser = build_parser(collections.defaultdict(lambda: None))
-    args = parser.parse_args([*command, "--dtype", "bfloat16", "--weights", "int8"])
-    assert args.dtype == "bfloat16" and args.weights in ("int8", ["int8"])
-    with pytest.raises(SystemExit):
-        parser.parse_args([*command, "--weights", "int3"])

@@ -20,7 +20,7 @@ from livekv.vlm.checkpoints import add_object_words
 from livekv.vlm.data import Stream, evidence_token, pick_by_age, sample
 from livekv.vlm.losses import evidence_loss, first_saliency_loss, frame_scores, latest_saliency_loss, saliency_loss
 from livekv.vlm.model import (
-    FRAME_SIZE, SYSTEM, WEIGHTS, DefaultVLMAdapter, build_model, build_tokenizer, load_default_vlm, object_words,
+    SYSTEM, WEIGHTS, DefaultVLMAdapter, build_model, build_tokenizer, load_default_vlm, object_words,
 )
 from livekv.vlm.train import TrainConfig, train
 
@@ -225,23 +225,3 @@ def test_object_descriptions_are_one_token_and_older_checkpoints_gain_them():
     assert adapter.lm_head.weight is embed
     red, circle, red_circle = tokenizer.convert_tokens_to_ids(["red", "circle", "red_circle"])
     torch.testing.assert_close(embed[red_circle], (embed[red] + embed[circle]) / 2)
-
-
-
-def test_the_default_vlm_in_bfloat16_with_int8_weights_keeps_half_the_kv_bytes_and_answers():
-    from livekv.quantize import Int8Linear, set_precision
-
-    torch.set_num_threads(2)
-    plain, low = load_default_vlm(), load_default_vlm()
-    set_precision(low.model, "bfloat16", "int8")
-    assert not any(isinstance(m, torch.nn.Linear) for m in low.model.modules())
-    assert isinstance(low.model.lm_head, Int8Linear)
-    sessions = [StreamSession(a, "full") for a in (plain, low)]
-    for s in sessions:
-        s.push(np.zeros((2, FRAME_SIZE, FRAME_SIZE, 3), dtype=np.uint8))
-    f32, b16 = (s.memory()["fast_kv_bytes"] for s in sessions)
-    assert f32 == 2 * b16 > 0
-    payload = stream_qa.evaluate(low, ["full"], minutes=1.0, seed=3, n_questions=20)
-    assert payload["results"][0]["accuracy"] >= 0.6 > max(payload["chance"].values())
-    with pytest.raises(ValueError, match="--dtype"):
-        set_precision(plain.model, "int8")

@@ -11,7 +11,6 @@ import torch
 
 from livekv.methods import knob_options
 from livekv.options import given
-from livekv.quantize import set_precision
 from livekv.stream.session import StreamSession
 from livekv.stream.source import VideoError, clips, frames
 
@@ -169,7 +168,6 @@ def stream(args) -> tuple[dict, BaseException | None]:
     if args.threads:
         torch.set_num_threads(args.threads)
     adapter, system = _load(args.model)
-    set_precision(adapter.model, args.dtype, args.weights)
     knobs = given(args, knob_options("stream"))
     session = StreamSession(adapter, args.method, system=args.system or system, memory_tokens=args.memory_tokens,
                             **knobs)
