@@ -95,7 +95,8 @@ def cmd_demo(args) -> None:
         from livekv.vlm import load_default_vlm
 
         torch.set_num_threads(args.threads or 2)
-        payload = stream_qa.demo(load_default_vlm(**common.precision(args)), method=args.method, minutes=args.minutes, speed=args.speed)
+        payload = stream_qa.demo(load_default_vlm(**common.precision(args)), method=args.method, minutes=args.minutes,
+                                 speed=args.speed)
         common.write_json(args.json, payload, args)
         return
     from livekv.evals import needle

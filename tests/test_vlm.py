@@ -246,7 +246,7 @@ def test_a_bfloat16_default_vlm_holds_bfloat16_kv_in_half_the_bytes():
     assert all(layer.ctx.keys.dtype == layer.ctx.values.dtype == torch.float32 for layer in f32.cache.layers)
     assert all(layer.ctx.keys.dtype == layer.ctx.values.dtype == torch.bfloat16 for layer in bf16.cache.layers)
     a, b = f32.memory(), bf16.memory()
-    assert a["memory_tokens"] == b["memory_tokens"] == 20 + 20 + 6  # compressed: short + long term + the system prompt (6 words)
+    assert a["memory_tokens"] == b["memory_tokens"] == 20 + 20 + 6  # compressed: short + long term + the 6-word system
     assert b["fast_kv_bytes"] * 2 == a["fast_kv_bytes"] > 0  # the same tokens in half the bytes
 
 
@@ -261,7 +261,8 @@ def test_int8_weights_quantize_the_language_model_and_answer_as_float32_does(dty
     assert linears(quantized.language_model, torch.nn.Linear) == 0 and isinstance(quantized.lm_head, Int8Linear)
     assert linears(quantized.language_model, Int8Linear) == linears(reference.language_model, torch.nn.Linear) == 6 * 7
     tower = quantized.model.model.vision_tower  # cast to dtype, not quantized
-    assert linears(tower, Int8Linear) == 0 and linears(tower, torch.nn.Linear) == linears(reference.model.model.vision_tower, torch.nn.Linear) > 0
+    assert linears(tower, Int8Linear) == 0
+    assert linears(tower, torch.nn.Linear) == linears(reference.model.model.vision_tower, torch.nn.Linear) > 0
     assert next(tower.parameters()).dtype == dtype
     a, questions = _stream_into(reference)
     b, _ = _stream_into(quantized)

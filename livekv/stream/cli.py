@@ -158,7 +158,8 @@ class _Player:
     def record(self, how: str) -> dict:
         """What the run measured (``--json``)."""
         a = self.args
-        return {"video": a.video, "model": a.model, "dtype": a.dtype, "weights": a.weights, "method": a.method, **given(a, knob_options("stream")),
+        return {"video": a.video, "model": a.model, "dtype": a.dtype, "weights": a.weights, "method": a.method,
+                **given(a, knob_options("stream")),
                 "fps": a.fps, "stopped": how, "frames": self.session.stats.frames, "questions": self.answers,
                 "memory": self.memory}
 
