@@ -80,6 +80,7 @@ def _evals(sub, commands: dict) -> None:
     p.add_argument("--memory-tokens", type=int, default=None,
                    help="fast-tier memory of every bounded method, tokens per layer (default: each method's own)")
     p.add_argument("--model", default=None, help="a checkpoint made by `livekv train-vlm` (default: the embedded one)")
+    add_precision_args(p, video=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", help="write results here")
@@ -136,6 +137,7 @@ def _bench(sub, commands: dict) -> None:
     p.add_argument("--image-size", type=int, default=64, help="pixels per frame side: (size/16)^2 tokens per frame (224: 196)")
     p.add_argument("--layers", type=int, default=None, help="text layers (default: the 0.5B model's 24)")
     p.add_argument("--clip-frames", type=int, default=4, help="frames per clip pushed")
+    add_precision_args(p, video=True)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", help="write results here (and a PNG plot beside it)")
     p.set_defaults(func=commands["bench"])
@@ -158,6 +160,7 @@ def _bench(sub, commands: dict) -> None:
     p.add_argument("--method", default="livevlm")
     p.add_argument("--frames", type=int, default=10_000)
     p.add_argument("--every", type=int, default=500, help="a record every this many frames")
+    add_precision_args(p, video=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write results here (and a PNG plot beside it)")
     p.set_defaults(func=commands["bench"])
@@ -170,6 +173,7 @@ def _stream(sub, commands: dict) -> None:
     p.add_argument("--model", default="default", help="'default': the embedded video model (it knows only the "
                    "synthetic world of `livekv eval stream-qa`); a local LLaVA-OneVision or Qwen2-VL checkpoint "
                    "directory; or 'random' (a tiny random model: mechanics and speed only, its answers are meaningless)")
+    add_precision_args(p, video=True)
     p.add_argument("--method", default="livevlm", help="streaming method (see `livekv methods`)")
     p.add_argument("--ask", action="append", default=[], help="a question answered when the video ends (repeatable)")
     p.add_argument("--ask-at", action="append", default=[], metavar="SECONDS:QUESTION",
@@ -219,17 +223,25 @@ def add_model_args(p: argparse.ArgumentParser, several_weights: bool = False) ->
     """``--model``, ``--dtype``, ``--weights`` (with ``several_weights``: comma-separated, a list), ``--device``,
     ``--threads``."""
     p.add_argument("--model", default=None, help="local model directory (default: the embedded SmolLM2-135M-Instruct)")
+    add_precision_args(p, several_weights)
+    p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def add_precision_args(p: argparse.ArgumentParser, several_weights: bool = False, video: bool = False) -> None:
+    """``--dtype`` and ``--weights`` (with ``several_weights``: comma-separated, a list). ``video``: the weights are
+    the language model's (a video model's vision tower is cast to --dtype, never quantized)."""
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the model's dtype: its activations, its KV cache, and its weights unless --weights")
-    text = ("how the linear layers' weights (lm_head too) are stored: float32: as loaded (in --dtype); bfloat16; int8 "
-            "(a scale per output channel) or int4 (groups of 32): weight-only, CPU only, for faster decoding")
+    layers = ("the language model's linear layers' weights (lm_head too; the vision tower's stay in --dtype)" if video
+              else "the linear layers' weights (lm_head too)")
+    text = (f"how {layers} are stored: float32: as loaded (in --dtype); bfloat16; int8 (a scale per output channel) "
+            "or int4 (groups of 32): weight-only, CPU only, for faster decoding")
     if several_weights:
         p.add_argument("--weights", type=weights_list, default=["float32"], help=text + "; comma-separated: each "
                        "form measured with every method, interleaved (default: float32)")
     else:
         p.add_argument("--weights", default="float32", choices=WEIGHTS, help=text + " (default: float32)")
-    p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def weights_list(text: str) -> list[str]:

@@ -95,7 +95,8 @@ def cmd_demo(args) -> None:
         from livekv.vlm import load_default_vlm
 
         torch.set_num_threads(args.threads or 2)
-        payload = stream_qa.demo(load_default_vlm(), method=args.method, minutes=args.minutes, speed=args.speed)
+        payload = stream_qa.demo(load_default_vlm(**common.precision(args)), method=args.method, minutes=args.minutes,
+                                 speed=args.speed)
         common.write_json(args.json, payload, args)
         return
     from livekv.evals import needle
@@ -173,10 +174,10 @@ def cmd_stream_qa(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    adapter = load_default_vlm(args.model or WEIGHTS)
+    adapter = load_default_vlm(args.model or WEIGHTS, **common.precision(args))
     payload = stream_qa.evaluate(adapter, split_specs(args.method), args.minutes, seed=args.seed,
                                  n_questions=args.questions, memory_tokens=args.memory_tokens, streams=args.streams)
-    common.write_json(args.json, payload, args)
+    common.write_json(args.json, {"dtype": args.dtype, "weights": args.weights, **payload}, args)
 
 
 def cmd_train_vlm(args) -> None:
@@ -202,13 +203,17 @@ def cmd_bench(args) -> None:
         from livekv.bench import soak as bench
         from livekv.vlm import load_default_vlm
 
-        payload = bench.run(load_default_vlm(), args.method, args.frames, args.every)
+        payload = {"dtype": args.dtype, "weights": args.weights,
+                   **bench.run(load_default_vlm(**common.precision(args)), args.method, args.frames, args.every)}
     elif args.task == "stream":
         from livekv.bench import stream as bench
 
-        adapter = bench.random_llava_onevision(args.image_size, args.layers)
-        print(f"random LLaVA-OneVision, 0.5B text shape, {adapter.tokens_per_frame} visual tokens per frame", file=sys.stderr)
-        payload = bench.run(adapter, [m for m in args.method.split(",") if m], args.frames, clip_frames=args.clip_frames)
+        adapter = bench.random_llava_onevision(args.image_size, args.layers, **common.precision(args))
+        print(f"random LLaVA-OneVision, 0.5B text shape, {adapter.tokens_per_frame} visual tokens per frame, "
+              f"{args.dtype}, {args.weights} weights", file=sys.stderr)
+        payload = {"dtype": args.dtype, "weights": args.weights,
+                   **bench.run(adapter, [m for m in args.method.split(",") if m], args.frames,
+                               clip_frames=args.clip_frames)}
     else:
         from livekv.bench import decode as bench
 

@@ -59,6 +59,13 @@ def load(args, weights: str | None = None):
     return model, tokenizer
 
 
+def precision(args) -> dict:
+    """``--dtype`` (as a torch dtype) and ``--weights``: the keyword arguments of the video models' loaders."""
+    import torch
+
+    return {"dtype": getattr(torch, args.dtype), "weights": args.weights}
+
+
 def check_positions(model, what: str, tokens: int, used: int = 0) -> None:
     """Refuse an input of ``tokens`` positions beyond the model's limit, before any work; warn when the work will
     use ``used`` positions, past the limit (rotary positions past it are extrapolated)."""

@@ -57,6 +57,8 @@ class Int4Linear(nn.Module):
         n, k = linear.weight.shape
         if k % group_size:
             raise ValueError(f"int4 needs in_features ({k}) to be a multiple of the group size ({group_size})")
+        if n % 16:  # torch's int4 packing takes rows 16 at a time
+            raise ValueError(f"int4 needs out_features ({n}) to be a multiple of 16")
         w = linear.weight.detach().float().reshape(n, k // group_size, group_size)
         low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
         scale = ((high - low) / 15).clamp(min=1e-8).bfloat16().float()  # rounded as the kernel will read them
@@ -108,13 +110,19 @@ def quantize_weights(model: nn.Module, weights: str = "int8", group_size: int = 
     if weights == "float32":
         return model
     make = {"int8": Int8Linear, "int4": lambda lin: Int4Linear(lin, group_size), "bfloat16": BF16Linear}[weights]
+    replaced = []  # every layer made first, then swapped in: a layer refused (ValueError) leaves the model as it was
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 if weights in KERNELS and child.weight.device.type != "cpu":
                     raise ValueError(f"--weights {weights} runs on the CPU only (torch's CPU kernels); "
                                      f"{name} is on {child.weight.device}")
-                setattr(parent, name, make(child))
+                try:
+                    replaced.append((parent, name, make(child)))
+                except ValueError as e:
+                    raise ValueError(f"--weights {weights}: {name}: {e}") from None
+    for parent, name, layer in replaced:
+        setattr(parent, name, layer)
     return model
 
 

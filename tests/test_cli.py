@@ -123,3 +123,48 @@ def test_stream_interactive_answers_typed_questions(tmp_path, capsys, monkeypatc
     main(["stream", str(video), "--model", "random", "--fps", "4", "--interactive", "--max-new-tokens", "2"])
     out = capsys.readouterr().out
     assert "What is moving?" in out and "Anything red?" in out and out.count("\nQ (t=") == 2
+
+
+def test_eval_stream_qa_takes_dtype_and_weights_and_records_them(tmp_path):
+    torch.set_num_threads(1)
+    runs = {}
+    for dtype, weights in (("float32", "float32"), ("bfloat16", "int8")):
+        out = tmp_path / f"qa_{dtype}_{weights}.json"
+        main(["eval", "stream-qa", "--methods", "livevlm", "--minutes", "0.5", "--questions", "2", "--memory-tokens",
+              "56", "--threads", "1", "--dtype", dtype, "--weights", weights, "--json", str(out)])
+        runs[dtype] = payload = json.loads(out.read_text())
+        assert (payload["dtype"], payload["weights"]) == (dtype, weights)
+        assert payload["results"][0]["questions"] == 2
+    f32, bf16 = (runs[d]["results"][0] for d in ("float32", "bfloat16"))
+    assert f32["memory_tokens"] == bf16["memory_tokens"] and bf16["kv_bytes"] * 2 == f32["kv_bytes"]
+    with pytest.raises(SystemExit, match="int4 needs out_features"):  # the embedded VLM's 94-token vocabulary
+        main(["eval", "stream-qa", "--minutes", "0.2", "--questions", "1", "--weights", "int4"])
+    with pytest.raises(SystemExit):  # argparse: not a kind of --weights
+        main(["eval", "stream-qa", "--weights", "int3"])
+
+
+def test_stream_and_bench_stream_take_dtype_and_weights(tmp_path, capsys):
+    import numpy as np
+
+    from livekv.quantize import Int8Linear
+    from livekv.stream.cli import random_adapter
+    from livekv.stream.source import write_video
+
+    video = tmp_path / "v.mp4"
+    write_video(video, np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8), fps=8)
+    out = tmp_path / "stream.json"
+    main(["stream", str(video), "--model", "random", "--fps", "4", "--dtype", "bfloat16", "--weights", "int8",
+          "--ask", "What happened?", "--max-new-tokens", "2", "--threads", "1", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert (record["dtype"], record["weights"]) == ("bfloat16", "int8") and len(record["questions"]) == 1
+    adapter = random_adapter(torch.bfloat16, "int8")
+    assert isinstance(adapter.lm_head, Int8Linear) and adapter.model.dtype == torch.bfloat16
+    tokens = record["memory"][-1]["memory_tokens"]
+    kv_heads, head_dim, layers = 2, 64, 4  # random_adapter's text model
+    assert record["memory"][-1]["fast_kv_bytes"] == tokens * layers * 2 * kv_heads * head_dim * 2  # bfloat16: 2 bytes
+
+    out = tmp_path / "bench.json"
+    main(["bench", "stream", "--methods", "full", "--frames", "4", "--layers", "1", "--threads", "1", "--dtype",
+          "bfloat16", "--weights", "int8", "--json", str(out)])
+    payload = json.loads(out.read_text())
+    assert (payload["dtype"], payload["weights"]) == ("bfloat16", "int8") and payload["results"][0]["fast_kv_bytes"] > 0

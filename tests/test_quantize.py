@@ -241,3 +241,17 @@ def test_serve_config_takes_weights():
     assert ServeConfig().weights == "float32" and ServeConfig(weights="int4").weights == "int4"
     with pytest.raises(ValueError, match="--weights"):
         ServeConfig(weights="fp8")
+    with pytest.raises(ValueError, match="--weights"):
+        ServeConfig(vlm_weights="fp8")
+
+
+def test_serve_loads_its_video_model_with_vlm_weights():
+    from livekv.serve.config import ServeConfig
+    from livekv.serve.server import load_models
+    from livekv.vlm import WEIGHTS
+
+    if not (WEIGHTS / "model.safetensors").is_file():
+        pytest.skip("the default VLM has not been trained")
+    models = load_models(ServeConfig(model="none", vlm_weights="int8"))
+    assert models.text is None and isinstance(models.vlm.lm_head, Int8Linear)
+    assert not any(isinstance(m, nn.Linear) for m in models.vlm.language_model.modules())

@@ -216,6 +216,34 @@ def test_load_adapter_from_a_directory(tmp_path):
     assert adapter.model.model.visual.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("make", [tiny_llava_onevision, tiny_qwen2_vl], ids=["llava_onevision", "qwen2_vl"])
+def test_load_adapter_casts_and_quantizes_the_language_model_only(tmp_path, make):
+    from livekv.quantize import Int8Linear
+    from livekv.stream.session import StreamSession
+
+    make().save_pretrained(tmp_path)
+    reference, adapter = load_adapter(tmp_path), load_adapter(tmp_path, dtype=torch.bfloat16, weights="int8")
+    assert isinstance(adapter.lm_head, Int8Linear)
+    assert not any(isinstance(m, torch.nn.Linear) for m in adapter.language_model.modules())
+    tower = adapter.model.model.vision_tower if make is tiny_llava_onevision else adapter.model.model.visual
+    assert any(isinstance(m, torch.nn.Linear) for m in tower.modules())  # cast, not quantized
+    assert next(tower.parameters()).dtype == torch.bfloat16
+    logits, kv = [], []
+    for a in (reference, adapter):
+        session = StreamSession(a, "full")
+        with torch.inference_mode():
+            for seed in range(3):
+                session.push(frames(2, seed))
+            logits.append(session.logits([1, 2, 3]).float())
+        assert {layer.ctx.keys.dtype for layer in session.cache.layers} == {a.model.dtype}
+        kv.append(session.memory()["fast_kv_bytes"])
+    assert kv[1] * 2 == kv[0]
+    # measured 0.08 (LLaVA-OneVision) and 0.16 (Qwen2-VL) off logits up to ~5 (this tiny model's weights are large)
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0.4)
+    with pytest.raises(ValueError, match="one of float32, bfloat16, int8, int4"):
+        load_adapter(tmp_path, weights="int2")
+
+
 def test_load_adapter_rejects_other_models(tmp_path):
     with pytest.raises(ValueError, match="no video adapter"):
         load_adapter(torch.nn.Linear(2, 2))

@@ -225,3 +225,59 @@ def test_object_descriptions_are_one_token_and_older_checkpoints_gain_them():
     assert adapter.lm_head.weight is embed
     red, circle, red_circle = tokenizer.convert_tokens_to_ids(["red", "circle", "red_circle"])
     torch.testing.assert_close(embed[red_circle], (embed[red] + embed[circle]) / 2)
+
+
+def _stream_into(adapter, method: str = "livevlm", seed: int = 1, seconds: float = 60.0):
+    """A session of ``method`` (small budgets, so that it compresses and re-positions) after ``seconds`` of a world,
+    and the world's questions (asked after the last frame here)."""
+    w, questions = world.stream_qa(seed, seconds, 6)
+    session = StreamSession(adapter, method, system=SYSTEM, short_term=20, long_term=20, vsb_rows=8)
+    with torch.inference_mode():
+        for _, image in w.frames():
+            session.push(image[None])
+    return session, questions
+
+
+@pytest.mark.skipif(not (WEIGHTS / "model.safetensors").is_file(), reason="the default VLM has not been trained")
+def test_a_bfloat16_default_vlm_holds_bfloat16_kv_in_half_the_bytes():
+    torch.set_num_threads(1)
+    f32, _ = _stream_into(load_default_vlm())
+    bf16, _ = _stream_into(load_default_vlm(dtype=torch.bfloat16))
+    assert all(layer.ctx.keys.dtype == layer.ctx.values.dtype == torch.float32 for layer in f32.cache.layers)
+    assert all(layer.ctx.keys.dtype == layer.ctx.values.dtype == torch.bfloat16 for layer in bf16.cache.layers)
+    a, b = f32.memory(), bf16.memory()
+    assert a["memory_tokens"] == b["memory_tokens"] == 20 + 20 + 6  # compressed: short + long term + the 6-word system
+    assert b["fast_kv_bytes"] * 2 == a["fast_kv_bytes"] > 0  # the same tokens in half the bytes
+
+
+@pytest.mark.skipif(not (WEIGHTS / "model.safetensors").is_file(), reason="the default VLM has not been trained")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_weights_quantize_the_language_model_and_answer_as_float32_does(dtype):
+    from livekv.quantize import Int8Linear
+
+    torch.set_num_threads(1)
+    reference, quantized = load_default_vlm(), load_default_vlm(dtype=dtype, weights="int8")
+    linears = lambda module, kind: sum(isinstance(m, kind) for m in module.modules())  # noqa: E731
+    assert linears(quantized.language_model, torch.nn.Linear) == 0 and isinstance(quantized.lm_head, Int8Linear)
+    assert linears(quantized.language_model, Int8Linear) == linears(reference.language_model, torch.nn.Linear) == 6 * 7
+    tower = quantized.model.model.vision_tower  # cast to dtype, not quantized
+    assert linears(tower, Int8Linear) == 0
+    assert linears(tower, torch.nn.Linear) == linears(reference.model.model.vision_tower, torch.nn.Linear) > 0
+    assert next(tower.parameters()).dtype == dtype
+    a, questions = _stream_into(reference)
+    b, _ = _stream_into(quantized)
+    for q in questions:
+        prompt = reference.question_template.format(question=q.text)
+        want, got = a.logits(prompt).float(), b.logits(prompt).float()
+        # measured on a 40 s stream: at most 0.04 (float32 activations) and 0.10 (bfloat16) off logits up to ~14
+        torch.testing.assert_close(got, want, rtol=0, atol=0.3)
+        assert int(got.argmax()) == int(want.argmax())
+        assert b.answer(q.text, max_new_tokens=4) == a.answer(q.text, max_new_tokens=4)
+
+
+def test_the_video_loaders_refuse_weights_they_cannot_store(tmp_path):
+    with pytest.raises(ValueError, match="one of float32, bfloat16, int8, int4"):
+        load_default_vlm(weights="fp8")
+    if (WEIGHTS / "model.safetensors").is_file():  # int4 packs rows 16 at a time; the vocabulary is 94 tokens
+        with pytest.raises(ValueError, match=r"lm_head: int4 needs out_features \(94\) to be a multiple of 16"):
+            load_default_vlm(weights="int4")

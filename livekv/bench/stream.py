@@ -27,7 +27,8 @@ import time
 import torch
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-from livekv.stream.adapters import LlavaOnevisionAdapter
+from livekv.quantize import check_weights
+from livekv.stream.adapters import LlavaOnevisionAdapter, cast_and_quantize
 from livekv.stream.session import StreamSession
 
 QWEN2_05B = dict(
@@ -40,8 +41,12 @@ QWEN2_05B = dict(
 BUDGET_FRAMES = {"livevlm": dict(long_term=61, short_term=20), "rekv": dict(short_term=77), "sink_window": dict(short_term=77)}
 
 
-def random_llava_onevision(image_size: int = 64, layers: int | None = None) -> LlavaOnevisionAdapter:
-    """The benchmark model: ``(image_size / 8 / 2)^2`` visual tokens per frame (64 px: 16; 224 px: 196)."""
+def random_llava_onevision(image_size: int = 64, layers: int | None = None, dtype: torch.dtype = torch.float32,
+                           weights: str = "float32") -> LlavaOnevisionAdapter:
+    """The benchmark model: ``(image_size / 8 / 2)^2`` visual tokens per frame (64 px: 16; 224 px: 196), in
+    ``dtype``, its language model's weights stored as ``weights`` (``cast_and_quantize``; int4 is refused: the
+    vocabulary, 151,646 rows of lm_head, is not a multiple of 16)."""
+    check_weights(weights)
     text = dict(QWEN2_05B, **({"num_hidden_layers": layers} if layers else {}))
     config = LlavaOnevisionConfig(
         text_config=text,
@@ -51,7 +56,8 @@ def random_llava_onevision(image_size: int = 64, layers: int | None = None) -> L
         vision_feature_select_strategy="full", vision_feature_layer=-1, image_grid_pinpoints=[[image_size, image_size]],
     )
     torch.manual_seed(0)
-    return LlavaOnevisionAdapter(LlavaOnevisionForConditionalGeneration(config).eval())
+    model = cast_and_quantize(LlavaOnevisionForConditionalGeneration(config), dtype, weights)
+    return LlavaOnevisionAdapter(model.eval())
 
 
 def method_knobs(name: str, tokens_per_frame: int) -> dict:

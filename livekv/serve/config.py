@@ -27,6 +27,8 @@ class ServeConfig:
                                       "bfloat16, int8 or int4 (weight-only, CPU only; livekv.quantize)")
     vlm: str | None = setting(None, "video model: a local LLaVA-OneVision or Qwen2-VL directory (default: the "
                                     "embedded one; 'none': no streams)")
+    vlm_weights: str = setting("float32", "how the video model's language-model linear layers' weights are stored "
+                                          "(lm_head too; the vision tower's stay float32), as --weights")
     methods: tuple[str, ...] = setting(("quest", "dense", "sink_window", "freekv", "clusterkv", "livevlm", "full",
                                         "rekv"), "methods clients may choose; the first text and the first stream "
                                                  "method are the defaults")
@@ -59,6 +61,7 @@ class ServeConfig:
 
     def __post_init__(self):
         check_weights(self.weights)
+        check_weights(self.vlm_weights)
         if self.media_dir is not None and not os.path.isdir(self.media_dir):
             raise ValueError(f"--media-dir {self.media_dir!r} is not a directory")
         for name in ("max_sessions", "max_upload_bytes", "max_frame_pixels", "max_queue_frames", "max_tokens",

@@ -43,11 +43,11 @@ def load_models(config: ServeConfig) -> Models:
     if config.vlm is None:
         from livekv.vlm.model import SYSTEM, load_default_vlm
 
-        vlm, system = load_default_vlm(), SYSTEM
+        vlm, system = load_default_vlm(weights=config.vlm_weights), SYSTEM
     elif config.vlm != "none":
         from livekv.stream.adapters import load_adapter
 
-        vlm, vlm_id = load_adapter(config.vlm), pathlib.Path(config.vlm).name
+        vlm, vlm_id = load_adapter(config.vlm, weights=config.vlm_weights), pathlib.Path(config.vlm).name
     text_id = "smollm2-135m-instruct" if config.model is None else pathlib.Path(str(config.model)).name
     return Models(text, vlm, text_id, vlm_id, system)
 

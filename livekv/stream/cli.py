@@ -17,13 +17,14 @@ from livekv.stream.source import VideoError, clips, frames
 SYSTEM = "You are watching a live video. Answer questions about it briefly."  # for a checkpoint's own chat template
 
 
-def random_adapter():
+def random_adapter(dtype: torch.dtype = torch.float32, weights: str = "float32"):
     """A small random LLaVA-OneVision (hidden 256, 4 layers, 16 tokens per frame) with SmolLM2's tokenizer: for
-    trying the mechanics without a checkpoint. Its answers are meaningless."""
+    trying the mechanics without a checkpoint, in ``dtype`` with its language model's weights stored as ``weights``
+    (``cast_and_quantize``). Its answers are meaningless."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     from livekv.models import default_tokenizer
-    from livekv.stream.adapters import LlavaOnevisionAdapter
+    from livekv.stream.adapters import LlavaOnevisionAdapter, cast_and_quantize
 
     tokenizer = default_tokenizer()
     vocab = len(tokenizer)
@@ -36,7 +37,8 @@ def random_adapter():
         vision_feature_layer=-1, image_grid_pinpoints=[[64, 64]],
     )
     torch.manual_seed(0)
-    return LlavaOnevisionAdapter(LlavaOnevisionForConditionalGeneration(config).eval(), tokenizer)
+    model = cast_and_quantize(LlavaOnevisionForConditionalGeneration(config), dtype, weights)
+    return LlavaOnevisionAdapter(model.eval(), tokenizer)
 
 
 def _questions_at(specs: list[str]) -> list[tuple[float, str]]:
@@ -86,17 +88,18 @@ class _Bounded:
                     return
 
 
-def _load(model: str):
-    """``(adapter, default system prompt)`` of ``--model``."""
+def _load(model: str, dtype: torch.dtype = torch.float32, weights: str = "float32"):
+    """``(adapter, default system prompt)`` of ``--model``, in ``dtype`` with ``weights`` (``--dtype``,
+    ``--weights``)."""
     if model == "random":
-        return random_adapter(), SYSTEM
+        return random_adapter(dtype, weights), SYSTEM
     if model == "default":
         from livekv.vlm import model as default_vlm
 
-        return default_vlm.load_default_vlm(), default_vlm.SYSTEM
+        return default_vlm.load_default_vlm(dtype=dtype, weights=weights), default_vlm.SYSTEM
     from livekv.stream.adapters import load_adapter
 
-    return load_adapter(model), SYSTEM
+    return load_adapter(model, dtype=dtype, weights=weights), SYSTEM
 
 
 class _Player:
@@ -155,7 +158,8 @@ class _Player:
     def record(self, how: str) -> dict:
         """What the run measured (``--json``)."""
         a = self.args
-        return {"video": a.video, "model": a.model, "method": a.method, **given(a, knob_options("stream")),
+        return {"video": a.video, "model": a.model, "dtype": a.dtype, "weights": a.weights, "method": a.method,
+                **given(a, knob_options("stream")),
                 "fps": a.fps, "stopped": how, "frames": self.session.stats.frames, "questions": self.answers,
                 "memory": self.memory}
 
@@ -167,7 +171,7 @@ def stream(args) -> tuple[dict, BaseException | None]:
     status 1; Ctrl-C as an interrupt, status 130, in ``livekv.cli.main``)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    adapter, system = _load(args.model)
+    adapter, system = _load(args.model, getattr(torch, args.dtype), args.weights)
     knobs = given(args, knob_options("stream"))
     session = StreamSession(adapter, args.method, system=args.system or system, memory_tokens=args.memory_tokens,
                             **knobs)

@@ -16,7 +16,8 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
 
-from livekv.stream.adapters import LlavaOnevisionAdapter
+from livekv.quantize import check_weights
+from livekv.stream.adapters import LlavaOnevisionAdapter, cast_and_quantize
 from livekv.vlm import world
 
 WEIGHTS = pathlib.Path(__file__).parent / "weights"
@@ -98,12 +99,19 @@ class DefaultVLMAdapter(LlavaOnevisionAdapter):
         return int(self.trained_seconds * FPS) * (self.tokens_per_frame + 1)
 
 
-def load_default_vlm(path: str | pathlib.Path = WEIGHTS) -> DefaultVLMAdapter:
-    """The trained default model (shipped in the package) behind its adapter."""
+def load_default_vlm(path: str | pathlib.Path = WEIGHTS, dtype: torch.dtype = torch.float32,
+                     weights: str = "float32") -> DefaultVLMAdapter:
+    """The trained default model (shipped in the package) behind its adapter, cast to ``dtype`` (its activations
+    and the stream's KV are then in it), its language model's linear layers and ``lm_head`` stored as ``weights``
+    (``livekv.quantize``: float32 leaves them in ``dtype``; bfloat16, int8, int4). The vision tower and projector
+    are cast, never quantized: a decode step does not read them, and they run once per frame as a batch
+    (``livekv.stream.adapters.cast_and_quantize``)."""
     path = pathlib.Path(path)
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"no trained default VLM at {path}: train it with `livekv train-vlm`")
+    check_weights(weights)
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    cast_and_quantize(model, dtype, weights)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     adapter = DefaultVLMAdapter(model.eval(), tokenizer)
     training = path / "training.json"

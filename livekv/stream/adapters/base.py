@@ -163,7 +163,7 @@ class VideoLMAdapter:
     # --- the language model -----------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.language_model.get_input_embeddings().weight.device  # the embedding is never quantized
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """Run the decoder on embeds ``[1, N, hidden]`` at absolute positions ``[P, N]``; returns hidden ``[1, N, hidden]``."""
