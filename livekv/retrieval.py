@@ -27,14 +27,15 @@ Pool = Literal["max", "softmax_mean", "mean", "softmax_max", "rank"]
 
 
 # --- 1. scores ---------------------------------------------------------------------------------------------------
-def minmax_bound(query: torch.Tensor, key_max: torch.Tensor, key_min: torch.Tensor) -> torch.Tensor:
-    """Quest's upper bound of ``q . k`` over a block: query ``[B, H, D]``, digests ``[B, G, n, D]`` -> ``[B, G, r, n]``.
+def minmax_bound(query: torch.Tensor, digests: torch.Tensor) -> torch.Tensor:
+    """Quest's upper bound of ``q . k`` over a block: query ``[B, H, D]``, digests ``[B, G, n, 2D]`` (each block's
+    key max, then its key min) -> ``[B, G, r, n]``.
 
-    ``sum_d max(q_d * max_d, q_d * min_d) = relu(q) . max + min(q, 0) . min`` because ``max >= min``: two matmuls
-    instead of a ``[.., n, D]`` temporary."""
+    ``sum_d max(q_d * max_d, q_d * min_d) = relu(q) . max + min(q, 0) . min`` because ``max >= min``: one matmul of
+    ``[relu(q), min(q, 0)]`` with the packed digests instead of a ``[.., n, D]`` temporary."""
     B, H, D = query.shape
-    q = query.view(B, key_max.shape[1], -1, D).to(key_max.dtype)  # [B, G, r, D]
-    return q.clamp(min=0) @ key_max.transpose(-1, -2) + q.clamp(max=0) @ key_min.transpose(-1, -2)
+    q = query.view(B, digests.shape[1], -1, D).to(digests.dtype)  # [B, G, r, D]
+    return torch.cat((q.clamp(min=0), q.clamp(max=0)), dim=-1) @ digests.transpose(-1, -2)
 
 
 def dot(query: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:

@@ -61,14 +61,12 @@ def test_two_level_selection_scores_the_pages_of_the_best_runs_only():
     sel = _two_level(8).make_selector(0)
     first, last, n = 2, 254, 12  # 254 full candidate pages: runs 1..30 whole, pages 2-7 and 248-253 loose
     picked = sel.pick(q, store, first, last, n)
-    kmax, kmin = store.digests()
-    cmax, cmin = store.coarse_digests(8)
-    runs = minmax_bound(q, cmax[:, :, 1:31], cmin[:, :, 1:31]).amax(-2).topk(n, dim=-1).indices + 1
+    runs = minmax_bound(q, store.coarse_digests(8)[:, :, 1:31]).amax(-2).topk(n, dim=-1).indices + 1
     for b in range(2):
         for g in range(2):
             cand = torch.cat([torch.arange(8 * r, 8 * r + 8) for r in runs[b, g].tolist()]
                              + [torch.arange(2, 8), torch.arange(248, 254)])
-            pages = minmax_bound(q[b:b + 1, 3 * g:3 * g + 3], kmax[b:b + 1, g:g + 1, cand], kmin[b:b + 1, g:g + 1, cand])
+            pages = minmax_bound(q[b:b + 1, 3 * g:3 * g + 3], store.digests()[b:b + 1, g:g + 1, cand])
             best = cand[pages.amax(-2).flatten().topk(n).indices]
             assert sorted(picked[b, g].tolist()) == sorted(best.tolist())
 
@@ -92,7 +90,7 @@ def test_two_level_selection_finds_keys_planted_in_distinct_runs():
 def test_page_scores_bound_every_key_in_the_page():
     store = _store(64, page_size=8, B=1, G=1)
     q = torch.randn(1, 3, 8)  # 3 query heads in the group
-    bounds = minmax_bound(q, *store.digests())  # [1, 1, 3, 8]
+    bounds = minmax_bound(q, store.digests())  # [1, 1, 3, 8]
     keys, _ = store.all_tokens()
     dots = (q[0, :, None, :] * keys[0, 0][None]).sum(-1).view(3, 8, 8).amax(-1)  # [heads, pages]
     assert torch.all(bounds[0, 0] >= dots - 1e-5)

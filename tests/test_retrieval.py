@@ -42,7 +42,7 @@ def test_smaller_pages_bound_tighter_and_still_above_every_key():
 
     def bound(p):
         k = keys.view(1, 2, 32 // p, p, 8)
-        return retrieval.minmax_bound(q, k.amax(3), k.amin(3))  # [B, G, r, 32 // p]
+        return retrieval.minmax_bound(q, torch.cat((k.amax(3), k.amin(3)), -1))  # [B, G, r, 32 // p]
 
     b2, b4 = bound(2), bound(4)
     assert torch.all(b2.view(1, 2, 3, 8, 2).amax(-1) <= b4 + 1e-5)

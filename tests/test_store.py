@@ -43,8 +43,8 @@ def test_gather_into_fast_tier_buffer():
 def test_digests_are_min_and_max_of_full_pages():
     store = HostStore(2, 3, 8, page_size=4, dtype=torch.float32, device=torch.device("cpu"))
     keys, _ = _fill(store, [3, 10])  # 13 tokens: 3 full pages, one partial
-    kmax, kmin = store.digests()
-    assert kmax.shape == (2, 3, 3, 8)
+    assert store.digests().shape == (2, 3, 3, 16)
+    kmax, kmin = store.digests().chunk(2, dim=-1)
     pages = keys[:, :, :12].view(2, 3, 3, 4, 8)
     assert torch.equal(kmax, pages.amax(3)) and torch.equal(kmin, pages.amin(3))
 
@@ -52,15 +52,14 @@ def test_digests_are_min_and_max_of_full_pages():
 def test_coarse_digests_cover_runs_of_full_pages_and_follow_appends_and_beams():
     store = HostStore(2, 3, 8, page_size=4, dtype=torch.float32, device=torch.device("cpu"))
     _fill(store, [30])  # 7 full pages: one run of 3, and a loose page
-    cmax, cmin = store.coarse_digests(3)
-    assert cmax.shape == (2, 3, 2, 8)
+    assert store.coarse_digests(3).shape == (2, 3, 2, 16)
     _fill(store, [23], seed=1)  # 13 full pages: 4 runs, extended from the 2 already made
-    kmax, kmin = store.digests()
-    cmax, cmin = store.coarse_digests(3)
+    kmax, kmin = store.digests().chunk(2, dim=-1)
+    cmax, cmin = store.coarse_digests(3).chunk(2, dim=-1)
     assert torch.equal(cmax, kmax[:, :, :12].reshape(2, 3, 4, 3, 8).amax(3))
     assert torch.equal(cmin, kmin[:, :, :12].reshape(2, 3, 4, 3, 8).amin(3))
     store.select_rows(torch.tensor([1, 1]))
-    assert torch.equal(store.coarse_digests(3)[0], cmax[[1, 1]])
+    assert torch.equal(store.coarse_digests(3), torch.cat((cmax, cmin), dim=-1)[[1, 1]])
 
 
 def test_bytes_are_tracked():

@@ -87,8 +87,7 @@ class Probe:
             window_start = max(cfg.sink, (T - cfg.window) // p * p)
             first, last = cfg.sink // p, window_start // p
             k = min(last - first, (cfg.budget - cfg.sink - (T - window_start)) // p)
-            kmax, kmin = layer.host.digests()
-            bound = retrieval.minmax_bound(q, kmax[:, :, first:last], kmin[:, :, first:last])  # [1, G, r, n]
+            bound = retrieval.minmax_bound(q, layer.host.digests()[:, :, first:last])  # [1, G, r, n]
             pooled = layer.selector.score(q, layer.host, first, last)  # [1, G, n]
             exact = logits[..., first * p:last * p].unflatten(-1, (last - first, p)).amax(-1)  # [1, G, r, n]
         for g in range(G):

@@ -68,33 +68,30 @@ class QuestSelector:
         self.cfg = cfg
         self.select_nbytes = 0  # digest bytes the last selection read
 
-    def bound(self, query: torch.Tensor, key_max: torch.Tensor, key_min: torch.Tensor) -> torch.Tensor:
-        """Blocks' min/max bounds for query ``[B, H, D]``, pooled over each GQA group: digests ``[B, G, n, D]`` ->
+    def bound(self, query: torch.Tensor, digests: torch.Tensor) -> torch.Tensor:
+        """Blocks' min/max bounds for query ``[B, H, D]``, pooled over each GQA group: digests ``[B, G, n, 2D]`` ->
         ``[B, G, n]``."""
-        bounds = retrieval.minmax_bound(query, key_max, key_min)
+        bounds = retrieval.minmax_bound(query, digests)
         return retrieval.pool_group(bounds, self.cfg.gqa_pool, scale=query.shape[-1] ** -0.5)
 
     def score(self, query: torch.Tensor, store: HostStore, first: int, last: int) -> torch.Tensor:
         """Pooled scores ``[B, G, last - first]`` of full pages ``[first, last)`` for query ``[B, H, D]``."""
-        key_max, key_min = store.digests()
-        return self.bound(query, key_max[:, :, first:last], key_min[:, :, first:last])
+        return self.bound(query, store.digests()[:, :, first:last])
 
     def pick(self, query: torch.Tensor, store: HostStore, first: int, last: int, n: int) -> torch.Tensor:
         """The ``n`` best full pages of ``[first, last)`` for query ``[B, H, D]``: page ids ``[B, G, n]``."""
         per = self.cfg.coarse_pages
         lo, hi = (-(-first // per), last // per) if per else (0, 0)
-        digest_bytes = 2 * store.key_max[:, :, :1].nbytes
+        digest_bytes = store.digests()[:, :, :1].nbytes
         keep = n * self.cfg.coarse_keep
         if hi - lo <= keep:  # no fewer pages to score than in one level
             self.select_nbytes = (last - first) * digest_bytes
             return retrieval.top_blocks(self.score(query, store, first, last), n) + first
-        cmax, cmin = store.coarse_digests(per)
-        runs = self.bound(query, cmax[:, :, lo:hi], cmin[:, :, lo:hi])
+        runs = self.bound(query, store.coarse_digests(per)[:, :, lo:hi])
         loose = torch.cat((torch.arange(first, lo * per), torch.arange(hi * per, last))).to(query.device)
         ids = retrieval.fine_candidates(retrieval.top_blocks(runs, keep) + lo, per, loose)  # [B, G, keep * per + l]
         self.select_nbytes = (hi - lo + ids.shape[-1]) * digest_bytes
-        key_max, key_min = store.digests()
-        pages = self.bound(query, retrieval.gather_summaries(key_max, ids), retrieval.gather_summaries(key_min, ids))
+        pages = self.bound(query, retrieval.gather_summaries(store.digests(), ids))
         return ids.gather(-1, retrieval.top_blocks(pages, n))
 
     def select(self, query: torch.Tensor, store: HostStore) -> torch.Tensor:
