@@ -176,11 +176,11 @@ class RecallableLayer(Layer):
     background = False  # whether the layer recalls on a worker thread, off the critical path
 
     def __init__(self, layer_idx: int, selector: Selector, page_size: int, digests: bool = True, reuse: bool = False,
-                 host: str = "ram", host_dir: str | None = None, host_bits: int = 16):
+                 host: str = "ram", host_dir: str | None = None, host_bits: int = 16, digest_bits: int = 32):
         super().__init__(layer_idx)
         self.selector = selector
         self.page_size = page_size
-        self.digests = digests
+        self.digests, self.digest_bits = digests, digest_bits  # see store.PageDigests
         self.reuse = reuse  # keep recalled tokens resident across steps, copy only the missing ones
         self.host_kind, self.host_dir, self.host_bits = host, host_dir, host_bits  # see disk.make_host_store
         self.stats = LayerStats()
@@ -194,7 +194,7 @@ class RecallableLayer(Layer):
 
     def _make_tiers(self, B: int, G: int, D: int, dtype: torch.dtype, device: torch.device) -> None:
         self.host = make_host_store(self.host_kind, B, G, D, self.page_size, dtype, device, digests=self.digests,
-                                    directory=self.host_dir, bits=self.host_bits)
+                                    digest_bits=self.digest_bits, directory=self.host_dir, bits=self.host_bits)
         self.fast = FastBuffer(B, G, D, dtype, device)
         self.resident = ResidentSet(B, G, D, dtype, device) if self.reuse else None
         self.is_initialized = True

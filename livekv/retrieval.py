@@ -18,6 +18,7 @@ B batch, G KV heads, r = H / G query heads per group, n blocks, D head dim.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -26,16 +27,76 @@ import torch.nn.functional as F
 Pool = Literal["max", "softmax_mean", "mean", "softmax_max", "rank"]
 
 
+@dataclass
+class Int8Rows:
+    """Block summaries ``[B, G, n, C]`` in int8 with a bfloat16 scale per row (``codes [B, G, n, C]``, ``scales
+    [B, G, n]``): a quarter of float32's bytes, multiplied by torch's int8 weight-only CPU kernel (the one int8
+    weights use, ``livekv.quantize``). Indexes over its first three dims, selects rows and dequantizes (``float``)
+    as a tensor does."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    @classmethod
+    def encode(cls, rows: torch.Tensor, outward: bool = False) -> Int8Rows:
+        """float ``rows [B, G, n, C]`` -> codes and scales. ``outward``: the first half of each row rounded up, the
+        second half down, so that a packed max | min digest dequantizes to a max at least and a min at most the
+        true ones."""
+        scale = rows.abs().amax(dim=-1).clamp(min=1e-30) / 127
+        scale = (scale * (1 + 2**-7)).bfloat16()  # rounded to bfloat16 without falling below max|x| / 127
+        q = rows / scale.float()[..., None]
+        if outward:
+            half = rows.shape[-1] // 2
+            q = torch.cat((q[..., :half].ceil(), q[..., half:].floor()), dim=-1)
+        return cls(q.round().clamp(-127, 127).to(torch.int8), scale)
+
+    def float(self) -> torch.Tensor:
+        return self.codes.float() * self.scales.float()[..., None]
+
+    def __getitem__(self, index) -> Int8Rows:
+        return Int8Rows(self.codes[index], self.scales[index])
+
+    def index_select(self, dim: int, index: torch.Tensor) -> Int8Rows:
+        return Int8Rows(self.codes.index_select(dim, index), self.scales.index_select(dim, index))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales.nbytes
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+
+def rows_matmul(x: torch.Tensor, rows: torch.Tensor | Int8Rows) -> torch.Tensor:
+    """``x @ rows^T`` in float32: ``x [B, G, r, C]``, rows ``[B, G, n, C]`` -> ``[B, G, r, n]``. Int8 rows on a
+    CPU go through ``_weight_int8pack_mm`` per (batch, KV head), in bfloat16 (about 3 significant digits);
+    elsewhere they are dequantized (the reference the kernel is tested against)."""
+    if not isinstance(rows, Int8Rows):
+        return x.to(rows.dtype) @ rows.transpose(-1, -2)
+    if rows.device.type != "cpu":
+        return x.float() @ rows.float().transpose(-1, -2)
+    B, G = rows.shape[:2]
+    x = x.bfloat16()
+    out = [torch.ops.aten._weight_int8pack_mm(x[b, g].contiguous(), rows.codes[b, g].contiguous(), rows.scales[b, g])
+           for b in range(B) for g in range(G)]
+    return torch.stack(out).view(B, G, *out[0].shape).float()
+
+
 # --- 1. scores ---------------------------------------------------------------------------------------------------
-def minmax_bound(query: torch.Tensor, digests: torch.Tensor) -> torch.Tensor:
+def minmax_bound(query: torch.Tensor, digests: torch.Tensor | Int8Rows) -> torch.Tensor:
     """Quest's upper bound of ``q . k`` over a block: query ``[B, H, D]``, digests ``[B, G, n, 2D]`` (each block's
-    key max, then its key min) -> ``[B, G, r, n]``.
+    key max, then its key min; float or ``Int8Rows`` rounded outward) -> ``[B, G, r, n]``.
 
     ``sum_d max(q_d * max_d, q_d * min_d) = relu(q) . max + min(q, 0) . min`` because ``max >= min``: one matmul of
     ``[relu(q), min(q, 0)]`` with the packed digests instead of a ``[.., n, D]`` temporary."""
     B, H, D = query.shape
-    q = query.view(B, digests.shape[1], -1, D).to(digests.dtype)  # [B, G, r, D]
-    return torch.cat((q.clamp(min=0), q.clamp(max=0)), dim=-1) @ digests.transpose(-1, -2)
+    q = query.view(B, digests.shape[1], -1, D).float()  # [B, G, r, D]
+    return rows_matmul(torch.cat((q.clamp(min=0), q.clamp(max=0)), dim=-1), digests)
 
 
 def dot(query: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
@@ -123,11 +184,13 @@ def fine_candidates(coarse: torch.Tensor, per: int, loose: torch.Tensor) -> torc
     return torch.cat((ids, loose.expand(*ids.shape[:-1], -1)), dim=-1)
 
 
-def gather_summaries(summaries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def gather_summaries(summaries: torch.Tensor | Int8Rows, ids: torch.Tensor) -> torch.Tensor | Int8Rows:
     """Summaries ``[B, G, n, D]`` of the blocks ``ids [B, G, k]`` -> ``[B, G, k, D]``.
 
     Whole rows of ``D`` are copied (``index_select`` on the rows of the summaries' storage, which may be a slice of
     a larger buffer): about 4x faster here than ``gather``, which copies element by element."""
+    if isinstance(summaries, Int8Rows):
+        return Int8Rows(gather_summaries(summaries.codes, ids), summaries.scales.gather(-1, ids))
     B, G, n, D = summaries.shape
     if summaries.stride(3) != 1 or summaries.stride(2) != D:
         summaries = summaries.contiguous()

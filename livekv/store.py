@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import torch
 
+from livekv import retrieval
+
 
 class Bytes(NamedTuple):
     """Bytes of a part of a tier: ``used`` by its content, ``nbytes`` allocated."""
@@ -135,13 +137,14 @@ class HostStore:
         dtype: torch.dtype,
         device: torch.device,
         digests: bool = True,
+        digest_bits: int = 32,
     ):
         self.page_size = page_size
         self.track_digests = digests
         self.device = device  # where digests live and recalled tokens go
         self.dtype, self.head_dim = dtype, head_dim  # of the KV (what recall returns)
         self.pages = self._empty_pages(batch, kv_heads, pin=device.type == "cuda")
-        self.page_digests = PageDigests(batch, kv_heads, head_dim, device)
+        self.page_digests = PageDigests(batch, kv_heads, head_dim, device, digest_bits)
         self.length = 0
 
     def _empty_pages(self, batch: int, kv_heads: int, pin: bool) -> torch.Tensor:
@@ -296,31 +299,52 @@ class PageDigests:
     (``retrieval.minmax_bound``); and a coarse level over runs of pages, made when first asked for and extended as
     pages fill (a full page's digest never changes).
 
-    Packed: one matmul over ``2D`` columns reads the bytes of two over ``D`` in about half their time (32k tokens,
-    pages of 2, 28 layers, 2 threads: 54 vs 98 ms a step). float32 whatever the KV's dtype: torch's bfloat16
-    matmul copied the strided digest slice before every bound (47% of a bfloat16 quest step at 32k)."""
+    ``bits`` 32: float32 whatever the KV's dtype (torch's bfloat16 matmul copied the strided digest slice before
+    every bound: 47% of a bfloat16 quest step at 32k). ``bits`` 8: ``retrieval.Int8Rows``, a quarter of the bytes,
+    rounded outward (max up, min down) so that the bound stays an upper bound.
 
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, device: torch.device):
-        self.packed = torch.empty(batch, kv_heads, 0, 2 * head_dim, dtype=torch.float32, device=device)
-        self.coarse: tuple[int, torch.Tensor] | None = None  # (pages per run, [B, G, runs, 2D])
+    Packed: one matmul over ``2D`` columns reads the bytes of two over ``D`` in about half their time (32k tokens,
+    pages of 2, 28 layers, 2 threads: 54 vs 98 ms a step)."""
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, device: torch.device, bits: int = 32):
+        if bits not in (32, 8):
+            raise ValueError(f"page digests are kept in 32 or 8 bits, not {bits}")
+        self.bits = bits
+        self.packed = self._encode(torch.empty(batch, kv_heads, 0, 2 * head_dim, device=device))
+        self.coarse: tuple[int, torch.Tensor | retrieval.Int8Rows, int] | None = None  # (pages per run, runs, count)
+
+    def _encode(self, digests: torch.Tensor) -> torch.Tensor | retrieval.Int8Rows:
+        """float32 digests ``[B, G, n, 2D]`` in this store's form."""
+        return digests if self.bits == 32 else retrieval.Int8Rows.encode(digests, outward=True)
+
+    def _put(self, buf: torch.Tensor | retrieval.Int8Rows, first: int, new: torch.Tensor | retrieval.Int8Rows):
+        """``buf`` (grown as needed) with rows ``first, first + 1, ...`` set to ``new``'s."""
+        last = first + new.shape[2]
+        if self.bits == 8:
+            buf = retrieval.Int8Rows(grow(buf.codes, 2, last), grow(buf.scales, 2, last))
+            buf.codes[:, :, first:last], buf.scales[:, :, first:last] = new.codes, new.scales
+            return buf
+        buf = grow(buf, 2, last)
+        buf[:, :, first:last] = new
+        return buf
 
     def set(self, first: int, keys: torch.Tensor) -> None:
         """Digests of pages ``first, first + 1, ...`` from their keys ``[B, n, G, p, D]``."""
-        last = first + keys.shape[1]
-        self.packed = grow(self.packed, 2, last)
         keys = keys.to(self.packed.device, non_blocking=True)
-        self.packed[:, :, first:last] = torch.cat((keys.amax(dim=3), keys.amin(dim=3)), dim=-1).transpose(1, 2)
+        new = torch.cat((keys.amax(dim=3), keys.amin(dim=3)), dim=-1).transpose(1, 2).float()
+        self.packed = self._put(self.packed, first, self._encode(new))
 
-    def runs(self, per: int, n: int) -> torch.Tensor:
+    def runs(self, per: int, n: int) -> torch.Tensor | retrieval.Int8Rows:
         """Digests of the first ``n`` runs of ``per`` pages, ``[B, G, n, 2D]`` (from the pages' digests)."""
         if self.coarse is None or self.coarse[0] != per:
-            self.coarse = (per, self.packed[:, :, :0])
-        runs = self.coarse[1]
-        if n > runs.shape[2]:
-            B, G, _, D2 = self.packed.shape
-            new = self.packed[:, :, runs.shape[2] * per : n * per].reshape(B, G, -1, per, D2)
-            new = torch.cat((new[..., : D2 // 2].amax(3), new[..., D2 // 2 :].amin(3)), dim=-1)
-            self.coarse = (per, torch.cat((runs, new), dim=2))
+            self.coarse = (per, self.packed[:, :, :0], 0)
+        _, runs, done = self.coarse
+        if n > done:
+            pages = self.packed[:, :, done * per : n * per].float()
+            B, G, _, D2 = pages.shape
+            pages = pages.reshape(B, G, -1, per, D2)
+            new = torch.cat((pages[..., : D2 // 2].amax(3), pages[..., D2 // 2 :].amin(3)), dim=-1)
+            self.coarse = (per, self._put(runs, done, self._encode(new)), n)
         return self.coarse[1][:, :, :n]
 
     def memory(self, n: int) -> Bytes:
@@ -333,13 +357,22 @@ class PageDigests:
         self.coarse = None
 
     def state(self, n: int) -> dict[str, torch.Tensor]:
-        """The first ``n`` pages' digests as ``key_max`` and ``key_min`` ``[B, G, n, D]`` (the snapshot format)."""
-        key_max, key_min = self.packed[:, :, :n].chunk(2, dim=-1)
+        """The first ``n`` pages' digests: ``key_max`` and ``key_min`` ``[B, G, n, D]`` in float32, or the int8
+        ``digest_codes [B, G, n, 2D]`` and ``digest_scales [B, G, n]``."""
+        pages = self.packed[:, :, :n]
+        if self.bits == 8:
+            return {"digest_codes": pages.codes.contiguous(), "digest_scales": pages.scales.contiguous()}
+        key_max, key_min = pages.chunk(2, dim=-1)
         return {"key_max": key_max.contiguous(), "key_min": key_min.contiguous()}
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        packed = torch.cat((tensors["key_max"], tensors["key_min"]), dim=-1)
-        self.packed = packed.to(self.packed.device, torch.float32)
+        if ("digest_codes" in tensors) != (self.bits == 8):
+            raise ValueError(f"this snapshot's page digests are not in {self.bits} bits (digest_bits differ)")
+        device = self.packed.device
+        if self.bits == 8:
+            self.packed = retrieval.Int8Rows(tensors["digest_codes"].to(device), tensors["digest_scales"].to(device))
+        else:
+            self.packed = torch.cat((tensors["key_max"], tensors["key_min"]), dim=-1).to(device, torch.float32)
         self.coarse = None
 
 

@@ -36,6 +36,7 @@ class MethodConfig:
     aliases: ClassVar[tuple[str, ...]] = ()
     contexts: ClassVar[tuple[str, ...]] = ("text",)
     uses_digests: ClassVar[bool] = True  # whether the selector reads the host tier's min/max page digests
+    digest_bits: ClassVar[int] = 32  # their width (store.PageDigests); quest's is a knob
     reuse_resident: ClassVar[bool] = False  # keep recalled tokens in the fast tier across steps (copy only new ones)
 
     def __post_init__(self):
@@ -64,7 +65,7 @@ class MethodConfig:
             return DenseLayer(layer_idx)
         return RecallableLayer(layer_idx, self.make_selector(layer_idx), self.page_size, digests=self.uses_digests,
                                reuse=self.reuse_resident, host=self.host, host_dir=self.host_dir,
-                               host_bits=self.host_bits)
+                               host_bits=self.host_bits, digest_bits=self.digest_bits)
 
 
 @dataclass(kw_only=True)

@@ -44,6 +44,7 @@ class QuestConfig(SparseConfig):
                                   "of 2, at least 2): smaller pages, tighter min/max bounds")
     coarse_pages: int = knob(0, "pages per coarse block of the two-level selection (0: one level, every page scored)")
     coarse_keep: int = knob(1, "two-level selection: coarse blocks kept per page to select")
+    digest_bits: int = knob(32, "page digests in float32 (32) or int8 (8: a quarter of the bytes, rounded outward)")
 
     def default_page_size(self) -> int:
         if self.budget_pages < 1:
@@ -56,6 +57,8 @@ class QuestConfig(SparseConfig):
         super().validate()
         if self.coarse_pages < 0 or self.coarse_pages == 1:
             raise ValueError(f"{self.name}: coarse_pages must be 0 (one level) or >= 2, got {self.coarse_pages}")
+        if self.digest_bits not in (32, 8):
+            raise ValueError(f"{self.name}: digest_bits must be 32 or 8, got {self.digest_bits}")
         if self.coarse_keep < 1:
             raise ValueError(f"{self.name}: coarse_keep must be >= 1, got {self.coarse_keep}")
 
