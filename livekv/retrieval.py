@@ -9,8 +9,7 @@ page of a stream's long-term memory (the attention the question pays its tokens:
 2. pool the group (``pool_group``): ``max`` (Quest), ``softmax_mean`` (FreeKV), ``mean``, ``softmax_max``,
    ``rank`` (heads measured against their own scores);
 3. pick (``top_blocks`` for blocks of one size, ``ranked_prefix`` for blocks of many sizes); a two-level
-   selection picks coarse blocks first and scores only the fine blocks inside them (``fine_candidates``,
-   ``gather_summaries``);
+   selection picks coarse blocks first and scores only the fine blocks inside them (``gather_runs``);
 4. expand to token ids (``page_tokens``; a method with its own block table, e.g. clusters, maps them itself).
 
 B batch, G KV heads, r = H / G query heads per group, n blocks, D head dim.
@@ -176,14 +175,6 @@ def ranked_prefix(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> tup
     return order, sizes.gather(-1, order).cumsum(-1)
 
 
-def fine_candidates(coarse: torch.Tensor, per: int, loose: torch.Tensor) -> torch.Tensor:
-    """The fine blocks to score in a two-level selection: those of the chosen coarse blocks ``[B, G, m]`` (coarse
-    block ``c`` holds fine blocks ``c * per ...``) and the ``loose`` ones ``[l]`` outside any complete coarse block
-    -> fine ids ``[B, G, m * per + l]``."""
-    ids = page_tokens(coarse, per)
-    return torch.cat((ids, loose.expand(*ids.shape[:-1], -1)), dim=-1)
-
-
 def gather_summaries(summaries: torch.Tensor | Int8Rows, ids: torch.Tensor) -> torch.Tensor | Int8Rows:
     """Summaries ``[B, G, n, D]`` of the blocks ``ids [B, G, k]`` -> ``[B, G, k, D]``.
 
@@ -198,6 +189,17 @@ def gather_summaries(summaries: torch.Tensor | Int8Rows, ids: torch.Tensor) -> t
     rows = summaries.as_strided(((B - 1) * s0 + (G - 1) * s1 + n, D), (D, 1))
     base = torch.arange(B, device=ids.device).view(B, 1, 1) * s0 + torch.arange(G, device=ids.device).view(1, G, 1) * s1
     return rows.index_select(0, (ids + base).flatten()).view(*ids.shape, D)
+
+
+def gather_runs(summaries: torch.Tensor | Int8Rows, runs: torch.Tensor, per: int) -> torch.Tensor | Int8Rows:
+    """The summaries of runs of ``per`` consecutive blocks: summaries ``[B, G, n, C]`` (``n`` and the row stride
+    multiples of ``per``), runs ``[B, G, k]`` -> ``[B, G, k * per, C]``, each run copied as one row of ``per * C``
+    (fewer, longer copies than one per block)."""
+    if isinstance(summaries, Int8Rows):
+        scales = gather_runs(summaries.scales[..., None], runs, per)[..., 0]
+        return Int8Rows(gather_runs(summaries.codes, runs, per), scales)
+    B, G, n, C = summaries.shape
+    return gather_summaries(summaries.reshape(B, G, n // per, per * C), runs).view(B, G, -1, C)
 
 
 # --- 4. token ids --------------------------------------------------------------------------------------------------

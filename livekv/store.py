@@ -203,10 +203,15 @@ class HostStore:
         """Key max and min of the full pages, packed ``[B, G, P_full, 2D]`` (max | min)."""
         return self.page_digests.packed[:, :, : self.num_full_pages]
 
-    def coarse_digests(self, per: int) -> torch.Tensor:
-        """Key max and min over runs of ``per`` full pages (the coarse level of a two-level selection), packed
-        ``[B, G, P_full // per, 2D]``."""
-        return self.page_digests.runs(per, self.num_full_pages // per)
+    def coarse_digests(self, per: int, last: int | None = None) -> torch.Tensor:
+        """Key max and min over runs of ``per`` pages (the coarse level of a two-level selection) of full pages
+        ``[0, last)`` (default: all), packed ``[B, G, ceil(last / per), 2D]``; the last run may be partial."""
+        return self.page_digests.runs(per, self.num_full_pages if last is None else last)
+
+    def run_digests(self, per: int, runs: torch.Tensor) -> torch.Tensor:
+        """The page digests of runs ``runs [B, G, k]`` of ``per`` pages, ``[B, G, k * per, 2D]`` (pages that are
+        not full yet have none: mask them)."""
+        return self.page_digests.of_runs(per, runs)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Row ``b`` becomes row ``rows[b]`` (beam search): pages copied in place (the disk tier stays a file)."""
@@ -318,13 +323,16 @@ class PageDigests:
         return digests if self.bits == 32 else retrieval.Int8Rows.encode(digests, outward=True)
 
     def _put(self, buf: torch.Tensor | retrieval.Int8Rows, first: int, new: torch.Tensor | retrieval.Int8Rows):
-        """``buf`` (grown as needed) with rows ``first, first + 1, ...`` set to ``new``'s."""
-        last = first + new.shape[2]
+        """``buf`` (grown as needed, to a multiple of 64 rows and by a quarter at least) with rows ``first,
+        first + 1, ...`` set to ``new``'s."""
+        last, cap = first + new.shape[2], buf.shape[2]
+        if last > cap:
+            cap = -(-max(last, cap * 5 // 4) // 64) * 64
         if self.bits == 8:
-            buf = retrieval.Int8Rows(grow(buf.codes, 2, last), grow(buf.scales, 2, last))
+            buf = retrieval.Int8Rows(grow(buf.codes, 2, cap), grow(buf.scales, 2, cap))
             buf.codes[:, :, first:last], buf.scales[:, :, first:last] = new.codes, new.scales
             return buf
-        buf = grow(buf, 2, last)
+        buf = grow(buf, 2, cap)
         buf[:, :, first:last] = new
         return buf
 
@@ -334,18 +342,34 @@ class PageDigests:
         new = torch.cat((keys.amax(dim=3), keys.amin(dim=3)), dim=-1).transpose(1, 2).float()
         self.packed = self._put(self.packed, first, self._encode(new))
 
-    def runs(self, per: int, n: int) -> torch.Tensor | retrieval.Int8Rows:
-        """Digests of the first ``n`` runs of ``per`` pages, ``[B, G, n, 2D]`` (from the pages' digests)."""
+    def runs(self, per: int, last: int) -> torch.Tensor | retrieval.Int8Rows:
+        """Digests of runs of ``per`` pages over pages ``[0, last)``, ``[B, G, ceil(last / per), 2D]``. Full runs
+        are kept and extended; a partial last run is made at each call, in the slot its full run will take."""
         if self.coarse is None or self.coarse[0] != per:
             self.coarse = (per, self.packed[:, :, :0], 0)
         _, runs, done = self.coarse
-        if n > done:
-            pages = self.packed[:, :, done * per : n * per].float()
-            B, G, _, D2 = pages.shape
-            pages = pages.reshape(B, G, -1, per, D2)
-            new = torch.cat((pages[..., : D2 // 2].amax(3), pages[..., D2 // 2 :].amin(3)), dim=-1)
-            self.coarse = (per, self._put(runs, done, self._encode(new)), n)
-        return self.coarse[1][:, :, :n]
+        full = last // per
+        if full > done:
+            runs = self._put(runs, done, self._reduce(done * per, full * per, per))
+            self.coarse = (per, runs, full)
+        if last > full * per:
+            runs = self._put(runs, full, self._reduce(full * per, last, last - full * per))
+            self.coarse = (per, runs, self.coarse[2])
+        return runs[:, :, : -(-last // per)]
+
+    def _reduce(self, first: int, last: int, per: int) -> torch.Tensor | retrieval.Int8Rows:
+        """Digests of pages ``[first, last)`` reduced over runs of ``per``: ``[B, G, (last - first) / per, 2D]``."""
+        pages = self.packed[:, :, first:last].float()
+        B, G, _, D2 = pages.shape
+        pages = pages.reshape(B, G, -1, per, D2)
+        return self._encode(torch.cat((pages[..., : D2 // 2].amax(3), pages[..., D2 // 2 :].amin(3)), dim=-1))
+
+    def of_runs(self, per: int, runs: torch.Tensor) -> torch.Tensor | retrieval.Int8Rows:
+        """The page digests of runs ``runs [B, G, k]`` of ``per`` pages: ``[B, G, k * per, 2D]``."""
+        if self.packed.shape[2] % per:  # capacity is a multiple of 64 pages: only for runs that do not divide it
+            pages = retrieval.page_tokens(runs, per).clamp(max=self.packed.shape[2] - 1)  # beyond: masked anyway
+            return retrieval.gather_summaries(self.packed, pages)
+        return retrieval.gather_runs(self.packed, runs, per)
 
     def memory(self, n: int) -> Bytes:
         """Bytes used by ``n`` pages' digests and the coarse level, and allocated."""

@@ -6,7 +6,8 @@ import torch
 from conftest import decode, tiny_model
 from livekv import LiveKVCache
 
-FULL = {"dense": {}, "quest": dict(budget=4096), "sink_window": dict(budget=4096)}
+FULL = {"dense": {}, "quest": dict(budget=4096), "sink_window": dict(budget=4096),
+        "quest:digest_bits=8,coarse_pages=2": dict(budget=4096)}
 
 
 

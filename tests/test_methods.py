@@ -14,11 +14,11 @@ def _store(T, page_size=4, B=2, G=2, D=8, seed=0):
     return store
 
 
-@pytest.mark.parametrize("method", ["quest", "sink_window", "quest:coarse_pages=2"])
+@pytest.mark.parametrize("method", ["quest", "sink_window", "quest:coarse_pages=2", "quest:coarse_pages=4,digest_bits=8",
+                                    "quest:coarse_pages=3"])
 @pytest.mark.parametrize("T", [37, 64, 203])
 def test_selection_invariants(method, T):
-    name, _, knob = method.partition(":coarse_pages=")
-    cfg = make_method(name, budget=32, sink=4, window=8, page_size=4, **({"coarse_pages": int(knob)} if knob else {}))
+    cfg = make_method(method, budget=32, sink=4, window=8, page_size=4)
     store = _store(T)
     q = torch.randn(2, 6, 8)  # 6 query heads over 2 KV heads
     idx = cfg.make_selector(0).select(q, store)
@@ -59,14 +59,18 @@ def test_two_level_selection_scores_the_pages_of_the_best_runs_only():
     store = _store(1024, B=2, G=2)
     q = torch.randn(2, 6, 8)
     sel = _two_level(8).make_selector(0)
-    first, last, n = 2, 254, 12  # 254 full candidate pages: runs 1..30 whole, pages 2-7 and 248-253 loose
+    first, last, n = 2, 254, 12  # candidate pages [2, 254): runs 0..30 whole (0 holds sink pages), 31 partial
     picked = sel.pick(q, store, first, last, n)
-    runs = minmax_bound(q, store.coarse_digests(8)[:, :, 1:31]).amax(-2).topk(n, dim=-1).indices + 1
+    kmax, kmin = store.digests().chunk(2, dim=-1)
     for b in range(2):
         for g in range(2):
-            cand = torch.cat([torch.arange(8 * r, 8 * r + 8) for r in runs[b, g].tolist()]
-                             + [torch.arange(2, 8), torch.arange(248, 254)])
-            pages = minmax_bound(q[b:b + 1, 3 * g:3 * g + 3], store.digests()[b:b + 1, g:g + 1, cand])
+            head = (slice(b, b + 1), slice(3 * g, 3 * g + 3))
+            cand = [torch.arange(max(8 * r, first), min(8 * r + 8, last)) for r in range(32)]
+            run_digests = torch.stack([torch.cat((kmax[b, g, c].amax(0), kmin[b, g, c].amin(0))) for c in
+                                       [torch.arange(8 * r, min(8 * r + 8, last)) for r in range(32)]])
+            runs = minmax_bound(q[head], run_digests[None, None]).amax(-2).flatten().topk(n).indices
+            cand = torch.cat([cand[r] for r in runs.tolist()])
+            pages = minmax_bound(q[head], store.digests()[b:b + 1, g:g + 1, cand])
             best = cand[pages.amax(-2).flatten().topk(n).indices]
             assert sorted(picked[b, g].tolist()) == sorted(best.tolist())
 

@@ -4,11 +4,11 @@ A decode step reads sink + the best-scoring full pages between sink and window +
 query head is an upper bound of ``q . k`` over its keys (``retrieval.minmax_bound``); the group's query heads are
 pooled (Quest: max) so that one KV head reads one set of pages.
 
-Two-level selection (``coarse_pages``): the store also keeps min/max digests over runs of ``coarse_pages`` pages;
-a step scores those first, keeps ``coarse_keep`` runs per page it needs, and scores only the pages inside them (and the
-few outside any complete run). A run's bound is at least the bound of each of its pages, so a page whose run is
-not kept is one whose run's bound ranks below that many others. At 32k tokens and budget 256 that scores about
-a sixth of the page digests.
+Two-level selection (``coarse_pages``): the store also keeps min/max digests over runs of ``coarse_pages`` pages
+(the last run up to the window partial); a step scores those first, keeps ``coarse_keep`` runs per page it needs,
+and scores only the pages inside them (copied run by run; those outside the candidate range masked). A run's bound
+is at least the bound of each of its pages, so a page whose run is not kept is one whose run's bound ranks below
+that many others.
 """
 
 from __future__ import annotations
@@ -83,18 +83,16 @@ class QuestSelector:
 
     def pick(self, query: torch.Tensor, store: HostStore, first: int, last: int, n: int) -> torch.Tensor:
         """The ``n`` best full pages of ``[first, last)`` for query ``[B, H, D]``: page ids ``[B, G, n]``."""
-        per = self.cfg.coarse_pages
-        lo, hi = (-(-first // per), last // per) if per else (0, 0)
+        per, keep = self.cfg.coarse_pages, n * self.cfg.coarse_keep
         digest_bytes = store.digests()[:, :, :1].nbytes
-        keep = n * self.cfg.coarse_keep
-        if hi - lo <= keep:  # no fewer pages to score than in one level
+        if not per or -(-last // per) <= keep:  # one level: no fewer pages to score in two
             self.select_nbytes = (last - first) * digest_bytes
             return retrieval.top_blocks(self.score(query, store, first, last), n) + first
-        runs = self.bound(query, store.coarse_digests(per)[:, :, lo:hi])
-        loose = torch.cat((torch.arange(first, lo * per), torch.arange(hi * per, last))).to(query.device)
-        ids = retrieval.fine_candidates(retrieval.top_blocks(runs, keep) + lo, per, loose)  # [B, G, keep * per + l]
-        self.select_nbytes = (hi - lo + ids.shape[-1]) * digest_bytes
-        pages = self.bound(query, retrieval.gather_summaries(store.digests(), ids))
+        runs = self.bound(query, store.coarse_digests(per, last))  # [B, G, ceil(last / per)]
+        kept = retrieval.top_blocks(runs, keep)
+        ids = retrieval.page_tokens(kept, per)  # [B, G, keep * per]: their pages, those outside [first, last) masked
+        pages = self.bound(query, store.run_digests(per, kept)).masked_fill_((ids < first) | (ids >= last), float("-inf"))
+        self.select_nbytes = (runs.shape[-1] + ids.shape[-1]) * digest_bytes
         return ids.gather(-1, retrieval.top_blocks(pages, n))
 
     def select(self, query: torch.Tensor, store: HostStore) -> torch.Tensor:
