@@ -49,6 +49,13 @@ class Int8Rows:
             q = torch.cat((q[..., :half].ceil(), q[..., half:].floor()), dim=-1)
         return cls(q.round().clamp(-127, 127).to(torch.int8), scale)
 
+    @staticmethod
+    def cat(a: torch.Tensor | Int8Rows, b: torch.Tensor | Int8Rows) -> torch.Tensor | Int8Rows:
+        """Rows of ``a`` then ``b`` (``[B, G, n, C]``, both float or both int8)."""
+        if isinstance(a, Int8Rows):
+            return Int8Rows(torch.cat((a.codes, b.codes), dim=2), torch.cat((a.scales, b.scales), dim=2))
+        return torch.cat((a, b), dim=2)
+
     def float(self) -> torch.Tensor:
         return self.codes.float() * self.scales.float()[..., None]
 
@@ -74,10 +81,11 @@ class Int8Rows:
 def rows_matmul(x: torch.Tensor, rows: torch.Tensor | Int8Rows) -> torch.Tensor:
     """``x @ rows^T`` in float32: ``x [B, G, r, C]``, rows ``[B, G, n, C]`` -> ``[B, G, r, n]``. Int8 rows on a
     CPU go through ``_weight_int8pack_mm`` per (batch, KV head), in bfloat16 (about 3 significant digits);
-    elsewhere they are dequantized (the reference the kernel is tested against)."""
+    elsewhere, and for rows whose length is not a multiple of 16 (the kernel crashes on them), they are
+    dequantized (the reference the kernel is tested against)."""
     if not isinstance(rows, Int8Rows):
         return x.to(rows.dtype) @ rows.transpose(-1, -2)
-    if rows.device.type != "cpu":
+    if rows.device.type != "cpu" or rows.shape[-1] % 16:
         return x.float() @ rows.float().transpose(-1, -2)
     B, G = rows.shape[:2]
     x = x.bfloat16()
@@ -98,11 +106,12 @@ def minmax_bound(query: torch.Tensor, digests: torch.Tensor | Int8Rows) -> torch
     return rows_matmul(torch.cat((q.clamp(min=0), q.clamp(max=0)), dim=-1), digests)
 
 
-def dot(query: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
-    """``q . s`` in float32: query ``[B, H, D]``, summaries ``[B, G, n, D]`` (e.g. centroids) -> ``[B, G, r, n]``."""
+def dot(query: torch.Tensor, summaries: torch.Tensor | Int8Rows) -> torch.Tensor:
+    """``q . s`` in float32: query ``[B, H, D]``, summaries ``[B, G, n, D]`` (e.g. centroids; float or
+    ``Int8Rows``) -> ``[B, G, r, n]``."""
     B, H, D = query.shape
     G = summaries.shape[1]
-    return query.view(B, G, H // G, D).float() @ summaries.transpose(-1, -2)
+    return rows_matmul(query.view(B, G, H // G, D).float(), summaries)
 
 
 def cosine(query: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,21 @@ def test_selection_takes_whole_clusters_in_score_order(T):
             assert int(taken.sum()) == 128 - 16 - 1
 
 
+def test_int8_centroids_score_like_float_ones_in_a_quarter_of_the_bytes():
+    store, q = _store(517), torch.randn(2, 6, 8)
+    sels = {bits: ClusterKVConfig(budget=128, sink=16, window=24, tokens_per_cluster=4, centroid_bits=bits)
+            .make_selector(2) for bits in (32, 8)}
+    picked = {bits: sel.select(q, store) for bits, sel in sels.items()}
+    exact, quant = sels[32], sels[8]
+    assert torch.equal(quant.members, exact.members)  # the same clustering: only the stored centroids differ
+    assert quant.centroids.codes.nbytes * 4 == exact.centroids.nbytes
+    torch.testing.assert_close(quant.centroids.float(), exact.centroids, atol=exact.centroids.abs().max() / 100, rtol=0)
+    s32, s8 = exact.score(q), quant.score(q)
+    assert (s8 - s32).abs().max() <= 0.02 * s32.abs().max()
+    same = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(picked[32].flatten(0, 1), picked[8].flatten(0, 1)))
+    assert same >= 0.9 * picked[32].numel()
+
+
 def test_incremental_clustering_appends_clusters_every_window_tokens():
     cfg = ClusterKVConfig(budget=200, sink=16, window=40, new_clusters=4, tokens_per_cluster=80)
     sel, store = cfg.make_selector(2), _store(600)

@@ -15,7 +15,8 @@ from livekv.stream.session import StreamSession
 
 TEXT = {"dense": {}, "sink_window": dict(budget=40), "quest": dict(budget=48, page_size=8),
         "quest:digest_bits=8,coarse_pages=2": dict(budget=48, page_size=4),
-        "freekv": dict(budget=48, page_size=8, tau=float("-inf")), "clusterkv": dict(budget=48)}  # freekv: never
+        "freekv": dict(budget=48, page_size=8, tau=float("-inf")), "clusterkv": dict(budget=48),
+        "clusterkv:centroid_bits=8": dict(budget=48)}  # freekv: never
 # corrects, so that the restored speculation is what its next step reads
 STREAM = {"full": {}, "sink_window": {}, "rekv": {}, "livevlm": {}, "livevlm offload": dict(offload=True)}
 

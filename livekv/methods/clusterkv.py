@@ -75,6 +75,7 @@ class ClusterKVConfig(SparseConfig):
     new_clusters: int = knob(8, "clusters made of every `window` decoded tokens")
     kmeans_iters: int = knob(20, "at most this many k-means iterations")
     gqa_pool: retrieval.Pool = knob("max", "pooling of the cluster scores over a GQA group")
+    centroid_bits: int = knob(32, "centroids in float32 (32) or int8 (8: a quarter of the bytes a selection reads)")
 
     def set_defaults(self) -> None:
         if self.sink is not None and self.window is None:
@@ -88,6 +89,8 @@ class ClusterKVConfig(SparseConfig):
             raise ValueError(
                 f"budget {self.budget} is too small: it must exceed sink ({self.sink}) + window ({self.window})"
             )
+        if self.centroid_bits not in (32, 8):
+            raise ValueError(f"centroid_bits must be 32 or 8, got {self.centroid_bits}")
         for knob in ("tokens_per_cluster", "new_clusters", "kmeans_iters"):
             if getattr(self, knob) < 1:
                 raise ValueError(f"{knob} must be >= 1, got {getattr(self, knob)}")
@@ -98,7 +101,8 @@ class ClusterKVConfig(SparseConfig):
 
 class ClusterKVSelector:
     """One layer's cluster index, built lazily from the host tier. Per row (batch, KV head), C clusters over the
-    N tokens ``[sink, clustered)``: ``centroids [B, G, C, D]`` (float32), ``sizes [B, G, C]``, ``starts [B, G, C]``
+    N tokens ``[sink, clustered)``: ``centroids [B, G, C, D]`` (float32, or ``retrieval.Int8Rows`` with
+    ``centroid_bits`` 8), ``sizes [B, G, C]``, ``starts [B, G, C]``
     (exclusive prefix sums of the sizes), ``members [B, G, N]`` (token ids grouped by cluster, in position order
     within a cluster: cluster c is ``members[..., starts[c] : starts[c] + sizes[c]]``)."""
 
@@ -157,8 +161,10 @@ class ClusterKVSelector:
         sizes.scatter_add_(-1, assign, torch.ones_like(assign))
         members = ids.to(keys.device).gather(-1, assign.argsort(dim=-1, stable=True))
         centroids = centroids.view(B, G, n_clusters, -1)
+        if cfg.centroid_bits == 8:
+            centroids = retrieval.Int8Rows.encode(centroids)
         if self.members is not None:
-            centroids = torch.cat((self.centroids, centroids), 2)
+            centroids = retrieval.Int8Rows.cat(self.centroids, centroids)
             sizes = torch.cat((self.sizes, sizes), -1)
             members = torch.cat((self.members, members), -1)
         self.centroids, self.sizes, self.members = centroids, sizes, members
@@ -176,11 +182,17 @@ class ClusterKVSelector:
 
     def state(self) -> tuple[dict, dict]:
         tensors = {} if self.members is None else {k: getattr(self, k) for k in self.INDEX}
+        if isinstance(tensors.get("centroids"), retrieval.Int8Rows):
+            tensors["centroids"], tensors["centroid_scales"] = tensors["centroids"].codes, tensors["centroids"].scales
         return tensors, {"clustered": self.clustered, "clusterings": self.clusterings, "cluster_s": self.cluster_s}
 
     def load_state(self, tensors: dict, meta: dict, device: torch.device | str = "cpu") -> None:
+        if "centroids" in tensors and ("centroid_scales" in tensors) != (self.cfg.centroid_bits == 8):
+            raise ValueError(f"this snapshot's centroids are not in {self.cfg.centroid_bits} bits")
         for k in self.INDEX:
             setattr(self, k, tensors[k].to(device) if k in tensors else None)
+        if "centroid_scales" in tensors:
+            self.centroids = retrieval.Int8Rows(self.centroids, tensors["centroid_scales"].to(device))
         self.clustered, self.clusterings, self.cluster_s = meta["clustered"], meta["clusterings"], meta["cluster_s"]
 
     @property
