@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from livekv.store import HostStore, grow
+from livekv.store import HostStore
+from livekv.tensors import grow
 
 QUANT_GROUP = 32  # tokens per key group (KIVI)
 ROW = 1 << 40  # rows(): (b * G + g) * ROW + token

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from livekv.store import grow
+from livekv.tensors import grow
 
 if TYPE_CHECKING:
     from livekv.store import HostStore

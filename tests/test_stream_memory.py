@@ -203,7 +203,7 @@ def test_bad_configurations_raise_clear_errors(adapter):
 
 
 def test_rekv_blocks_are_frames_even_across_offloads():
-    from livekv.store import BlockSummaries
+    from livekv.summaries import BlockSummaries
 
     keys = torch.randn(2, 7, 4)
     frame = torch.tensor([0, 0, 1, 1, 1, -1, 2])

@@ -41,7 +41,7 @@ import torch
 from livekv import retrieval
 from livekv.methods.base import SparseConfig, knob
 from livekv.methods.kmeans import TWO_LEVEL_FROM, kmeans, two_level_kmeans
-from livekv.store import Bytes
+from livekv.tensors import Bytes
 
 if TYPE_CHECKING:
     from livekv.cache import LiveKVCache

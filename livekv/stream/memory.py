@@ -29,7 +29,8 @@ from livekv.attention import attend, set_pending
 from livekv.layers import Layer, Memory, Plan, Recall
 from livekv.retrieval import received_attention
 from livekv.disk import make_host_store, state_layout
-from livekv.store import BlockSummaries, FastBuffer, HostStore
+from livekv.store import FastBuffer, HostStore
+from livekv.summaries import BlockSummaries
 
 HOST_PAGE = 16  # tokens per page of a stream's host tier (its layout only; blocks are the method's)
 
