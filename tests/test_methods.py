@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from conftest import decode, tiny_model
+from livekv import LiveKVCache
 from livekv.methods import METHODS, knob_options, make_method
 from livekv.methods.quest import QuestConfig
 from livekv.retrieval import minmax_bound
@@ -154,3 +156,16 @@ def test_gather_summaries_equals_indexing_also_on_slices_of_a_larger_buffer(shap
     for s in (buf[:, :, :n], buf[:, :, :n].transpose(0, 1).contiguous().transpose(0, 1), buf[:, :, :n, :].clone()):
         want = torch.stack([torch.stack([s[b, g, ids[b, g]] for g in range(G)]) for b in range(B)])
         assert torch.equal(gather_summaries(s, ids), want)
+
+
+@pytest.mark.parametrize("method", ["quest", "freekv", "clusterkv"])
+def test_summary_bits_reach_every_sparse_layer(method, ids):
+    model = tiny_model("llama")
+    knob = "centroid_bits" if method == "clusterkv" else "digest_bits"
+    cache = LiveKVCache(model.config, method, budget=48, **{knob: 8})
+    decode(model, cache, ids[:, :100], prefill=80)
+    for layer in cache.recallable_layers:
+        if method == "clusterkv":
+            assert layer.selector.centroids.codes.dtype == torch.int8
+        else:
+            assert layer.host.page_digests.bits == 8 and layer.host.digests().codes.dtype == torch.int8
