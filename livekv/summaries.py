@@ -12,6 +12,7 @@ import torch
 from livekv import retrieval
 from livekv.tensors import Bytes, grow
 
+
 class PageDigests:
     """Quest's page digests of one layer: the element-wise max and min of each page's keys per KV head, packed
     ``[B, G, P, 2D]`` (max | min), so that bounding every page is one matmul over contiguous rows
@@ -80,7 +81,7 @@ class PageDigests:
 
     def of_runs(self, per: int, runs: torch.Tensor) -> torch.Tensor | retrieval.Int8Rows:
         """The page digests of runs ``runs [B, G, k]`` of ``per`` pages: ``[B, G, k * per, 2D]``."""
-        if self.packed.shape[2] % per:  # capacity is a multiple of 64 pages: only for runs that do not divide it
+        if self.packed.shape[2] % per:  # capacity is a multiple of 64 pages: for runs of a size that does not divide it
             pages = retrieval.page_tokens(runs, per).clamp(max=self.packed.shape[2] - 1)  # beyond: masked anyway
             return retrieval.gather_summaries(self.packed, pages)
         return retrieval.gather_runs(self.packed, runs, per)
@@ -108,9 +109,10 @@ class PageDigests:
             raise ValueError(f"this snapshot's page digests are not in {self.bits} bits (digest_bits differ)")
         device = self.packed.device
         if self.bits == 8:
-            self.packed = retrieval.Int8Rows(tensors["digest_codes"].to(device), tensors["digest_scales"].to(device))
+            pages = retrieval.Int8Rows(tensors["digest_codes"].to(device), tensors["digest_scales"].to(device))
         else:
-            self.packed = torch.cat((tensors["key_max"], tensors["key_min"]), dim=-1).to(device, torch.float32)
+            pages = torch.cat((tensors["key_max"], tensors["key_min"]), dim=-1).to(device, torch.float32)
+        self.packed = self._put(self.packed[:, :, :0], 0, pages)  # capacity in multiples of 64, as appends leave it
         self.coarse = None
 
 

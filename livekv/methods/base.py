@@ -63,9 +63,12 @@ class MethodConfig:
         their own decode step (e.g. speculative recall) override this."""
         if self.dense_layer(layer_idx):
             return DenseLayer(layer_idx)
-        return RecallableLayer(layer_idx, self.make_selector(layer_idx), self.page_size, digests=self.uses_digests,
-                               reuse=self.reuse_resident, host=self.host, host_dir=self.host_dir,
-                               host_bits=self.host_bits, digest_bits=self.digest_bits)
+        return RecallableLayer(layer_idx, self.make_selector(layer_idx), self.page_size, **self.tier_options())
+
+    def tier_options(self) -> dict:
+        """A recallable layer's tier knobs (for ``RecallableLayer``; a method's own layer passes them on too)."""
+        return dict(digests=self.uses_digests, digest_bits=self.digest_bits, reuse=self.reuse_resident,
+                    host=self.host, host_dir=self.host_dir, host_bits=self.host_bits)
 
 
 @dataclass(kw_only=True)

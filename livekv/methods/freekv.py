@@ -109,8 +109,7 @@ class FreeKVLayer(RecallableLayer):
     background = True
 
     def __init__(self, layer_idx: int, cfg: FreeKVConfig):
-        super().__init__(layer_idx, cfg.make_selector(layer_idx), cfg.page_size, host=cfg.host, host_dir=cfg.host_dir,
-                         host_bits=cfg.host_bits, digest_bits=cfg.digest_bits)
+        super().__init__(layer_idx, cfg.make_selector(layer_idx), cfg.page_size, **cfg.tier_options())
         self.cfg = cfg
         self.diag = FreeKVDiagnostics()
         self.pending: Future | None = None  # the background recall for the next step
