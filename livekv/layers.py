@@ -36,6 +36,7 @@ from transformers.cache_utils import CacheLayerMixin
 from livekv.attention import attend, set_pending
 from livekv.slots import ResidentSet
 from livekv.disk import make_host_store, state_layout
+from livekv.int8kv import Int8KV
 from livekv.store import FastBuffer, HostStore
 
 
@@ -133,41 +134,62 @@ ONE_SEQUENCE = "A LiveKVCache holds one sequence: call cache.reset() (or make a 
 
 
 class DenseLayer(Layer):
-    """The whole KV in the fast tier, ``[B, G, T, D]`` (a growable buffer, not a concat per step)."""
+    """The whole KV in the fast tier, ``[B, G, T, D]`` (a growable buffer, not a concat per step); with
+    ``kv_bits=8`` in int8 (``livekv.int8kv``), attended from the codes."""
+
+    def __init__(self, layer_idx: int, kv_bits: int = 16):
+        super().__init__(layer_idx)
+        self.kv_bits = kv_bits
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, G, _, D = key_states.shape
-        self.fast = FastBuffer(B, G, D, key_states.dtype, key_states.device)
+        kind = Int8KV if self.kv_bits == 8 else FastBuffer
+        self.fast = kind(B, G, D, key_states.dtype, key_states.device)
         self.is_initialized = True
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.fast.append(key_states, value_states)
-        self.keys, self.values = self.fast.view()
+        self._expose()
+
+    def _expose(self) -> None:
+        """transformers' ``keys``/``values`` attributes: the buffer's valid part (int8 codes are not exposed)."""
+        if isinstance(self.fast, FastBuffer):
+            self.keys, self.values = self.fast.view()
 
     def get_seq_length(self) -> int:
         return self.fast.length if self.is_initialized else 0
 
     def attend(self, query, key_new, value_new, mask, scaling) -> torch.Tensor:
+        if isinstance(self.fast, Int8KV):
+            return self.fast.attend(query, scaling, mask)
         keys, values = self.fast.view()
         return attend(query, keys, values, scaling, mask)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.fast.select_rows(rows)
-        self.keys, self.values = self.fast.view()
+        self._expose()
 
     def memory(self) -> Memory:
         return Memory(self.fast.used, self.fast.nbytes) if self.is_initialized else Memory()
 
     def state(self) -> tuple[dict, dict]:
-        return (self.fast.state() if self.is_initialized else {}), {}
+        if not self.is_initialized:
+            return {}, {}
+        return self.fast.state(), ({"dtype": str(self.fast.dtype).removeprefix("torch.")} if self.kv_bits == 8 else {})
 
     def load_state(self, tensors: dict, meta: dict, device: torch.device | str = "cpu") -> None:
-        if tensors:
+        if not tensors:
+            return
+        if ("key_codes" in tensors) != (self.kv_bits == 8):
+            raise ValueError(f"this dense layer keeps its KV in {self.kv_bits} bits; the snapshot's layer does not")
+        if self.kv_bits == 8:
+            self.fast = Int8KV.from_state(tensors, getattr(torch, meta["dtype"]), device)
+        else:
             self.fast = FastBuffer.from_state(tensors, device)
-            self.keys, self.values = self.fast.view()
-            self.is_initialized = True
+        self._expose()
+        self.is_initialized = True
 
 
 class RecallableLayer(Layer):

@@ -62,8 +62,7 @@ def bytes_per_step(model, cache: LiveKVCache) -> int:
     total = weight_bytes(model)
     for layer in cache.layers:
         if isinstance(layer, DenseLayer):
-            k, v = layer.fast.view()
-            total += k.nbytes + v.nbytes
+            total += layer.fast.used
         elif isinstance(layer, RecallableLayer):
             s = layer.stats
             recalled = s.bytes_recalled / max(s.steps, 1)

@@ -38,6 +38,7 @@ class MethodConfig:
     uses_digests: ClassVar[bool] = True  # whether the selector reads the host tier's min/max page digests
     digest_bits: ClassVar[int] = 32  # their width (store.PageDigests); quest's is a knob
     reuse_resident: ClassVar[bool] = False  # keep recalled tokens in the fast tier across steps (copy only new ones)
+    kv_bits: ClassVar[int] = 16  # dense layers' fast tier: the KV's dtype (16) or int8 (8); dense's is a knob
 
     def __post_init__(self):
         check_knob_types(self)
@@ -62,7 +63,7 @@ class MethodConfig:
         """The cache layer of ``layer_idx``: dense, or recallable with this method's selector. Methods that need
         their own decode step (e.g. speculative recall) override this."""
         if self.dense_layer(layer_idx):
-            return DenseLayer(layer_idx)
+            return DenseLayer(layer_idx, self.kv_bits)
         return RecallableLayer(layer_idx, self.make_selector(layer_idx), self.page_size, **self.tier_options())
 
     def tier_options(self) -> dict:

@@ -77,7 +77,7 @@ class FreeKVConfig(QuestConfig):
         super().set_defaults()
 
     def make_layer(self, layer_idx: int):
-        return DenseLayer(layer_idx) if self.dense_layer(layer_idx) else FreeKVLayer(layer_idx, self)
+        return DenseLayer(layer_idx, self.kv_bits) if self.dense_layer(layer_idx) else FreeKVLayer(layer_idx, self)
 
 
 COSINE_BINS = 200  # histogram of the adjacent-query cosines over [-1, 1]
