@@ -15,7 +15,8 @@ from transformers.cache_utils import Cache
 
 from livekv import snapshot
 from livekv.attention import check_not_pending, set_mask_cache
-from livekv.layers import ONE_SEQUENCE, LayerStats, Memory, RecallableLayer
+from livekv.layers import ONE_SEQUENCE, RecallableLayer
+from livekv.protocol import LayerStats, Memory
 from livekv.methods import MethodConfig, make_method
 
 

@@ -25,10 +25,10 @@ import torch
 
 from livekv.bench.decode import fill_cache
 from livekv.cache import LiveKVCache
-from livekv.layers import LayerStats
 from livekv.evals.corpus import filler_token_ids
 from livekv.generation import prefill
 from livekv.models import load_model
+from livekv.protocol import LayerStats
 from livekv.recall import _timed
 
 CONTEXT, BUDGET, STEPS, ROUNDS = 32768, 2048, 8, 4

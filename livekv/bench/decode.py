@@ -29,7 +29,8 @@ import time
 import torch
 
 from livekv.cache import LiveKVCache
-from livekv.layers import DenseLayer, LayerStats, RecallableLayer
+from livekv.layers import DenseLayer, RecallableLayer
+from livekv.protocol import LayerStats
 from livekv.generation import prefill
 from livekv.progress import above_bars, bar
 from livekv.quantize import weight_bytes

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 from livekv.layers import DenseLayer, RecallableLayer
 
 if TYPE_CHECKING:
-    from livekv.layers import Plan, Recall, Selector
+    from livekv.protocol import Plan, Recall, Selector
 
 
 def knob(default, help: str, **kwargs):

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 
 from livekv import retrieval
 from livekv.attention import attend
-from livekv.layers import DenseLayer, Memory, RecallableLayer
+from livekv.layers import DenseLayer, RecallableLayer
+from livekv.protocol import Memory
 from livekv.methods.base import knob
 from livekv.methods.quest import QuestConfig, sink_pages_window
 from livekv.recall import copy_pages, engine, wait_cuda

@@ -35,7 +35,7 @@ from typing import ClassVar
 import torch
 
 from livekv import retrieval
-from livekv.layers import Plan, Recall
+from livekv.protocol import Plan, Recall
 from livekv.methods.base import HostTier, StreamMethod, knob
 
 

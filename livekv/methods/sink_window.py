@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from livekv.layers import Plan
+from livekv.protocol import Plan
 from livekv.methods.base import SparseConfig, StreamMethod
 
 if TYPE_CHECKING:

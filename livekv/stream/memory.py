@@ -26,7 +26,8 @@ import torch
 from transformers.cache_utils import Cache
 
 from livekv.attention import attend, set_pending
-from livekv.layers import Layer, Memory, Plan, Recall
+from livekv.layers import Layer
+from livekv.protocol import Memory, Plan, Recall
 from livekv.retrieval import received_attention
 from livekv.disk import make_host_store, state_layout
 from livekv.store import FastBuffer, HostStore
