@@ -49,13 +49,6 @@ class Int8Rows:
             q = torch.cat((q[..., :half].ceil(), q[..., half:].floor()), dim=-1)
         return cls(q.round().clamp(-127, 127).to(torch.int8), scale)
 
-    @staticmethod
-    def cat(a: torch.Tensor | Int8Rows, b: torch.Tensor | Int8Rows) -> torch.Tensor | Int8Rows:
-        """Rows of ``a`` then ``b`` (``[B, G, n, C]``, both float or both int8)."""
-        if isinstance(a, Int8Rows):
-            return Int8Rows(torch.cat((a.codes, b.codes), dim=2), torch.cat((a.scales, b.scales), dim=2))
-        return torch.cat((a, b), dim=2)
-
     def float(self) -> torch.Tensor:
         return self.codes.float() * self.scales.float()[..., None]
 
@@ -76,6 +69,13 @@ class Int8Rows:
     @property
     def device(self) -> torch.device:
         return self.codes.device
+
+
+def cat_rows(a: torch.Tensor | Int8Rows, b: torch.Tensor | Int8Rows) -> torch.Tensor | Int8Rows:
+    """Rows of ``a`` then ``b`` (``[B, G, n, C]``, both float or both ``Int8Rows``)."""
+    if isinstance(a, Int8Rows):
+        return Int8Rows(torch.cat((a.codes, b.codes), dim=2), torch.cat((a.scales, b.scales), dim=2))
+    return torch.cat((a, b), dim=2)
 
 
 def rows_matmul(x: torch.Tensor, rows: torch.Tensor | Int8Rows) -> torch.Tensor:

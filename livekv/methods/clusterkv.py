@@ -164,7 +164,7 @@ class ClusterKVSelector:
         if cfg.centroid_bits == 8:
             centroids = retrieval.Int8Rows.encode(centroids)
         if self.members is not None:
-            centroids = retrieval.Int8Rows.cat(self.centroids, centroids)
+            centroids = retrieval.cat_rows(self.centroids, centroids)
             sizes = torch.cat((self.sizes, sizes), -1)
             members = torch.cat((self.members, members), -1)
         self.centroids, self.sizes, self.members = centroids, sizes, members
