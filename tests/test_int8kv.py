@@ -8,6 +8,7 @@ from conftest import decode, tiny_model
 from livekv import LiveKVCache
 from livekv.attention import attend
 from livekv.int8kv import Int8KV
+from livekv.methods import make_method
 
 
 def _filled(dtype=torch.float32, T=300, chunks=(1, 37, 5, 64), B=2, G=3, D=64, seed=0):
@@ -68,3 +69,21 @@ def test_kv_bits_is_checked():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="kv_bits"):
         LiveKVCache(model.config, "dense:kv_bits=4")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["quest", "freekv", "clusterkv"])
+def test_sparse_methods_keep_their_dense_layers_in_int8(ids, method):
+    model = tiny_model("llama")
+    cache = LiveKVCache(model.config, f"{method}:kv_bits=8", budget=48, ignore_unknown=True)
+    plain = LiveKVCache(model.config, method, budget=48, ignore_unknown=True)
+    got, want = decode(model, cache, ids[:, :140], prefill=120), decode(model, plain, ids[:, :140], prefill=120)
+    assert [isinstance(getattr(layer, "fast", None), Int8KV) for layer in cache.layers] == [True, True, False, False]
+    assert torch.allclose(got.softmax(-1), want.softmax(-1), atol=0.02) and not torch.equal(got, want)
+
+
+def test_streams_refuse_kv_bits():
+    for spec in ("full:kv_bits=8", "sink_window:kv_bits=8"):
+        cfg = make_method(spec)
+        with pytest.raises(ValueError, match="kv_bits=8 is for text caches"):
+            cfg.resolve(56, 10.0)

@@ -38,7 +38,7 @@ class MethodConfig:
     uses_digests: ClassVar[bool] = True  # whether the selector reads the host tier's min/max page digests
     digest_bits: ClassVar[int] = 32  # their width (store.PageDigests); quest's is a knob
     reuse_resident: ClassVar[bool] = False  # keep recalled tokens in the fast tier across steps (copy only new ones)
-    kv_bits: ClassVar[int] = 16  # dense layers' fast tier: the KV's dtype (16) or int8 (8); dense's is a knob
+    kv_bits: ClassVar[int] = 16  # dense layers' fast tier: the KV's dtype (16) or int8 (8); a knob of dense and the sparse methods
 
     def __post_init__(self):
         check_knob_types(self)
@@ -95,6 +95,8 @@ class StreamMethod(MethodConfig):
     def validate_stream(self) -> None:
         if self.short_term is not None and self.short_term < 1:
             raise ValueError(f"{self.name}: short_term must be >= 1 token, got {self.short_term}")
+        if self.kv_bits != 16:
+            raise ValueError(f"{self.name}: kv_bits=8 is for text caches; a stream's memory keeps the KV's dtype")
 
     def settle(self, layer, n: int) -> Plan:
         """What becomes of the ``n`` oldest short-term tokens of ``layer`` (a ``StreamLayer``, read only)."""
@@ -142,6 +144,7 @@ class SparseConfig(HostTier, MethodConfig):
     window: int | None = knob(None, "the most recent tokens, always read")
     page_size: int | None = knob(None, "tokens per page of the host tier")
     dense_layers: int = knob(2, "the first N layers stay dense")
+    kv_bits: int = knob(16, "the dense layers' KV in the model's dtype (16) or int8 per token (8; see dense)")
 
     def default_page_size(self) -> int:
         """``page_size`` left ``None``: 16 from budget 1024 up, below ``budget // 64`` (a power of 2, at least 4)."""
@@ -162,6 +165,7 @@ class SparseConfig(HostTier, MethodConfig):
             raise ValueError(f"need sink >= 0 and window >= 1, got sink={self.sink}, window={self.window}")
         if self.dense_layers < 0:
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
+        check_kv_bits(self)
         self.check_host()
 
     def validate(self) -> None:
@@ -175,6 +179,11 @@ class SparseConfig(HostTier, MethodConfig):
 
     def dense_layer(self, layer_idx: int) -> bool:
         return layer_idx < self.dense_layers
+
+
+def check_kv_bits(cfg: MethodConfig) -> None:
+    if cfg.kv_bits not in (16, 8):
+        raise ValueError(f"{cfg.name}: kv_bits must be 16 (the KV's dtype) or 8, got {cfg.kv_bits}")
 
 
 def check_knob_types(cfg) -> None:

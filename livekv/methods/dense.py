@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from livekv.methods.base import StreamMethod, knob
+from livekv.methods.base import StreamMethod, check_kv_bits, knob
 
 
 @dataclass(kw_only=True)
@@ -20,11 +20,9 @@ class DenseConfig(StreamMethod):
                             "attended from the codes on a CPU; text only)")
 
     def validate(self) -> None:
-        if self.kv_bits not in (16, 8):
-            raise ValueError(f"dense: kv_bits must be 16 (the KV's dtype) or 8, got {self.kv_bits}")
+        check_kv_bits(self)
 
     def validate_stream(self) -> None:
         if self.short_term is not None:
             raise ValueError("full keeps everything: it has no short_term window")
-        if self.kv_bits != 16:
-            raise ValueError("full: kv_bits=8 is for text caches; a stream's memory keeps the KV's dtype")
+        super().validate_stream()
