@@ -16,7 +16,7 @@ import torch
 
 from livekv.attention import attend
 from livekv.retrieval import Int8Rows
-from livekv.tensors import grow
+from livekv.tensors import capacity_for, grow
 
 KEYS = ("key_codes", "key_scales", "value_codes", "value_scales")
 
@@ -40,8 +40,8 @@ class Int8KV:
     def _reserve(self, needed: int) -> None:
         if needed <= self.capacity:
             return
-        cap = -(-max(needed, self.capacity * 5 // 4) // 64) * 64
-        self.keys = Int8Rows(grow(self.keys.codes, 2, cap), grow(self.keys.scales, 2, cap))
+        cap = capacity_for(needed, self.capacity, 64)
+        self.keys = self.keys.grow(cap)
         self.values_t, self.value_scales = grow(self.values_t, 3, cap), grow(self.value_scales, 2, cap)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -110,17 +110,14 @@ class DenseLayer(Layer):
 
     def _expose(self) -> None:
         """transformers' ``keys``/``values`` attributes: the buffer's valid part (int8 codes are not exposed)."""
-        if isinstance(self.fast, FastBuffer):
+        if self.kv_bits == 16:
             self.keys, self.values = self.fast.view()
 
     def get_seq_length(self) -> int:
         return self.fast.length if self.is_initialized else 0
 
     def attend(self, query, key_new, value_new, mask, scaling) -> torch.Tensor:
-        if isinstance(self.fast, Int8KV):
-            return self.fast.attend(query, scaling, mask)
-        keys, values = self.fast.view()
-        return attend(query, keys, values, scaling, mask)
+        return self.fast.attend(query, scaling, mask)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.fast.select_rows(rows)

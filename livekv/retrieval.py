@@ -23,6 +23,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from livekv.tensors import grow
+
 Pool = Literal["max", "softmax_mean", "mean", "softmax_max", "rank"]
 
 
@@ -51,6 +53,10 @@ class Int8Rows:
 
     def float(self) -> torch.Tensor:
         return self.codes.float() * self.scales.float()[..., None]
+
+    def grow(self, capacity: int) -> Int8Rows:
+        """These rows with room for ``capacity`` along dim 2 (``tensors.grow``; the new rows are zeros)."""
+        return Int8Rows(grow(self.codes, 2, capacity), grow(self.scales, 2, capacity))
 
     def __getitem__(self, index) -> Int8Rows:
         return Int8Rows(self.codes[index], self.scales[index])

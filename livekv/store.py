@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from livekv.attention import attend
 from livekv.summaries import PageDigests
 from livekv.tensors import Bytes, grow
 
@@ -77,6 +78,10 @@ class FastBuffer:
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The valid keys and values, ``[B, G, length, D]`` each."""
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def attend(self, query: torch.Tensor, scaling: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attention.attend`` of ``query [B, H, n, D]`` over the valid tokens -> ``[B, n, H, D]``."""
+        return attend(query, *self.view(), scaling, mask)
 
     @property
     def nbytes(self) -> int:

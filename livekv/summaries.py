@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from livekv import retrieval
-from livekv.tensors import Bytes, grow
+from livekv.tensors import Bytes, capacity_for, grow
 
 
 class PageDigests:
@@ -42,9 +42,9 @@ class PageDigests:
         first + 1, ...`` set to ``new``'s."""
         last, cap = first + new.shape[2], buf.shape[2]
         if last > cap:
-            cap = -(-max(last, cap * 5 // 4) // 64) * 64
+            cap = capacity_for(last, cap, 64)
         if self.bits == 8:
-            buf = retrieval.Int8Rows(grow(buf.codes, 2, cap), grow(buf.scales, 2, cap))
+            buf = buf.grow(cap)
             buf.codes[:, :, first:last], buf.scales[:, :, first:last] = new.codes, new.scales
             return buf
         buf = grow(buf, 2, cap)

@@ -1,5 +1,5 @@
-"""Two helpers every tier and index uses: ``Bytes`` (what a part holds and what it has allocated) and ``grow``
-(capacity that grows by a quarter, contents kept)."""
+"""Helpers every tier and index uses: ``Bytes`` (what a part holds and what it has allocated), ``grow`` (capacity
+that grows by a quarter, contents kept) and ``capacity_for`` (the same growth, rounded to a multiple)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,12 @@ class Bytes(NamedTuple):
 
     used: int
     nbytes: int
+
+
+def capacity_for(needed: int, current: int, multiple: int) -> int:
+    """A capacity of at least ``needed`` grown as ``grow`` grows (by a quarter at least), rounded up to a multiple
+    of ``multiple`` (int8 kernels need row counts they can tile; two-level selection needs runs that divide it)."""
+    return -(-max(needed, current + current // 4) // multiple) * multiple
 
 
 def grow(buf: torch.Tensor, dim: int, needed: int) -> torch.Tensor:

@@ -131,7 +131,20 @@ class HostTier:
 
 
 @dataclass(kw_only=True)
-class SparseConfig(HostTier, MethodConfig):
+class DenseKV:
+    """The knob of the KV that dense layers keep in the fast tier (dense's every layer; the sparse methods' first
+    ``dense_layers``)."""
+
+    kv_bits: int = knob(16, "dense layers' KV in the model's dtype (16) or int8 per token (8: a quarter of float32's "
+                            "bytes, attended from the codes on a CPU; text only)")
+
+    def check_kv_bits(self) -> None:
+        if self.kv_bits not in (16, 8):
+            raise ValueError(f"{self.name}: kv_bits must be 16 (the KV's dtype) or 8, got {self.kv_bits}")
+
+
+@dataclass(kw_only=True)
+class SparseConfig(DenseKV, HostTier, MethodConfig):
     """Knobs shared by the sparse text methods. ``sink`` and ``window`` left ``None`` scale with the budget:
     ``min(128, page_size * max(1, budget // (16 * page_size)))`` each, so that at small budgets most of the budget
     is left to selection (budget 256: sink 16, window 16). ``page_size`` left ``None`` (``default_page_size``):
@@ -144,7 +157,6 @@ class SparseConfig(HostTier, MethodConfig):
     window: int | None = knob(None, "the most recent tokens, always read")
     page_size: int | None = knob(None, "tokens per page of the host tier")
     dense_layers: int = knob(2, "the first N layers stay dense")
-    kv_bits: int = knob(16, "the dense layers' KV in the model's dtype (16) or int8 per token (8; see dense)")
 
     def default_page_size(self) -> int:
         """``page_size`` left ``None``: 16 from budget 1024 up, below ``budget // 64`` (a power of 2, at least 4)."""
@@ -165,7 +177,7 @@ class SparseConfig(HostTier, MethodConfig):
             raise ValueError(f"need sink >= 0 and window >= 1, got sink={self.sink}, window={self.window}")
         if self.dense_layers < 0:
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
-        check_kv_bits(self)
+        self.check_kv_bits()
         self.check_host()
 
     def validate(self) -> None:
@@ -179,11 +191,6 @@ class SparseConfig(HostTier, MethodConfig):
 
     def dense_layer(self, layer_idx: int) -> bool:
         return layer_idx < self.dense_layers
-
-
-def check_kv_bits(cfg: MethodConfig) -> None:
-    if cfg.kv_bits not in (16, 8):
-        raise ValueError(f"{cfg.name}: kv_bits must be 16 (the KV's dtype) or 8, got {cfg.kv_bits}")
 
 
 def check_knob_types(cfg) -> None:

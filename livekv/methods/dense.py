@@ -6,21 +6,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from livekv.methods.base import StreamMethod, check_kv_bits, knob
+from livekv.methods.base import DenseKV, StreamMethod
 
 
 @dataclass(kw_only=True)
-class DenseConfig(StreamMethod):
+class DenseConfig(DenseKV, StreamMethod):
     """Dense attention over everything (the reference); in a stream, everything kept (``full``)."""
 
     name: ClassVar[str] = "dense"
     aliases: ClassVar[tuple[str, ...]] = ("full",)
     contexts: ClassVar[tuple[str, ...]] = ("text", "stream")
-    kv_bits: int = knob(16, "the KV in the model's dtype (16) or int8 per token (8: a quarter of float32's bytes, "
-                            "attended from the codes on a CPU; text only)")
 
     def validate(self) -> None:
-        check_kv_bits(self)
+        self.check_kv_bits()
 
     def validate_stream(self) -> None:
         if self.short_term is not None:
