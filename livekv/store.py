@@ -187,10 +187,13 @@ class HostStore:
         """Key max and min of the full pages, packed ``[B, G, P_full, 2D]`` (max | min)."""
         return self.page_digests.packed[:, :, : self.num_full_pages]
 
-    def coarse_digests(self, per: int, last: int | None = None) -> torch.Tensor:
-        """Key max and min over runs of ``per`` pages (the coarse level of a two-level selection) of full pages
-        ``[0, last)`` (default: all), packed ``[B, G, ceil(last / per), 2D]``; the last run may be partial."""
-        return self.page_digests.runs(per, self.num_full_pages if last is None else last)
+    def coarse_digests(self, per: int, count: int | None = None) -> torch.Tensor:
+        """Key max and min over the first ``count`` runs of ``per`` full pages (default: every full run; the
+        coarse level of a two-level selection), packed ``[B, G, count, 2D]``."""
+        full = self.num_full_pages // per
+        if count is not None and count > full:
+            raise ValueError(f"{count} runs of {per} pages asked for, {full} are full")
+        return self.page_digests.runs(per, full if count is None else count)
 
     def run_digests(self, per: int, runs: torch.Tensor) -> torch.Tensor:
         """The page digests of runs ``runs [B, G, k]`` of ``per`` pages, ``[B, G, k * per, 2D]`` (pages that are

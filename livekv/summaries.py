@@ -57,20 +57,16 @@ class PageDigests:
         new = torch.cat((keys.amax(dim=3), keys.amin(dim=3)), dim=-1).transpose(1, 2).float()
         self.packed = self._put(self.packed, first, self._encode(new))
 
-    def runs(self, per: int, last: int) -> torch.Tensor | retrieval.Int8Rows:
-        """Digests of runs of ``per`` pages over pages ``[0, last)``, ``[B, G, ceil(last / per), 2D]``. Full runs
-        are kept and extended; a partial last run is made at each call, in the slot its full run will take."""
+    def runs(self, per: int, count: int) -> torch.Tensor | retrieval.Int8Rows:
+        """Digests of the first ``count`` runs of ``per`` full pages, ``[B, G, count, 2D]``: made when first asked
+        for and extended as pages fill (a full run's digest never changes)."""
         if self.coarse is None or self.coarse[0] != per:
             self.coarse = (per, self.packed[:, :, :0], 0)
         _, runs, done = self.coarse
-        full = last // per
-        if full > done:
-            runs = self._put(runs, done, self._reduce(done * per, full * per, per))
-            self.coarse = (per, runs, full)
-        if last > full * per:
-            runs = self._put(runs, full, self._reduce(full * per, last, last - full * per))
-            self.coarse = (per, runs, self.coarse[2])
-        return runs[:, :, : -(-last // per)]
+        if count > done:
+            runs = self._put(runs, done, self._reduce(done * per, count * per, per))
+            self.coarse = (per, runs, count)
+        return runs[:, :, :count]
 
     def _reduce(self, first: int, last: int, per: int) -> torch.Tensor | retrieval.Int8Rows:
         """Digests of pages ``[first, last)`` reduced over runs of ``per``: ``[B, G, (last - first) / per, 2D]``."""

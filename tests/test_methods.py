@@ -61,17 +61,16 @@ def test_two_level_selection_scores_the_pages_of_the_best_runs_only():
     store = _store(1024, B=2, G=2)
     q = torch.randn(2, 6, 8)
     sel = _two_level(8).make_selector(0)
-    first, last, n = 2, 254, 12  # candidate pages [2, 254): runs 0..30 whole (0 holds sink pages), 31 partial
+    first, last, n = 2, 254, 12  # candidate pages [2, 254): full runs 0..30 (0 holds sink pages), pages 248..253 past them
     picked = sel.pick(q, store, first, last, n)
     kmax, kmin = store.digests().chunk(2, dim=-1)
     for b in range(2):
         for g in range(2):
             head = (slice(b, b + 1), slice(3 * g, 3 * g + 3))
-            cand = [torch.arange(max(8 * r, first), min(8 * r + 8, last)) for r in range(32)]
-            run_digests = torch.stack([torch.cat((kmax[b, g, c].amax(0), kmin[b, g, c].amin(0))) for c in
-                                       [torch.arange(8 * r, min(8 * r + 8, last)) for r in range(32)]])
+            run_digests = torch.stack([torch.cat((kmax[b, g, 8 * r:8 * r + 8].amax(0), kmin[b, g, 8 * r:8 * r + 8].amin(0)))
+                                       for r in range(31)])
             runs = minmax_bound(q[head], run_digests[None, None]).amax(-2).flatten().topk(n).indices
-            cand = torch.cat([cand[r] for r in runs.tolist()])
+            cand = torch.cat([torch.arange(max(8 * r, first), 8 * r + 8) for r in runs.tolist()] + [torch.arange(248, last)])
             pages = minmax_bound(q[head], store.digests()[b:b + 1, g:g + 1, cand])
             best = cand[pages.amax(-2).flatten().topk(n).indices]
             assert sorted(picked[b, g].tolist()) == sorted(best.tolist())

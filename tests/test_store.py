@@ -51,19 +51,18 @@ def test_digests_are_min_and_max_of_full_pages():
 
 def test_coarse_digests_cover_runs_of_full_pages_and_follow_appends_and_beams():
     store = HostStore(2, 3, 8, page_size=4, dtype=torch.float32, device=torch.device("cpu"))
-    _fill(store, [30])  # 7 full pages: two runs of 3 and a partial one
-    assert store.coarse_digests(3).shape == (2, 3, 3, 16)
-    _fill(store, [23], seed=1)  # 13 full pages: 4 runs, extended from the 2 already made, and a partial one
+    _fill(store, [30])  # 7 full pages: two runs of 3
+    assert store.coarse_digests(3).shape == (2, 3, 2, 16)
+    _fill(store, [23], seed=1)  # 13 full pages: 4 runs, extended from the 2 already made
     kmax, kmin = store.digests().chunk(2, dim=-1)
-    for last in (13, 12, 11):
-        cmax, cmin = store.coarse_digests(3, last).chunk(2, dim=-1)
-        pad = -last % 3  # the partial run: pad with its own last page
-        pmax = torch.cat((kmax[:, :, :last], kmax[:, :, last - 1 : last].expand(-1, -1, pad, -1)), dim=2)
-        pmin = torch.cat((kmin[:, :, :last], kmin[:, :, last - 1 : last].expand(-1, -1, pad, -1)), dim=2)
-        assert torch.equal(cmax, pmax.reshape(2, 3, -1, 3, 8).amax(3))
-        assert torch.equal(cmin, pmin.reshape(2, 3, -1, 3, 8).amin(3))
+    for count in (4, 3):
+        cmax, cmin = store.coarse_digests(3, count).chunk(2, dim=-1)
+        assert torch.equal(cmax, kmax[:, :, : 3 * count].reshape(2, 3, -1, 3, 8).amax(3))
+        assert torch.equal(cmin, kmin[:, :, : 3 * count].reshape(2, 3, -1, 3, 8).amin(3))
+    with pytest.raises(ValueError, match="5 runs of 3 pages asked for, 4 are full"):
+        store.coarse_digests(3, 5)
     store.select_rows(torch.tensor([1, 1]))
-    assert torch.equal(store.coarse_digests(3, 11), torch.cat((cmax, cmin), dim=-1)[[1, 1]])
+    assert torch.equal(store.coarse_digests(3, 3), torch.cat((cmax, cmin), dim=-1)[[1, 1]])
 
 
 def test_bytes_are_tracked():

@@ -45,7 +45,7 @@ from livekv.attention import attend
 from livekv.layers import DenseLayer, RecallableLayer
 from livekv.protocol import Memory
 from livekv.methods.base import knob
-from livekv.methods.quest import QuestConfig, sink_pages_window
+from livekv.methods.quest import QuestConfig
 from livekv.recall import copy_pages, engine, wait_cuda
 from livekv.slots import PageSlots
 
@@ -181,7 +181,7 @@ class FreeKVLayer(RecallableLayer):
     def select(self, q: torch.Tensor, length: int) -> torch.Tensor:
         """Quest's selection (sink + top pages + window) with query ``q [B, H, D]`` for a sequence of ``length``
         tokens -> token ids ``[B, G, k]``."""
-        return sink_pages_window(self.host, self.cfg, self.selector.pick, q, length)
+        return self.selector.select(q, self.host, length)
 
     def _flag(self, q: torch.Tensor, T: int) -> tuple[torch.Tensor | None, int]:
         """Heads to correct, ``[B, G]`` bool (``None``: all, no speculation for this length), and how many."""

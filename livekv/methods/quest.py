@@ -4,21 +4,22 @@ A decode step reads sink + the best-scoring full pages between sink and window +
 query head is an upper bound of ``q . k`` over its keys (``retrieval.minmax_bound``); the group's query heads are
 pooled (Quest: max) so that one KV head reads one set of pages.
 
-Two-level selection (``coarse_pages``): the store also keeps min/max digests over runs of ``coarse_pages`` pages
-(the last run up to the window partial); a step scores those first, keeps ``coarse_keep`` runs per page it needs,
-and scores only the pages inside them (copied run by run; those outside the candidate range masked). A run's bound
-is at least the bound of each of its pages, so a page whose run is not kept is one whose run's bound ranks below
-that many others.
+Two-level selection (``coarse_pages``): the store also keeps min/max digests over runs of ``coarse_pages`` full
+pages; a step scores those first, keeps ``coarse_keep`` runs per page it needs, and scores only the pages inside
+them (copied run by run; those before the candidate range masked) and the pages past the last full run. A run's
+bound is at least the bound of each of its pages, so a page whose run is not kept is one whose run's bound ranks
+below that many others. With int8 digests and max pooling, both levels run in one compiled call per layer where
+the CPU has AVX-512 VNNI (``livekv.kernels``; ``pick`` is the PyTorch path it is tested against).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 
-from livekv import retrieval
+from livekv import kernels, retrieval
 from livekv.methods.base import SparseConfig, knob
 
 if TYPE_CHECKING:
@@ -66,6 +67,29 @@ class QuestConfig(SparseConfig):
         return QuestSelector(self)
 
 
+class StepPages(NamedTuple):
+    """A decode step's layout over ``length`` tokens: ``[0, sink)``, ``n`` pages of ``page_size`` picked from the
+    full pages ``[first, last)``, and the window ``[window_start, length)``."""
+
+    sink: int
+    page_size: int
+    first: int
+    last: int
+    n: int
+    window_start: int
+    length: int
+
+
+def step_pages(cfg: SparseConfig, length: int) -> StepPages:
+    """The window starts at the page boundary at or before ``length - window`` so that no token falls between the
+    last candidate page and the window (call only with ``length > budget``)."""
+    p = cfg.page_size
+    window_start = max(cfg.sink, (length - cfg.window) // p * p)
+    first, last = cfg.sink // p, window_start // p
+    n = min(last - first, (cfg.budget - cfg.sink - (length - window_start)) // p)
+    return StepPages(cfg.sink, p, first, last, n, window_start, length)
+
+
 class QuestSelector:
     def __init__(self, cfg: QuestConfig):
         self.cfg = cfg
@@ -81,43 +105,61 @@ class QuestSelector:
         """Pooled scores ``[B, G, last - first]`` of full pages ``[first, last)`` for query ``[B, H, D]``."""
         return self.bound(query, store.digests()[:, :, first:last])
 
+    def levels(self, store: HostStore, first: int, last: int, n: int, digests=None):
+        """How ``n`` pages of ``[first, last)`` are picked: ``(per, keep, runs)``, two levels (the digests of the
+        full runs of ``per`` pages, the best ``keep`` of them) where there are more full runs than runs to keep,
+        else ``(0, 0, None)``. Counts the digest bytes the pick reads (``digests``: ``store.digests()``)."""
+        per, keep = self.cfg.coarse_pages, n * self.cfg.coarse_keep
+        full = last // per if per else 0
+        digests = store.digests() if digests is None else digests
+        if full <= keep:  # one level: no fewer pages to score in two
+            self.select_nbytes = (last - first) * digests.nbytes // max(1, digests.shape[2])
+            return 0, 0, None
+        self.select_nbytes = (full + keep * per + last - full * per) * digests.nbytes // max(1, digests.shape[2])
+        return per, keep, store.coarse_digests(per, full)
+
     def pick(self, query: torch.Tensor, store: HostStore, first: int, last: int, n: int) -> torch.Tensor:
         """The ``n`` best full pages of ``[first, last)`` for query ``[B, H, D]``: page ids ``[B, G, n]``."""
-        per, keep = self.cfg.coarse_pages, n * self.cfg.coarse_keep
-        digest_bytes = store.digests()[:, :, :1].nbytes
-        if not per or -(-last // per) <= keep:  # one level: no fewer pages to score in two
-            self.select_nbytes = (last - first) * digest_bytes
+        per, keep, runs = self.levels(store, first, last, n)
+        if runs is None:
             return retrieval.top_blocks(self.score(query, store, first, last), n) + first
-        runs = self.bound(query, store.coarse_digests(per, last))  # [B, G, ceil(last / per)]
-        kept = retrieval.top_blocks(runs, keep)
-        ids = retrieval.page_tokens(kept, per)  # [B, G, keep * per]: their pages, those outside [first, last) masked
-        pages = self.bound(query, store.run_digests(per, kept)).masked_fill_((ids < first) | (ids >= last), float("-inf"))
-        self.select_nbytes = (runs.shape[-1] + ids.shape[-1]) * digest_bytes
+        B, G, full = runs.shape[:3]
+        kept = retrieval.top_blocks(self.bound(query, runs), keep)
+        tail = torch.arange(full * per, last, device=query.device).expand(B, G, -1)
+        ids = torch.cat((retrieval.page_tokens(kept, per), tail), dim=-1)  # [B, G, keep * per + tail]
+        digests = retrieval.cat_rows(store.run_digests(per, kept), store.digests()[:, :, full * per:last])
+        pages = self.bound(query, digests).masked_fill_(ids < first, float("-inf"))
         return ids.gather(-1, retrieval.top_blocks(pages, n))
 
-    def select(self, query: torch.Tensor, store: HostStore) -> torch.Tensor:
-        """query ``[B, H, D]`` (post-RoPE) -> token ids ``[B, G, k]``, k <= budget."""
-        return sink_pages_window(store, self.cfg, self.pick, query)
+    def select(self, query: torch.Tensor, store: HostStore, length: int | None = None) -> torch.Tensor:
+        """query ``[B, H, D]`` (post-RoPE) -> token ids ``[B, G, k]``, k <= budget, for a sequence of ``length``
+        tokens (default: all stored). Int8 digests with max pooling go through the compiled kernel where it runs
+        (``livekv.kernels.quest_select``); ``sink_pages_window`` over ``pick`` is the reference."""
+        T = store.length if length is None else length
+        if T > self.cfg.budget and self.cfg.gqa_pool == "max" and store.page_digests.bits == 8:
+            step = step_pages(self.cfg, T)
+            if step.n > 0:
+                digests = store.digests()
+                per, keep, runs = self.levels(store, step.first, step.last, step.n, digests)
+                tokens = kernels.quest_select(query, digests, runs, per, keep, step)
+                if tokens is not None:
+                    return tokens
+        return sink_pages_window(store, self.cfg, self.pick, query, length)
 
 
 def sink_pages_window(store: HostStore, cfg: SparseConfig, pick, query: torch.Tensor,
                       length: int | None = None) -> torch.Tensor:
-    """Sink + the best full pages between sink and window by ``pick(query, store, first, last, n)`` + the window,
-    as token ids ``[B, G, k]``.
-
-    The window starts at the page boundary at or before ``T - window`` so that no token falls between the last
-    candidate page and the window; with ``T <= budget`` every token is read (exactness). ``length``: select for a
-    sequence of that many tokens instead of ``store.length`` (speculative selection for the next step: its
-    candidate pages are all full already)."""
+    """Sink + the best full pages between sink and window by ``pick(query, store, first, last, n)`` + the window
+    (``step_pages``), as token ids ``[B, G, k]``; with ``length <= budget`` every token is read (exactness).
+    ``length``: select for a sequence of that many tokens instead of ``store.length`` (speculative selection for
+    the next step: its candidate pages are all full already)."""
     B, G, device = query.shape[0], store.kv_heads, query.device
-    T, p = (store.length if length is None else length), cfg.page_size
+    T = store.length if length is None else length
     if T <= cfg.budget:
         return torch.arange(T, device=device).expand(B, G, -1)
-    window_start = max(cfg.sink, (T - cfg.window) // p * p)
-    first, last = cfg.sink // p, window_start // p
-    n_select = min(last - first, (cfg.budget - cfg.sink - (T - window_start)) // p)
+    step = step_pages(cfg, T)
     parts = [torch.arange(cfg.sink, device=device).expand(B, G, -1)]
-    if n_select > 0:
-        parts.append(retrieval.page_tokens(pick(query, store, first, last, n_select), p))
-    parts.append(torch.arange(window_start, T, device=device).expand(B, G, -1))
+    if step.n > 0:
+        parts.append(retrieval.page_tokens(pick(query, store, step.first, step.last, step.n), step.page_size))
+    parts.append(torch.arange(step.window_start, T, device=device).expand(B, G, -1))
     return torch.cat(parts, dim=-1)
