@@ -2,7 +2,8 @@
 
 ``quest_select`` is Quest's decode-step selection over int8 page digests (``csrc/pick.cpp``) in one call per layer,
 with AVX-512 VNNI, on torch's threads (OpenMP): the reference (``sink_pages_window`` over ``QuestSelector.pick``)
-spends most of its time in small PyTorch ops around three int8 kernel calls per level. The source is compiled with the system's ``g++`` on first use into ``$XDG_CACHE_HOME/livekv``
+spends most of its time in small PyTorch ops around three int8 kernel calls per level. ``clusterkv_select`` is
+ClusterKV's, over int8 centroids. The source is compiled with the system's ``g++`` on first use into ``$XDG_CACHE_HOME/livekv``
 (about a second) and loaded with ctypes. Where there is no ``g++``, no AVX-512 VNNI, or ``LIVEKV_KERNELS=0``,
 ``available()`` is false and callers take the reference path.
 """
@@ -57,6 +58,8 @@ def _library() -> ctypes.CDLL | None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.livekv_quest_select.argtypes = [i32, i32, i32, i32, p, p, p, i64, i64, p, p, i64, i64, i32] + [i64] * 9 + [p]
     lib.livekv_quest_select.restype = i32
+    lib.livekv_clusterkv_select.argtypes = [i32, i32, i32, i32, p, p, p, i64, i64, i64, p, p, p] + [i64] * 5 + [p]
+    lib.livekv_clusterkv_select.restype = i32
     return lib
 
 
@@ -94,4 +97,25 @@ def quest_select(query: torch.Tensor, pages, runs, per: int, keep: int, step) ->
     rc = lib.livekv_quest_select(B, G, H // G, D, q.data_ptr(), *_rows(pages), *run_ptrs, per,
                                  runs.shape[2] if per else 0, keep, step.first, step.last, step.n, step.sink,
                                  step.page_size, step.window_start, step.length, out.data_ptr())
+    return out if rc == 0 else None
+
+
+def clusterkv_select(query: torch.Tensor, centroids, sizes: torch.Tensor, starts: torch.Tensor, members: torch.Tensor,
+                     fill: int, sink: int, clustered: int, length: int) -> torch.Tensor | None:
+    """ClusterKV's decode-step token ids ``[B, G, sink + fill + length - clustered]``
+    (``ClusterKVSelector.select``): the sink, whole clusters by the group-max ``q . centroid`` in descending order
+    (the last one cut) for ``fill`` tokens, the tokens not clustered yet. Query ``[B, H, D]``; ``centroids``
+    ``Int8Rows [B, G, n, D]``; ``sizes``, ``starts [B, G, n]`` and ``members [B, G, N]`` the index. ``None`` where
+    this kernel does not apply."""
+    lib = _library()
+    B, H, D = query.shape
+    G, n = centroids.shape[1], centroids.shape[2]
+    if lib is None or query.device.type != "cpu" or H // G > 16 or D not in (64, 128, 256):
+        return None
+    q = query.float().contiguous()
+    sizes, starts, members = sizes.contiguous(), starts.contiguous(), members.contiguous()
+    out = torch.empty(B, G, sink + fill + length - clustered, dtype=torch.long)
+    rc = lib.livekv_clusterkv_select(B, G, H // G, D, q.data_ptr(), *_rows(centroids), n, sizes.data_ptr(),
+                                     starts.data_ptr(), members.data_ptr(), members.shape[2], fill, sink, clustered,
+                                     length, out.data_ptr())
     return out if rc == 0 else None

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from livekv import kernels
+from livekv import kernels, retrieval
+from livekv.methods.clusterkv import ClusterKVConfig
 from livekv.methods.quest import QuestConfig, StepPages, sink_pages_window, step_pages
 from livekv.store import HostStore
 
@@ -96,3 +97,37 @@ def test_kernels_can_be_switched_off(monkeypatch):
         assert torch.equal(sel.select(q, store), _reference(sel, q, store))
     finally:
         kernels._library.cache_clear()
+
+
+def _clusterkv(T=3000, D=64, seed=4):
+    """A ClusterKV selector over int8 centroids, its index built by a first selection."""
+    store = _store(T, D, seed=seed)
+    sel = ClusterKVConfig(budget=256, dense_layers=0, centroid_bits=8).make_selector(0)
+    q = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(seed + 1))
+    sel.select(q, store)
+    return sel, store, q
+
+
+@needs_kernels
+@pytest.mark.parametrize("D", [64, 128])
+def test_clusterkv_select_kernel_takes_clusters_as_good_as_the_reference(D):
+    sel, store, q = _clusterkv(D=D)
+    T, sink = store.length, sel.cfg.sink
+    fill = sel.cfg.budget - sink - (T - sel.clustered)
+    fast, ref = sel.select(q, store), sel.reference_select(q, T, fill)
+    assert fast.shape == ref.shape == (2, 3, 256)
+    assert torch.equal(fast[..., :sink], ref[..., :sink]) and torch.equal(fast[..., sink + fill:], ref[..., sink + fill:])
+    exact = retrieval.dot(q, sel.centroids.float()).amax(-2)  # [B, G, clusters]: float q . centroid, the group's max
+    tol = 0.01 * float(exact.abs().max())
+    for b in range(2):
+        for g in range(3):
+            cluster_of = torch.empty(T, dtype=torch.long)
+            cluster_of[sel.members[b, g]] = torch.repeat_interleave(torch.arange(sel.sizes.shape[-1]), sel.sizes[b, g])
+            f, r = fast[b, g, sink: sink + fill], ref[b, g, sink: sink + fill]
+            assert len(set(f.tolist())) == fill and int(f.min()) >= sink and int(f.max()) < sel.clustered
+            taken = cluster_of[f]  # whole clusters in descending score, the last one cut
+            counts = torch.bincount(taken, minlength=sel.sizes.shape[-1])
+            assert int(((counts > 0) & (counts < sel.sizes[b, g])).sum()) <= 1
+            fs, rs = exact[b, g, taken], exact[b, g, cluster_of[r]]
+            assert bool((fs[:-1] >= fs[1:] - tol).all())
+            assert torch.allclose(fs.sort().values, rs.sort().values, atol=tol)

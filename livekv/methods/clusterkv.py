@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from livekv import retrieval
+from livekv import kernels, retrieval
 from livekv.methods.base import SparseConfig, knob
 from livekv.methods.kmeans import TWO_LEVEL_FROM, kmeans, two_level_kmeans
 from livekv.tensors import Bytes
@@ -114,7 +114,8 @@ class ClusterKVSelector:
         self.cluster_s = 0.0
 
     def select(self, query: torch.Tensor, store: "HostStore") -> torch.Tensor:
-        """query ``[B, H, D]`` (post-RoPE) -> token ids ``[B, G, k]``, k <= budget: sink, clustered tokens, recent."""
+        """query ``[B, H, D]`` (post-RoPE) -> token ids ``[B, G, k]``, k <= budget: sink, clustered tokens, recent.
+        Int8 centroids with max pooling go through the compiled kernel where it runs (``livekv.kernels``)."""
         cfg, T, device = self.cfg, store.length, query.device
         B, G = query.shape[0], store.kv_heads
         if T <= cfg.budget:
@@ -122,6 +123,17 @@ class ClusterKVSelector:
         if self.members is None or T - 1 - self.clustered >= cfg.window:
             self._cluster(store, T - 1)  # the current token stays recent
         fill = cfg.budget - cfg.sink - (T - self.clustered)
+        if cfg.gqa_pool == "max" and isinstance(self.centroids, retrieval.Int8Rows):
+            tokens = kernels.clusterkv_select(query, self.centroids, self.sizes, self.starts, self.members, fill,
+                                              cfg.sink, self.clustered, T)
+            if tokens is not None:
+                return tokens
+        return self.reference_select(query, T, fill)
+
+    def reference_select(self, query: torch.Tensor, T: int, fill: int) -> torch.Tensor:
+        """``select`` in PyTorch (the compiled kernel's reference), ``fill`` tokens from clusters."""
+        cfg, device = self.cfg, query.device
+        B, G = self.sizes.shape[:2]
         order, ends = retrieval.ranked_prefix(self.score(query), self.sizes, fill)  # [B, G, <= fill], best first
         sizes = self.sizes.gather(-1, order)
         slot = torch.arange(fill, device=device).expand(B, G, fill).contiguous()
