@@ -78,6 +78,15 @@ def _rows(rows) -> tuple[int, int, int, int]:
     return codes.data_ptr(), scales.data_ptr(), scales.stride(0), scales.stride(1)
 
 
+def _group_query(lib, query: torch.Tensor, G: int) -> torch.Tensor | None:
+    """Query ``[B, H, D]`` as contiguous float32 where the kernels cover it (CPU, at most 16 query heads per KV
+    head, head dim 64, 128 or 256), else ``None``."""
+    H, D = query.shape[1:]
+    if lib is None or query.device.type != "cpu" or H // G > 16 or D not in (64, 128, 256):
+        return None
+    return query.float().contiguous()
+
+
 def quest_select(query: torch.Tensor, pages, runs, per: int, keep: int, step) -> torch.Tensor | None:
     """Quest's decode-step token ids ``[B, G, k]`` (``QuestSelector.select``): the sink, the ``step.n`` best pages
     of ``[step.first, step.last)`` by the group-max min/max bound, the window (``step``: a ``StepPages``). Query
@@ -86,11 +95,10 @@ def quest_select(query: torch.Tensor, pages, runs, per: int, keep: int, step) ->
     their pages and those past the last full run. ``None`` where this kernel does not apply (the caller takes the
     reference path)."""
     lib = _library()
-    B, H, D = query.shape
-    G = pages.shape[1]
-    if lib is None or query.device.type != "cpu" or H // G > 16 or D not in (64, 128, 256):
+    (B, H, D), G = query.shape, pages.shape[1]
+    q = _group_query(lib, query, G)
+    if q is None:
         return None
-    q = query.float().contiguous()
     k = step.sink + step.n * step.page_size + step.length - step.window_start
     out = torch.empty(B, G, k, dtype=torch.long)
     run_ptrs = _rows(runs) if per else (0, 0, 0, 0)
@@ -108,11 +116,10 @@ def clusterkv_select(query: torch.Tensor, centroids, sizes: torch.Tensor, starts
     ``Int8Rows [B, G, n, D]``; ``sizes``, ``starts [B, G, n]`` and ``members [B, G, N]`` the index. ``None`` where
     this kernel does not apply."""
     lib = _library()
-    B, H, D = query.shape
-    G, n = centroids.shape[1], centroids.shape[2]
-    if lib is None or query.device.type != "cpu" or H // G > 16 or D not in (64, 128, 256):
+    (B, H, D), (G, n) = query.shape, centroids.shape[1:3]
+    q = _group_query(lib, query, G)
+    if q is None:
         return None
-    q = query.float().contiguous()
     sizes, starts, members = sizes.contiguous(), starts.contiguous(), members.contiguous()
     out = torch.empty(B, G, sink + fill + length - clustered, dtype=torch.long)
     rc = lib.livekv_clusterkv_select(B, G, H // G, D, q.data_ptr(), *_rows(centroids), n, sizes.data_ptr(),
