@@ -70,12 +70,12 @@ def available() -> bool:
 
 def _rows(rows) -> tuple[int, int, int, int]:
     """Pointers and (batch, KV head) row strides of ``Int8Rows`` ``[B, G, n, C]`` whose rows are contiguous."""
-    codes, scales = rows.codes, rows.scales
-    if codes.stride(3) != 1 or codes.stride(2) != codes.shape[3] or scales.stride(2) != 1:
+    (cb, cg, cn, cc), (sb, sg, sn), C = rows.codes.stride(), rows.scales.stride(), rows.codes.shape[3]
+    if cc != 1 or cn != C or sn != 1:
         raise ValueError("int8 rows must be contiguous within each (batch, KV head)")
-    if codes.stride(0) != scales.stride(0) * codes.shape[3] or codes.stride(1) != scales.stride(1) * codes.shape[3]:
+    if cb != sb * C or cg != sg * C:
         raise ValueError("int8 codes and scales must have the same row strides")
-    return codes.data_ptr(), scales.data_ptr(), scales.stride(0), scales.stride(1)
+    return rows.codes.data_ptr(), rows.scales.data_ptr(), sb, sg
 
 
 def _group_query(lib, query: torch.Tensor, G: int) -> torch.Tensor | None:
@@ -90,8 +90,9 @@ def _group_query(lib, query: torch.Tensor, G: int) -> torch.Tensor | None:
 def quest_select(query: torch.Tensor, pages, runs, per: int, keep: int, step) -> torch.Tensor | None:
     """Quest's decode-step token ids ``[B, G, k]`` (``QuestSelector.select``): the sink, the ``step.n`` best pages
     of ``[step.first, step.last)`` by the group-max min/max bound, the window (``step``: a ``StepPages``). Query
-    ``[B, H, D]``; ``pages`` the page digests and ``runs`` the digests of the full runs of ``per`` pages (``per``
-    0: one level, ``runs`` unused), both ``Int8Rows`` ``[B, G, n, 2D]``. Two levels: the best ``keep`` runs, then
+    ``[B, H, D]``; ``pages`` the page digests (only rows ``[step.first, step.last)`` are read: the whole buffer
+    may be passed) and ``runs`` the digests of the full runs of ``per`` pages (``per`` 0: one level, ``runs``
+    unused), both ``Int8Rows`` ``[B, G, n, 2D]``. Two levels: the best ``keep`` runs, then
     their pages and those past the last full run. ``None`` where this kernel does not apply (the caller takes the
     reference path)."""
     lib = _library()

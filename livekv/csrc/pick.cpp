@@ -13,7 +13,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <vector>
 
 extern "C" int livekv_supported() {
@@ -75,21 +74,41 @@ inline __attribute__((always_inline)) __m512i lane_sums(const __m512i* v) {
     return _mm512_add_epi32(_mm512_shuffle_i32x4(w[0], w[1], 0x88), _mm512_shuffle_i32x4(w[0], w[1], 0xDD));
 }
 
-// out[i] = the group's pooled bound of row ids[i] of codes [*, C] (C = 2D: max | min) with bfloat16 scales,
-// 16 rows at a time (the last block repeats its last row). C is a template parameter so that the 16 accumulators
-// stay in registers.
+// Order-preserving unsigned keys of 16 floats (a larger float, a larger key; every float's key is above 0).
+inline __m512i sortable(__m512 s) {
+    const __m512i bits = _mm512_castps_si512(s);
+    return _mm512_xor_si512(bits, _mm512_or_si512(_mm512_srai_epi32(bits, 31), _mm512_set1_epi32(INT32_MIN)));
+}
+
+// keys[start:start+m] = sortable(sums * the rows' bfloat16 scales), rows ids[start + i] (ids null: rows start + i).
+inline void store_keys(__m512 sums, const uint16_t* scales, const int64_t* ids, int64_t start, int m,
+                       uint32_t* keys) {
+    alignas(64) float scale[16];
+    for (int i = 0; i < 16; ++i) {
+        const int64_t row = start + std::min(i, m - 1);
+        scale[i] = bf16(scales[ids ? ids[row] : row]);
+    }
+    const __m512i k = sortable(_mm512_mul_ps(sums, _mm512_load_ps(scale)));
+    _mm512_mask_storeu_epi32(keys + start, __mmask16((1u << m) - 1), k);
+}
+
+// keys[i] = the sortable key of the group's pooled bound of row ids[i] (ids null: row i) of codes [*, C]
+// (C = 2D: max | min) with bfloat16 scales, 16 rows at a time (the last block repeats its last row). C is a
+// template parameter so that the 16 accumulators stay in registers.
 template <int C>
-void score(const Query& q, const int8_t* codes, const uint16_t* scales, const int64_t* ids, int64_t n, float* out) {
+void score(const Query& q, const int8_t* codes, const uint16_t* scales, const int64_t* ids, int64_t n,
+           uint32_t* keys) {
     constexpr int half = C / 2;
 #pragma omp parallel for schedule(static) if (n >= 256)  // torch's threads: the same libgomp
     for (int64_t start = 0; start < n; start += 16) {
         alignas(64) int8_t block[16][C];
-        alignas(64) float sums[16];
         const int m = int(std::min<int64_t>(16, n - start));
         for (int64_t i = start + 32; i < std::min(n, start + 48); ++i)  // two blocks ahead: 15-25% less time at 32k
-            for (int c = 0; c < C; c += 64) _mm_prefetch(reinterpret_cast<const char*>(codes + ids[i] * C + c), _MM_HINT_T0);
+            for (int c = 0; c < C; c += 64)
+                _mm_prefetch(reinterpret_cast<const char*>(codes + (ids ? ids[i] : i) * C + c), _MM_HINT_T0);
         for (int i = 0; i < 16; ++i) {  // the min half negated: one chain of unsigned x signed products
-            const int8_t* row = codes + ids[start + std::min(i, m - 1)] * C;
+            const int64_t id = start + std::min(i, m - 1);
+            const int8_t* row = codes + (ids ? ids[id] : id) * C;
             for (int c = 0; c < half; c += 64) {
                 _mm512_store_si512(block[i] + c, _mm512_loadu_si512(row + c));
                 __m512i lo = _mm512_loadu_si512(row + half + c);
@@ -107,19 +126,17 @@ void score(const Query& q, const int8_t* codes, const uint16_t* scales, const in
             __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(lane_sums(acc)), _mm512_set1_ps(q.scale[j]));
             best = _mm512_max_ps(best, s);
         }
-        _mm512_store_ps(sums, best);
-        for (int i = 0; i < m; ++i) out[start + i] = sums[i] * bf16(scales[ids[start + i]]);
+        store_keys(best, scales, ids, start, m, keys);
     }
 }
 
-// out[i] = the group's max of q_j . row(ids[i]) for rows of D int8 codes with bfloat16 scales (ClusterKV's
-// centroids). The signed query is biased to unsigned (u = q + 128), so each dot product is one VNNI chain minus
-// 128 times the row's code sum (one more chain, shared by the group).
+// keys[i] = the sortable key of the group's max of q_j . row i for rows of D int8 codes with bfloat16 scales
+// (ClusterKV's centroids). The signed query is biased to unsigned (u = q + 128), so each dot product is one VNNI
+// chain minus 128 times the row's code sum (one more chain, shared by the group).
 template <int D>
-void score_dot(const Query& q, const int8_t* codes, const uint16_t* scales, int64_t n, float* out) {
+void score_dot(const Query& q, const int8_t* codes, const uint16_t* scales, int64_t n, uint32_t* keys) {
 #pragma omp parallel for schedule(static) if (n >= 256)
     for (int64_t start = 0; start < n; start += 16) {
-        alignas(64) float sums[16];
         const int m = int(std::min<int64_t>(16, n - start));
         for (int64_t i = start + 32; i < std::min(n, start + 48); ++i)
             for (int c = 0; c < D; c += 64) _mm_prefetch(reinterpret_cast<const char*>(codes + i * D + c), _MM_HINT_T0);
@@ -142,8 +159,7 @@ void score_dot(const Query& q, const int8_t* codes, const uint16_t* scales, int6
             __m512i dots = _mm512_sub_epi32(lane_sums(acc), bias);
             best = _mm512_max_ps(best, _mm512_mul_ps(_mm512_cvtepi32_ps(dots), _mm512_set1_ps(q.scale[j])));
         }
-        _mm512_store_ps(sums, best);
-        for (int i = 0; i < m; ++i) out[start + i] = sums[i] * bf16(scales[start + i]);
+        store_keys(best, scales, nullptr, start, m, keys);
     }
 }
 
@@ -166,40 +182,51 @@ struct Rows {  // int8 digest rows of one (batch, KV head)
     const uint16_t* scales;
     int C;
 
-    void score(const Query& q, const int64_t* ids, int64_t n, float* out) const {
-        if (C == 128) ::score<128>(q, codes, scales, ids, n, out);
-        else if (C == 256) ::score<256>(q, codes, scales, ids, n, out);
-        else ::score<512>(q, codes, scales, ids, n, out);  // C == 512: checked by the caller
+    void score(const Query& q, const int64_t* ids, int64_t n, uint32_t* keys) const {
+        if (C == 128) ::score<128>(q, codes, scales, ids, n, keys);
+        else if (C == 256) ::score<256>(q, codes, scales, ids, n, keys);
+        else ::score<512>(q, codes, scales, ids, n, keys);  // C == 512: checked by the caller
     }
 };
 
-// The k best of ids [n] by scores [n] (k <= n), written to out[0:k] in no particular order (ties: the first ids).
-// The k-th largest score is found by bisection over the scores' order-preserving integer keys, at most 32 passes of
-// vector compares (nth_element's branches cost more here), stopping where exactly k keys are at or above the
-// threshold; then the ids above it and enough ties at it are kept.
-void top(const std::vector<float>& scores, const std::vector<int64_t>& ids, int64_t k, int64_t* out) {
-    const int64_t n = int64_t(scores.size()), padded = (n + 15) / 16 * 16;
-    static thread_local std::vector<uint32_t> keys;
-    keys.assign(padded, 0u);  // 0: below every float's key
-    for (int64_t i = 0; i < n; ++i) {
-        uint32_t bits;
-        std::memcpy(&bits, &scores[i], 4);
-        keys[i] = bits ^ (uint32_t(int32_t(bits) >> 31) | 0x80000000u);
-    }
+// Room for n keys, padded with zeros (below every score's key) to a multiple of 16.
+uint32_t* key_buffer(std::vector<uint32_t>& keys, int64_t n) {
+    keys.resize((n + 15) / 16 * 16);
+    std::fill(keys.begin() + n, keys.end(), 0u);
+    return keys.data();
+}
+
+// The positions of the k largest of keys [n] (k <= n; padded as key_buffer leaves them), written to out[0:k] in
+// ascending order (ties: the first positions); out has room for k + 16. The k-th largest key is found by bisection,
+// at most 32 passes of vector compares (nth_element's branches cost more here), stopping where exactly k keys are
+// at or above the threshold; then the positions above it and enough ties at it are kept.
+void top(const uint32_t* keys, int64_t n, int64_t k, uint32_t* out) {
+    const int64_t padded = (n + 15) / 16 * 16;
     uint32_t kth = 0;
     for (int bit = 31; bit >= 0; --bit) {
         const __m512i cand = _mm512_set1_epi32(int(kth | (1u << bit)));
         int64_t count = 0;
         for (int64_t i = 0; i < padded; i += 16)
-            count += __builtin_popcount(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(keys.data() + i), cand));
+            count += __builtin_popcount(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(keys + i), cand));
         if (count >= k) kth |= 1u << bit;
         if (count == k) break;  // exactly k keys at or above kth: those
     }
+    const __m512i threshold = _mm512_set1_epi32(int(kth));
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     int64_t w = 0;
-    for (int64_t i = 0; i < n; ++i)
-        if (keys[i] > kth) out[w++] = ids[i];
-    for (int64_t i = 0; i < n && w < k; ++i)
-        if (keys[i] == kth) out[w++] = ids[i];
+    for (int64_t i = 0; i < padded; i += 16) {
+        const __mmask16 above = _mm512_cmpgt_epu32_mask(_mm512_loadu_si512(keys + i), threshold);
+        const __m512i at = _mm512_add_epi32(lanes, _mm512_set1_epi32(int(i)));
+        _mm512_storeu_si512(out + w, _mm512_maskz_compress_epi32(above, at));
+        w += __builtin_popcount(above);
+    }
+    for (int64_t i = 0; i < padded && w < k; i += 16) {
+        const __mmask16 valid = i + 16 <= n ? 0xFFFF : __mmask16((1u << (n - i)) - 1);
+        const __mmask16 tie = _mm512_mask_cmpeq_epu32_mask(valid, _mm512_loadu_si512(keys + i), threshold);
+        const __m512i at = _mm512_add_epi32(lanes, _mm512_set1_epi32(int(i)));
+        _mm512_storeu_si512(out + w, _mm512_maskz_compress_epi32(tie, at));
+        w += __builtin_popcount(tie);
+    }
 }
 
 }  // namespace
@@ -219,33 +246,32 @@ int livekv_quest_select(int B, int G, int r, int D, const float* query,
     if (r > kMaxGroup || (D != 64 && D != 128 && D != 256) || (per && keep > full)) return -2;
     const int C = 2 * D;
     const int64_t k = sink + n * p + length - window_start;
-    std::vector<float> scores;
-    std::vector<int64_t> ids, kept(std::max<int64_t>(keep, 1)), picked(n);
+    std::vector<uint32_t> keys, pos(std::max(keep, n) + 16);
+    std::vector<int64_t> candidates(keep * per + last - std::min(last, full * per));
+    int64_t* ids = candidates.data();
     Query q;
     for (int64_t bg = 0; bg < int64_t(B) * G; ++bg) {
         const int64_t b = bg / G, g = bg % G;
         quantize(query + bg * r * D, r, D, q);
         Rows pages{page_codes + (b * page_sb + g * page_sg) * C, page_scales + b * page_sb + g * page_sg, C};
-        ids.clear();
+        int64_t m = 0;
         if (per) {
             Rows runs{run_codes + (b * run_sb + g * run_sg) * C, run_scales + b * run_sb + g * run_sg, C};
-            for (int64_t j = 0; j < full; ++j) ids.push_back(j);
-            scores.resize(full);
-            runs.score(q, ids.data(), full, scores.data());
-            top(scores, ids, keep, kept.data());
-            ids.clear();
-            for (int64_t i = 0; i < keep; ++i)
-                for (int64_t pg = std::max(kept[i] * per, first); pg < (kept[i] + 1) * per; ++pg) ids.push_back(pg);
+            runs.score(q, nullptr, full, key_buffer(keys, full));
+            top(keys.data(), full, keep, pos.data());
+            for (int64_t i = 0; i < keep; ++i) {
+                const int64_t run = pos[i];
+                for (int64_t pg = std::max(run * per, first); pg < (run + 1) * per; ++pg) ids[m++] = pg;
+            }
         }
-        for (int64_t pg = std::max(full * per, first); pg < last; ++pg) ids.push_back(pg);
-        if (int64_t(ids.size()) < n) return -1;
-        scores.resize(ids.size());
-        pages.score(q, ids.data(), int64_t(ids.size()), scores.data());
-        top(scores, ids, n, picked.data());
+        for (int64_t pg = std::max(full * per, first); pg < last; ++pg) ids[m++] = pg;
+        if (m < n) return -1;
+        pages.score(q, ids, m, key_buffer(keys, m));
+        top(keys.data(), m, n, pos.data());
         int64_t* row = out + bg * k;
         for (int64_t t = 0; t < sink; ++t) *row++ = t;
         for (int64_t i = 0; i < n; ++i)
-            for (int64_t j = 0; j < p; ++j) *row++ = picked[i] * p + j;
+            for (int64_t j = 0; j < p; ++j) *row++ = ids[pos[i]] * p + j;
         for (int64_t t = window_start; t < length; ++t) *row++ = t;
     }
     return 0;
@@ -262,8 +288,8 @@ int livekv_clusterkv_select(int B, int G, int r, int D, const float* query,
                             int64_t N, int64_t fill, int64_t sink, int64_t clustered, int64_t length, int64_t* out) {
     if (r > kMaxGroup || (D != 64 && D != 128 && D != 256)) return -2;
     const int64_t k = sink + fill + length - clustered;
-    std::vector<float> scores(n);
-    std::vector<int64_t> ids(n), order(std::min(fill, n));
+    const int64_t m = std::min(fill, n);
+    std::vector<uint32_t> keys, order(m + 16);
     Query q;
     for (int64_t bg = 0; bg < int64_t(B) * G; ++bg) {
         const int64_t b = bg / G, g = bg % G;
@@ -271,16 +297,14 @@ int livekv_clusterkv_select(int B, int G, int r, int D, const float* query,
         const uint16_t* scale = cen_scales + b * cen_sb + g * cen_sg;
         const int64_t *size = sizes + bg * n, *begin = starts + bg * n, *member = members + bg * N;
         quantize_signed(query + bg * r * D, r, D, q);
-        if (D == 64) score_dot<64>(q, codes, scale, n, scores.data());
-        else if (D == 128) score_dot<128>(q, codes, scale, n, scores.data());
-        else score_dot<256>(q, codes, scale, n, scores.data());
-        for (int64_t c = 0; c < n; ++c) {
-            ids[c] = c;
-            if (size[c] == 0) scores[c] = -INFINITY;
-        }
-        const int64_t m = int64_t(order.size());
-        top(scores, ids, m, order.data());
-        std::sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return scores[x] > scores[y]; });
+        uint32_t* key = key_buffer(keys, n);
+        if (D == 64) score_dot<64>(q, codes, scale, n, key);
+        else if (D == 128) score_dot<128>(q, codes, scale, n, key);
+        else score_dot<256>(q, codes, scale, n, key);
+        for (int64_t c = 0; c < n; ++c)
+            if (size[c] == 0) key[c] = 0;  // empty: last
+        top(key, n, m, order.data());
+        std::sort(order.begin(), order.begin() + m, [&](uint32_t x, uint32_t y) { return key[x] > key[y]; });
         int64_t* row = out + bg * k;
         for (int64_t t = 0; t < sink; ++t) *row++ = t;
         int64_t taken = 0;

@@ -105,17 +105,18 @@ class QuestSelector:
         """Pooled scores ``[B, G, last - first]`` of full pages ``[first, last)`` for query ``[B, H, D]``."""
         return self.bound(query, store.digests()[:, :, first:last])
 
-    def levels(self, store: HostStore, first: int, last: int, n: int, digests=None):
+    def levels(self, store: HostStore, first: int, last: int, n: int):
         """How ``n`` pages of ``[first, last)`` are picked: ``(per, keep, runs)``, two levels (the digests of the
         full runs of ``per`` pages, the best ``keep`` of them) where there are more full runs than runs to keep,
-        else ``(0, 0, None)``. Counts the digest bytes the pick reads (``digests``: ``store.digests()``)."""
+        else ``(0, 0, None)``. Counts the digest bytes the pick reads."""
         per, keep = self.cfg.coarse_pages, n * self.cfg.coarse_keep
         full = last // per if per else 0
-        digests = store.digests() if digests is None else digests
+        packed = store.page_digests.packed  # every page's digest has the same bytes
+        page_bytes = packed.nbytes // max(1, packed.shape[2])
         if full <= keep:  # one level: no fewer pages to score in two
-            self.select_nbytes = (last - first) * digests.nbytes // max(1, digests.shape[2])
+            self.select_nbytes = (last - first) * page_bytes
             return 0, 0, None
-        self.select_nbytes = (full + keep * per + last - full * per) * digests.nbytes // max(1, digests.shape[2])
+        self.select_nbytes = (full + keep * per + last - full * per) * page_bytes
         return per, keep, store.coarse_digests(per, full)
 
     def pick(self, query: torch.Tensor, store: HostStore, first: int, last: int, n: int) -> torch.Tensor:
@@ -138,10 +139,9 @@ class QuestSelector:
         T = store.length if length is None else length
         if T > self.cfg.budget and self.cfg.gqa_pool == "max" and store.page_digests.bits == 8:
             step = step_pages(self.cfg, T)
-            if step.n > 0:
-                digests = store.digests()
-                per, keep, runs = self.levels(store, step.first, step.last, step.n, digests)
-                tokens = kernels.quest_select(query, digests, runs, per, keep, step)
+            if step.n > 0:  # the kernel reads pages [first, last) only: the whole buffer is passed, not a slice
+                per, keep, runs = self.levels(store, step.first, step.last, step.n)
+                tokens = kernels.quest_select(query, store.page_digests.packed, runs, per, keep, step)
                 if tokens is not None:
                     return tokens
         return sink_pages_window(store, self.cfg, self.pick, query, length)
