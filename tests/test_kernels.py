@@ -77,6 +77,19 @@ def test_quest_select_kernel_finds_the_exact_best_pages_of_one_level():
 
 
 @needs_kernels
+@pytest.mark.parametrize("per", [0, 8])
+def test_quest_select_kernel_breaks_ties_by_the_first_pages(per):
+    """Equal keys give every page (and run) the same bound: the first candidates win, in order."""
+    B, G, T, D = 1, 3, 3000, 64
+    store = HostStore(B, G, D, 2, torch.float32, torch.device("cpu"), digest_bits=8)
+    store.append(torch.ones(B, G, T, D), torch.randn(B, G, T, D))
+    sel = _selector(per)
+    step = step_pages(sel.cfg, T)
+    picked = _pages(sel.select(torch.randn(B, 9, D), store), step)
+    assert torch.equal(picked, torch.arange(step.first, step.first + step.n).expand(B, G, -1))
+
+
+@needs_kernels
 def test_quest_select_kernel_declines_what_it_does_not_cover():
     store, q = _store(2000, 32), torch.randn(2, 9, 32)  # head dim 32: the reference path
     sel = _selector(0)
