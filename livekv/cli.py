@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     common.check_json_path(getattr(args, "json", None))
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, MemoryError) as e:
         raise SystemExit(f"livekv: error: {e}") from e
     except KeyboardInterrupt:
         print("\nlivekv: interrupted", file=sys.stderr)

@@ -31,6 +31,25 @@ def test_bench_decode_writes_records_and_plot(tmp_path):
     assert (tmp_path / "decode.png").stat().st_size > 1000
 
 
+def test_bench_decode_refuses_caches_that_do_not_fit(monkeypatch):
+    """Every cache of a context is kept (methods interleave): where the next would not fit, a clear error comes
+    before it is filled, not the kernel's OOM killer part-way."""
+    from livekv.bench import decode
+
+    filled = []
+    real_fill = decode.fill_cache
+    monkeypatch.setattr(decode, "fill_cache", lambda cache, *a: filled.append(cache) or real_fill(cache, *a))
+    monkeypatch.setattr(decode, "available_memory", lambda: 1 << 20)  # 1 MiB left
+    with pytest.raises(SystemExit, match="3 caches at context 300 do not fit: the largest of the 1 made so far takes"):
+        main(["bench", "decode", "--methods", "dense,quest", "--budget", "64,128", "--context", "300", "--steps", "1",
+              "--rounds", "1"])
+    assert len(filled) == 1  # the second was refused before it was made
+    monkeypatch.setattr(decode, "available_memory", lambda: 1 << 40)
+    main(["bench", "decode", "--methods", "dense,quest", "--budget", "64,128", "--context", "300", "--steps", "1",
+          "--rounds", "1"])
+    assert len(filled) == 4
+
+
 def test_bench_decode_recall_core_leaves_a_core_to_background_recall(tmp_path):
     out = tmp_path / "decode.json"
     threads = torch.get_num_threads()

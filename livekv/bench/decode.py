@@ -72,6 +72,32 @@ def bytes_per_step(model, cache: LiveKVCache) -> int:
     return total
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says can still be allocated (``MemAvailable``), or ``None`` where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_room(caches: list[LiveKVCache], total: int, context: int) -> None:
+    """Before the next of ``total`` caches is filled: a ``MemoryError`` where the largest one filled so far would
+    not fit in the memory left (with a tenth to spare), instead of the process being killed part-way."""
+    free = available_memory()
+    if not caches or free is None:
+        return
+    largest = max(c.memory()["fast_kv_reserved_bytes"] + c.memory()["host_kv_reserved_bytes"] for c in caches)
+    if largest * 1.1 > free:
+        raise MemoryError(
+            f"bench decode: {total} caches at context {context} do not fit: the largest of the {len(caches)} made "
+            f"so far takes {largest / 2**30:.2f} GiB and {free / 2**30:.2f} GiB is left; run fewer methods, budgets "
+            f"or weights per call (every cache of a context is kept, so that the methods interleave)")
+
+
 def recalls_in_background(cache: LiveKVCache) -> bool:
     """Whether a cache has layers that recall on a worker thread (freekv)."""
     return any(layer.background for layer in cache.recallable_layers)
@@ -129,6 +155,7 @@ def run(
     for context in contexts:
         caches, models = [], [form for _, form, _, _ in entries]
         for _, _, name, knobs in entries:
+            check_room(caches, len(entries), context)
             caches.append(LiveKVCache(model.config, name, ignore_unknown=True, **knobs))
             fill_cache(caches[-1], layer_kv, context)
         total = torch.get_num_threads()
