@@ -92,9 +92,8 @@ def quest_select(query: torch.Tensor, pages, runs, per: int, keep: int, step) ->
     of ``[step.first, step.last)`` by the group-max min/max bound, the window (``step``: a ``StepPages``). Query
     ``[B, H, D]``; ``pages`` the page digests (only rows ``[step.first, step.last)`` are read: the whole buffer
     may be passed) and ``runs`` the digests of the full runs of ``per`` pages (``per`` 0: one level, ``runs``
-    unused), both ``Int8Rows`` ``[B, G, n, 2D]``. Two levels: the best ``keep`` runs, then
-    their pages and those past the last full run. ``None`` where this kernel does not apply (the caller takes the
-    reference path)."""
+    unused), both ``Int8Rows`` ``[B, G, n, 2D]``. Two levels: the best ``keep`` runs, then their pages and those
+    past the last full run. ``None`` where this kernel does not apply (the caller takes the reference path)."""
     lib = _library()
     (B, H, D), G = query.shape, pages.shape[1]
     q = _group_query(lib, query, G)

@@ -90,7 +90,8 @@ def check_room(caches: list[LiveKVCache], total: int, context: int) -> None:
     free = available_memory()
     if not caches or free is None:
         return
-    largest = max(c.memory()["fast_kv_reserved_bytes"] + c.memory()["host_kv_reserved_bytes"] for c in caches)
+    reserved = [c.memory() for c in caches]
+    largest = max(m["fast_kv_reserved_bytes"] + m["host_kv_reserved_bytes"] for m in reserved)
     if largest * 1.1 > free:
         raise MemoryError(
             f"bench decode: {total} caches at context {context} do not fit: the largest of the {len(caches)} made "
