@@ -121,6 +121,77 @@ def _decode_round(models: list, caches: list[LiveKVCache], token: torch.Tensor, 
     return out
 
 
+def _filled_caches(config, entries: list, layer_kv: list, context: int) -> list[LiveKVCache]:
+    """One cache per entry, each filled to ``context`` tokens (refused before one would not fit)."""
+    caches = []
+    for _, _, name, knobs in entries:
+        check_room(caches, len(entries), context)
+        caches.append(LiveKVCache(config, name, ignore_unknown=True, **knobs))
+        fill_cache(caches[-1], layer_kv, context)
+    return caches
+
+
+def _timed_rounds(models, caches, token, steps: int, rounds: int, threads: list[int], rounds_bar):
+    """A warm-up round, ``rounds`` timed rounds, then one profiled round (selection and recall clocked): the ms per
+    token of each timed round and of the profiled one, per cache."""
+    _decode_round(models, caches, token, 2, threads)  # warm-up: allocations, first selections
+    rounds_bar.update()
+    rounds_ms = []
+    for _ in range(rounds):
+        rounds_ms.append(_decode_round(models, caches, token, steps, threads))
+        rounds_bar.update()
+    for cache in caches:
+        cache.set_profile(True)
+        for layer in cache.recallable_layers:
+            layer.stats = LayerStats()
+    profiled = _decode_round(models, caches, token, steps, threads)
+    rounds_bar.update()
+    return rounds_ms, profiled
+
+
+def _record(entry, cache: LiveKVCache, context: int, threads: int, ms: float, profiled_ms: float, steps: int,
+            bandwidth: float) -> dict:
+    """One method's result: speed, the shares of its step (from the profiled round), bytes and memory."""
+    weights, form, name, _ = entry
+    s = cache.stats()
+    step_bytes = bytes_per_step(form, cache)
+    limit_ms = step_bytes / bandwidth * 1000
+
+    def share(seconds: float) -> float:
+        return seconds / steps / (profiled_ms / 1000)
+
+    return {
+        **({} if weights is None else {"weights": weights}),
+        "method": name,
+        "context": context,
+        "budget": getattr(cache.method, "budget", None),
+        "compute_threads": threads,
+        "ms_per_token": ms,
+        "tokens_per_s": 1000 / ms,
+        "select_share": share(s["select_s"]),
+        "recall_share": share(s["recall_s"]),
+        "recall_background_share": share(s["background_s"]),
+        "recall_hidden": s["recall_hidden"],
+        "bytes_per_step": step_bytes,
+        "bandwidth_bytes_per_s": bandwidth,
+        "traffic_limit_ms": limit_ms,
+        "x_traffic_limit": ms / limit_ms,
+        **cache.memory(),
+    }
+
+
+def _line(r: dict) -> str:
+    label = r["method"] if "weights" not in r else f"{r['method']}/{r['weights']}"
+    hidden = "" if r["recall_hidden"] is None else (
+        f"(background {r['recall_background_share']:5.1%}, {r['recall_hidden']:4.0%} hidden) ")
+    return (
+        f"decode {label:12s} context={r['context']:6d} budget={r['budget']!s:6s} threads={r['compute_threads']} "
+        f"{r['ms_per_token']:8.1f} ms/token select={r['select_share']:5.1%} recall={r['recall_share']:5.1%} {hidden}"
+        f"read={r['bytes_per_step'] / 1e6:7.1f} MB/step limit={r['traffic_limit_ms']:6.1f} ms "
+        f"(x{r['x_traffic_limit']:.1f}) fast={r['fast_kv_bytes'] / 1e6:.0f} MB host={r['host_kv_bytes'] / 1e6:.0f} MB"
+    )
+
+
 @torch.no_grad()
 def run(
     model,
@@ -142,6 +213,7 @@ def run(
     forms = model if isinstance(model, dict) else {None: model}
     model = next(iter(forms.values()))
     entries = [(weights, form, name, knobs) for weights, form in forms.items() for name, knobs in methods]
+    models = [form for _, form, _, _ in entries]
 
     bandwidth = memory_bandwidth()
     log(f"memory bandwidth (copy, read+write): {bandwidth / 1e9:.1f} GB/s; threads={torch.get_num_threads()}")
@@ -154,58 +226,14 @@ def run(
     rounds_bar = bar(len(contexts) * (rounds + 2), "decode", "round", enabled=progress)
     log = above_bars(log)
     for context in contexts:
-        caches, models = [], [form for _, form, _, _ in entries]
-        for _, _, name, knobs in entries:
-            check_room(caches, len(entries), context)
-            caches.append(LiveKVCache(model.config, name, ignore_unknown=True, **knobs))
-            fill_cache(caches[-1], layer_kv, context)
+        caches = _filled_caches(model.config, entries, layer_kv, context)
         total = torch.get_num_threads()
         threads = [max(1, total - 1) if recall_core and recalls_in_background(c) else total for c in caches]
-        _decode_round(models, caches, token, 2, threads)  # warm-up: allocations, first selections
-        rounds_bar.update()
-        rounds_ms = []
-        for _ in range(rounds):
-            rounds_ms.append(_decode_round(models, caches, token, steps, threads))
-            rounds_bar.update()
-        for cache in caches:
-            cache.set_profile(True)
-            for layer in cache.recallable_layers:
-                layer.stats = LayerStats()
-        profiled = _decode_round(models, caches, token, steps, threads)
-        rounds_bar.update()
-        for i, ((weights, form, name, _), cache) in enumerate(zip(entries, caches)):
+        rounds_ms, profiled = _timed_rounds(models, caches, token, steps, rounds, threads, rounds_bar)
+        for i, (entry, cache) in enumerate(zip(entries, caches)):
             ms = statistics.median(r[i] for r in rounds_ms)
-            s = cache.stats()
-            step_bytes = bytes_per_step(form, cache)
-            limit_ms = step_bytes / bandwidth * 1000
-            record = {
-                **({} if weights is None else {"weights": weights}),
-                "method": name,
-                "context": context,
-                "budget": getattr(cache.method, "budget", None),
-                "compute_threads": threads[i],
-                "ms_per_token": ms,
-                "tokens_per_s": 1000 / ms,
-                "select_share": s["select_s"] / steps / (profiled[i] / 1000),
-                "recall_share": s["recall_s"] / steps / (profiled[i] / 1000),
-                "recall_background_share": s["background_s"] / steps / (profiled[i] / 1000),
-                "recall_hidden": s["recall_hidden"],
-                "bytes_per_step": step_bytes,
-                "bandwidth_bytes_per_s": bandwidth,
-                "traffic_limit_ms": limit_ms,
-                "x_traffic_limit": ms / limit_ms,
-                **cache.memory(),
-            }
-            results.append(record)
-            label = name if weights is None else f"{name}/{weights}"
-            hidden = "" if s["recall_hidden"] is None else (
-                f"(background {record['recall_background_share']:5.1%}, {s['recall_hidden']:4.0%} hidden) ")
-            log(
-                f"decode {label:12s} context={context:6d} budget={record['budget']!s:6s} threads={threads[i]} {ms:8.1f} ms/token "
-                f"select={record['select_share']:5.1%} recall={record['recall_share']:5.1%} {hidden}"
-                f"read={step_bytes / 1e6:7.1f} MB/step limit={limit_ms:6.1f} ms (x{record['x_traffic_limit']:.1f}) "
-                f"fast={record['fast_kv_bytes'] / 1e6:.0f} MB host={record['host_kv_bytes'] / 1e6:.0f} MB"
-            )
+            results.append(_record(entry, cache, context, threads[i], ms, profiled[i], steps, bandwidth))
+            log(_line(results[-1]))
         del caches
     rounds_bar.close()
     return {"results": results, "bandwidth_bytes_per_s": bandwidth, "threads": torch.get_num_threads()}
