@@ -99,8 +99,7 @@ def quest_select(query: torch.Tensor, pages, runs, per: int, keep: int, step) ->
     q = _group_query(lib, query, G)
     if q is None:
         return None
-    k = step.sink + step.n * step.page_size + step.length - step.window_start
-    out = torch.empty(B, G, k, dtype=torch.long)
+    out = torch.empty(B, G, step.tokens, dtype=torch.long)
     run_ptrs = _rows(runs) if per else (0, 0, 0, 0)
     rc = lib.livekv_quest_select(B, G, H // G, D, q.data_ptr(), *_rows(pages), *run_ptrs, per,
                                  runs.shape[2] if per else 0, keep, step.first, step.last, step.n, step.sink,

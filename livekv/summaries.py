@@ -82,10 +82,15 @@ class PageDigests:
             return retrieval.gather_summaries(self.packed, pages)
         return retrieval.gather_runs(self.packed, runs, per)
 
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page's digests (every batch row and KV head)."""
+        return self.packed.nbytes // max(1, self.packed.shape[2])  # every page alike: no slice on the decode path
+
     def memory(self, n: int) -> Bytes:
         """Bytes used by ``n`` pages' digests and the coarse level, and allocated."""
         coarse = 0 if self.coarse is None else self.coarse[1].nbytes
-        return Bytes(self.packed[:, :, :1].nbytes * n + coarse, self.packed.nbytes + coarse)
+        return Bytes(self.page_bytes * n + coarse, self.packed.nbytes + coarse)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.packed = self.packed.index_select(0, rows.to(self.packed.device))

@@ -79,6 +79,11 @@ class StepPages(NamedTuple):
     window_start: int
     length: int
 
+    @property
+    def tokens(self) -> int:
+        """Token ids the step reads: sink + picked pages + window."""
+        return self.sink + self.n * self.page_size + self.length - self.window_start
+
 
 def step_pages(cfg: SparseConfig, length: int) -> StepPages:
     """The window starts at the page boundary at or before ``length - window`` so that no token falls between the
@@ -111,8 +116,7 @@ class QuestSelector:
         else ``(0, 0, None)``. Counts the digest bytes the pick reads."""
         per, keep = self.cfg.coarse_pages, n * self.cfg.coarse_keep
         full = last // per if per else 0
-        packed = store.page_digests.packed  # every page's digest has the same bytes
-        page_bytes = packed.nbytes // max(1, packed.shape[2])
+        page_bytes = store.page_digests.page_bytes
         if full <= keep:  # one level: no fewer pages to score in two
             self.select_nbytes = (last - first) * page_bytes
             return 0, 0, None
