@@ -23,7 +23,8 @@ import torch
 from livekv import snapshot
 from livekv.methods import StreamMethod, make_method
 from livekv.stream.adapters.base import Segment, VideoLMAdapter, as_frames
-from livekv.stream.memory import Chunk, StreamCache
+from livekv.stream.cache import StreamCache
+from livekv.stream.memory import Chunk
 
 
 @dataclass
