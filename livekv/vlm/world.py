@@ -36,6 +36,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from livekv.vlm.draw import draw_shape
+
 CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 COLOURS = {
     "red": (215, 35, 35),
@@ -224,7 +226,7 @@ class World:
         image = Image.new("RGB", (self.size, self.size), BACKGROUND)
         draw = ImageDraw.Draw(image)
         for item in self.state(t):
-            _draw(draw, item, self.size)
+            draw_shape(draw, CELLS.index(item.cell), item.shape, COLOURS[item.colour], self.size)
         pixels = np.asarray(image)
         if self.noise > 0:
             rng = np.random.default_rng([self.seed, round(t * 1000)])
@@ -339,28 +341,3 @@ def _by_shape(items: Sequence[Item]) -> dict[str, list[Item]]:
     for it in items:
         groups.setdefault(it.shape, []).append(it)
     return groups
-
-
-def _cell_box(cell: str, size: int) -> tuple[int, int, int, int]:
-    """``(x0, y0, x1, y1)`` of ``cell``'s pixels, end exclusive."""
-    row, col = divmod(CELLS.index(cell), 3)
-    return col * size // 3, row * size // 3, (col + 1) * size // 3, (row + 1) * size // 3
-
-
-def _draw(draw: ImageDraw.ImageDraw, item: Item, size: int) -> None:
-    x0, y0, x1, y1 = _cell_box(item.cell, size)
-    side = min(x1 - x0, y1 - y0)
-    m = max(1, round(side / 8))  # margin: 2 px in a 16 px cell
-    left, top, right, bottom = x0 + m, y0 + m, x1 - 1 - m, y1 - 1 - m  # PIL boxes include their end
-    colour = COLOURS[item.colour]
-    if item.shape == "circle":
-        draw.ellipse((left, top, right, bottom), fill=colour)
-    elif item.shape == "square":
-        draw.rectangle((left, top, right, bottom), fill=colour)
-    elif item.shape == "triangle":
-        draw.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=colour)
-    else:  # cross: a plus sign, two bars of a quarter of the cell
-        width = max(1, round(side / 4))
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        draw.rectangle((left, cy - width / 2, right, cy + width / 2 - 1), fill=colour)
-        draw.rectangle((cx - width / 2, top, cx + width / 2 - 1, bottom), fill=colour)
