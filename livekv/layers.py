@@ -203,7 +203,10 @@ class RecallableLayer(Layer):
         """Bring ``token_idx [B, G, k]`` into the fast tier. Returns keys, values ``[B, G, S, D]``, the logical
         token of each of the S columns (-1: a stale slot, not to be read) and the number of tokens copied."""
         if self.resident is None:
-            keys, values = self.host.gather(token_idx, out=self.fast.reserve(token_idx.shape[-1]))
+            if self.host.device.type == "cpu":  # one memory: copying the gather into the buffer would only cost
+                keys, values = self.fast.hold(*self.host.gather(token_idx))
+            else:
+                keys, values = self.host.gather(token_idx, out=self.fast.reserve(token_idx.shape[-1]))
             return keys, values, token_idx, token_idx.numel()
         keys, values, valid, copied = self.resident.recall(self.host, token_idx)
         columns = self.resident.token if valid is None else self.resident.token.masked_fill(~valid, -1)

@@ -49,6 +49,12 @@ class FastBuffer:
         self.length = n
         return self.view()
 
+    def hold(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take ``k, v [B, G, n, D]`` as the valid tokens, without a copy (a recall on the CPU, where the host
+        tier's gather already lands in the memory attention reads); returns them."""
+        self.keys, self.values, self.length = k, v, k.shape[2]
+        return k, v
+
     def truncate(self, length: int, capacity: int) -> None:
         """Keep the first ``length`` tokens and at most ``capacity`` slots (give back what a transient use grew)."""
         self.length = length
