@@ -193,7 +193,8 @@ class RecallableLayer(Layer):
         t1 = self._clock()
         keys, values, columns, copied = self.recall(token_idx)
         t2 = self._clock()
-        out = attend(query, keys, values, scaling, self._step_mask(mask, columns))
+        plain = mask is None and self.resident is None  # every column is a selected token: nothing to mask
+        out = attend(query, keys, values, scaling, None if plain else self._step_mask(mask, columns))
         self._count(token_idx, copied, t1 - t0, t2 - t1)
         for observer in self.observers:
             observer(self, q, token_idx, out)
