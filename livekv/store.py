@@ -51,7 +51,8 @@ class FastBuffer:
 
     def hold(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Take ``k, v [B, G, n, D]`` as the valid tokens, without a copy (a recall on the CPU, where the host
-        tier's gather already lands in the memory attention reads); returns them."""
+        tier's gather already lands in the memory attention reads); returns them. The capacity is then exactly
+        ``n``: what a step's recall holds, without ``grow``'s slack."""
         self.keys, self.values, self.length = k, v, k.shape[2]
         return k, v
 
