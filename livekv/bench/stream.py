@@ -73,6 +73,30 @@ def rss_bytes() -> int:
         return 0
 
 
+def _time_questions(session: StreamSession, question: list[int], answer_tokens: int,
+                    repeats: int) -> tuple[float, dict, int]:
+    """The median seconds to the first answer token over ``repeats`` asks, the memory while answering (the answer
+    context resident too) and the largest RSS seen then."""
+    ttfts, peak_rss = [], 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        answer = session.ask(question, max_new_tokens=answer_tokens)
+        next(answer)
+        ttfts.append(time.perf_counter() - t0)
+        mem = session.memory()
+        peak_rss = max(peak_rss, rss_bytes())
+        for _ in answer:
+            pass
+    return statistics.median(ttfts), mem, peak_rss
+
+
+def _line(r: dict) -> str:
+    return (f"{r['method']:12s} frames {r['frames']:4d}: ingest {r['ingest_fps']:6.2f} frames/s | TTFT "
+            f"{r['ttft_ms']:8.1f} ms | fast KV {r['fast_kv_bytes'] / 1e6:7.1f} MB, host KV {r['host_kv_bytes'] / 1e6:7.1f}"
+            f" MB | RSS peak {r['peak_rss_bytes'] / 1e9:.2f} GB | snapshot {r['snapshot_bytes'] / 1e6:.1f} MB, save "
+            f"{r['save_ms']:.0f} ms, load {r['load_ms']:.0f} ms")
+
+
 def run(adapter, methods: list[str], checkpoints: list[int], clip_frames: int = 4, question_tokens: int = 16,
         answer_tokens: int = 4, repeats: int = 3) -> dict:
     """Stream ``max(checkpoints)`` frames through each method; at each checkpoint ask the same question ``repeats``
@@ -104,27 +128,15 @@ def run(adapter, methods: list[str], checkpoints: list[int], clip_frames: int = 
             frames = (i + 1) * clip_frames
             if frames not in checkpoints:
                 continue
-            ttfts = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                answer = session.ask(question, max_new_tokens=answer_tokens)
-                next(answer)
-                ttfts.append(time.perf_counter() - t0)
-                mem = session.memory()  # while answering: the answer context is resident too
-                peak_rss = max(peak_rss, rss_bytes())
-                for _ in answer:
-                    pass
-            ttft = statistics.median(ttfts)
+            ttft, mem, rss = _time_questions(session, question, answer_tokens, repeats)
+            peak_rss = max(peak_rss, rss)
             record = dict(
                 method=name, frames=frames, tokens_per_frame=tpf, ttft_ms=ttft * 1e3,
                 ingest_fps=segment_frames / segment_s, fast_kv_bytes=mem["fast_kv_bytes"],
                 host_kv_bytes=mem["host_kv_bytes"], memory_tokens=mem["memory_tokens"], peak_rss_bytes=peak_rss,
                 rss_before_bytes=rss0, **snapshot_cost(session, frames), **knobs,
             )
-            print(f"{name:12s} frames {frames:4d}: ingest {record['ingest_fps']:6.2f} frames/s | TTFT {record['ttft_ms']:8.1f} ms"
-                  f" | fast KV {mem['fast_kv_bytes'] / 1e6:7.1f} MB, host KV {mem['host_kv_bytes'] / 1e6:7.1f} MB"
-                  f" | RSS peak {peak_rss / 1e9:.2f} GB | snapshot {record['snapshot_bytes'] / 1e6:.1f} MB, save "
-                  f"{record['save_ms']:.0f} ms, load {record['load_ms']:.0f} ms", flush=True)
+            print(_line(record), flush=True)
             results.append(record)
             segment_s, segment_frames = 0.0, 0
         del session

@@ -137,6 +137,7 @@ def _routes(app: FastAPI, config: ServeConfig) -> None:
 
     _chat_routes(app, key)
     _stream_routes(app, config, key)
+    _snapshot_routes(app, config, key)
 
 
 def _server(request: Request) -> Server:
@@ -213,6 +214,12 @@ def _stream_routes(app: FastAPI, config: ServeConfig, key: list) -> None:
             text = first + "".join([piece async for piece in answer])
         return {"answer": text, "ttft_ms": stream.counters.last_ttft_ms, "frames_ingested": stream.counters.ingested}
 
+    @app.websocket("/v1/streams/{sid}/ws")
+    async def websocket(socket: WebSocket, sid: str):
+        await ws.websocket(socket, sid, config)
+
+
+def _snapshot_routes(app: FastAPI, config: ServeConfig, key: list) -> None:
     @app.get("/v1/streams/{sid}/snapshot", dependencies=key)
     async def snapshot(request: Request, sid: str):
         s = _server(request)
@@ -233,10 +240,6 @@ def _stream_routes(app: FastAPI, config: ServeConfig, key: list) -> None:
             stream = await asyncio.to_thread(s.restore_stream, pathlib.Path(tmp, "snap"), record,
                                              _assigned_id(request) or new_id())
         return stream.stats()
-
-    @app.websocket("/v1/streams/{sid}/ws")
-    async def websocket(socket: WebSocket, sid: str):
-        await ws.websocket(socket, sid, config)
 
 
 def _page_info(config: ServeConfig, models: Models) -> dict:
