@@ -225,7 +225,7 @@ def test_a_real_h264_clip_is_decoded_and_ingested(client):
 def test_every_limit_has_its_status_code(models, media, tmp_path):
     big = "x" * 100
     config = ServeConfig(port=free_port(), api_key="sekret", max_sessions=2, max_upload_bytes=20_000,
-                         media_dir=str(media[0]))
+                         max_snapshot_bytes=50_000, media_dir=str(media[0]))
     with serving(config, models) as base, httpx.Client(base_url=base, timeout=60) as c:
         assert c.get("/health").status_code == 200  # no key needed
         assert c.get("/v1/models").status_code == 401
@@ -254,6 +254,8 @@ def test_every_limit_has_its_status_code(models, media, tmp_path):
         r = c.post("/v1/streams", json={"method": "livevlm"})
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
         c.delete(f"/v1/streams/{other.json()['id']}")
+        r = c.post("/v1/streams/restore", content=b"x" * 60_000)
+        assert r.status_code == 413 and "exceeds" in r.json()["error"]["message"]
         assert c.post("/v1/streams", json={"method": "nope"}).status_code == 400
         assert c.get("/v1/streams/nope").status_code == 404
         r = c.post("/v1/streams", json={"source": {"type": "file", "path": "../../etc/passwd"}})

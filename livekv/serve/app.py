@@ -234,7 +234,7 @@ def _snapshot_routes(app: FastAPI, config: ServeConfig, key: list) -> None:
         s = _server(request)
         if s.sessions >= config.max_sessions:
             raise SessionLimit(f"the server holds its maximum of {config.max_sessions} sessions")
-        data = await _body(request, 1 << 34)
+        data = await _body(request, config.max_snapshot_bytes)
         with state.scratch() as tmp:
             record = state.from_tar(data, pathlib.Path(tmp, "snap"))
             stream = await asyncio.to_thread(s.restore_stream, pathlib.Path(tmp, "snap"), record,

@@ -68,7 +68,8 @@ class LiveKVIngress:
 
     @api.api_route("/{path:path}", methods=METHODS)
     async def forward(self, request: Request, path: str):
-        limit = 1 << 34 if path.rstrip("/") == "v1/streams/restore" else self.config.max_upload_bytes + (1 << 20)
+        restore = path.rstrip("/") == "v1/streams/restore"
+        limit = self.config.max_snapshot_bytes if restore else self.config.max_upload_bytes + (1 << 20)
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return _error(413, f"upload of {declared} bytes exceeds the limit of {limit}")
