@@ -172,7 +172,7 @@ class HostStore:
             self.pages[:, page, :, 1, slot] = v[:, :, 0]
         else:
             t = torch.arange(start, end)
-            kv = torch.stack((k, v), dim=2).to(self.pages.device, non_blocking=True)  # [B, G, 2, n, D]
+            kv = torch.stack((k, v), dim=2).to(self.pages.device)  # [B, G, 2, n, D]; blocking: the CPU reads it next
             self.pages[:, t // p, :, :, t % p] = kv.permute(3, 0, 1, 2, 4)  # advanced dims first: [n, B, G, 2, D]
         self.length = end
         self._update_digests(start // p, self.num_full_pages)
