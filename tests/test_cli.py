@@ -39,12 +39,12 @@ def test_bench_decode_refuses_caches_that_do_not_fit(monkeypatch):
     filled = []
     real_fill = decode.fill_cache
     monkeypatch.setattr(decode, "fill_cache", lambda cache, *a: filled.append(cache) or real_fill(cache, *a))
-    monkeypatch.setattr(decode, "available_memory", lambda: 1 << 20)  # 1 MiB left
+    monkeypatch.setattr(decode, "available_bytes", lambda: 1 << 20)  # 1 MiB left
     with pytest.raises(SystemExit, match="3 caches at context 300 do not fit: the largest of the 1 made so far takes"):
         main(["bench", "decode", "--methods", "dense,quest", "--budget", "64,128", "--context", "300", "--steps", "1",
               "--rounds", "1"])
     assert len(filled) == 1  # the second was refused before it was made
-    monkeypatch.setattr(decode, "available_memory", lambda: 1 << 40)
+    monkeypatch.setattr(decode, "available_bytes", lambda: 1 << 40)
     main(["bench", "decode", "--methods", "dense,quest", "--budget", "64,128", "--context", "300", "--steps", "1",
           "--rounds", "1"])
     assert len(filled) == 4

@@ -34,6 +34,7 @@ from livekv.protocol import LayerStats
 from livekv.generation import prefill
 from livekv.progress import above_bars, bar
 from livekv.quantize import weight_bytes
+from livekv.sysmem import available_bytes
 
 
 def memory_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
@@ -72,22 +73,10 @@ def bytes_per_step(model, cache: LiveKVCache) -> int:
     return total
 
 
-def available_memory() -> int | None:
-    """Bytes of memory the kernel says can still be allocated (``MemAvailable``), or ``None`` where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def check_room(caches: list[LiveKVCache], total: int, context: int) -> None:
     """Before the next of ``total`` caches is filled: a ``MemoryError`` where the largest one filled so far would
     not fit in the memory left (with a tenth to spare), instead of the process being killed part-way."""
-    free = available_memory()
+    free = available_bytes()
     if not caches or free is None:
         return
     reserved = [c.memory() for c in caches]

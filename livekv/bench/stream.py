@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import pathlib
 import statistics
 import tempfile
@@ -30,6 +29,7 @@ from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGener
 from livekv.quantize import check_weights
 from livekv.stream.adapters import LlavaOnevisionAdapter, cast_and_quantize
 from livekv.stream.session import StreamSession
+from livekv.sysmem import rss_bytes
 
 QWEN2_05B = dict(
     model_type="qwen2", vocab_size=151_646, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -64,15 +64,6 @@ def method_knobs(name: str, tokens_per_frame: int) -> dict:
     return {k: v * tokens_per_frame for k, v in BUDGET_FRAMES.get(name, {}).items()}
 
 
-def rss_bytes() -> int:
-    """The process's resident set size now (Linux; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
 def _time_questions(session: StreamSession, question: list[int], answer_tokens: int,
                     repeats: int) -> tuple[float, dict, int]:
     """The median seconds to the first answer token over ``repeats`` asks, the memory while answering (the answer
@@ -84,7 +75,7 @@ def _time_questions(session: StreamSession, question: list[int], answer_tokens: 
         next(answer)
         ttfts.append(time.perf_counter() - t0)
         mem = session.memory()
-        peak_rss = max(peak_rss, rss_bytes())
+        peak_rss = max(peak_rss, rss_bytes() or 0)
         for _ in answer:
             pass
     return statistics.median(ttfts), mem, peak_rss
@@ -116,7 +107,7 @@ def run(adapter, methods: list[str], checkpoints: list[int], clip_frames: int = 
             continue
         knobs = method_knobs(name, tpf)
         gc.collect()
-        rss0 = rss_bytes()
+        rss0 = rss_bytes() or 0
         session = StreamSession(adapter, name, system=system, **knobs)
         peak_rss, segment_s, segment_frames, ingest_s = rss0, 0.0, 0, 0.0
         for i in range(math.ceil(n_frames / clip_frames)):
@@ -124,7 +115,7 @@ def run(adapter, methods: list[str], checkpoints: list[int], clip_frames: int = 
             session.push(clips[i % len(clips)])
             dt = time.perf_counter() - t0
             segment_s, segment_frames, ingest_s = segment_s + dt, segment_frames + clip_frames, ingest_s + dt
-            peak_rss = max(peak_rss, rss_bytes())
+            peak_rss = max(peak_rss, rss_bytes() or 0)
             frames = (i + 1) * clip_frames
             if frames not in checkpoints:
                 continue
@@ -168,7 +159,7 @@ def offline(adapter, clips: list[torch.Tensor], n_frames: int, system, question)
     whole video to be encoded and prefilled (in one pass) before the question."""
     frames = torch.cat([clips[i % len(clips)] for i in range(math.ceil(n_frames / len(clips[0])))])[:n_frames]
     gc.collect()
-    rss0 = rss_bytes()
+    rss0 = rss_bytes() or 0
     t0 = time.perf_counter()
     session = StreamSession(adapter, "full", system=system)
     session.push(frames)
@@ -177,7 +168,7 @@ def offline(adapter, clips: list[torch.Tensor], n_frames: int, system, question)
     mem = session.memory()
     record = dict(method="offline", frames=n_frames, tokens_per_frame=adapter.tokens_per_frame, ttft_ms=ttft * 1e3,
                   ingest_fps=None, fast_kv_bytes=mem["fast_kv_bytes"], host_kv_bytes=0,
-                  memory_tokens=mem["memory_tokens"], peak_rss_bytes=max(rss0, rss_bytes()), rss_before_bytes=rss0)
+                  memory_tokens=mem["memory_tokens"], peak_rss_bytes=max(rss0, rss_bytes() or 0), rss_before_bytes=rss0)
     print(f"{'offline':12s} frames {n_frames:4d}: the whole video + question in one pass | TTFT {ttft * 1e3:8.1f} ms"
           f" | fast KV {mem['fast_kv_bytes'] / 1e6:7.1f} MB", flush=True)
     return record

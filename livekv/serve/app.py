@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import pathlib
 
 from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket
@@ -40,6 +39,7 @@ from livekv.serve.schemas import AskRequest, ChatCompletionRequest, StreamCreate
 from livekv.serve.server import Models, Server, load_models
 from livekv.serve.streams import new_id
 from livekv.snapshot import SnapshotError
+from livekv.sysmem import rss_bytes
 
 STATIC = pathlib.Path(__file__).parent / "static"
 PAGE_METHODS = ("livevlm", "rekv", "sink_window", "full")  # the page's method switch, in create_stream's order
@@ -125,7 +125,7 @@ def _routes(app: FastAPI, config: ServeConfig) -> None:
     async def health(request: Request):
         s = _server(request)
         return {"status": "ok", "sessions": s.sessions, "engine_jobs_pending": s.engine.pending,
-                "rss_bytes": _rss()}
+                "rss_bytes": rss_bytes()}
 
     @app.get("/v1/models", dependencies=key)
     async def list_models(request: Request):
@@ -278,12 +278,3 @@ async def _body(request: Request, limit: int) -> bytes:
         if len(data) > limit:
             raise HTTPException(413, f"upload exceeds the limit of {limit} bytes")
     return bytes(data)
-
-
-def _rss() -> int | None:
-    """This process's resident memory, bytes (Linux; else None)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
