@@ -14,7 +14,7 @@ from livekv.stream.session import StreamSession
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from livekv.vlm import world
+from livekv.vlm import benchmark, world
 from livekv.vlm.batch import encode, visual_tokens
 from livekv.vlm.checkpoints import add_object_words
 from livekv.vlm.data import Stream, evidence_token, pick_by_age, sample
@@ -230,7 +230,7 @@ def test_object_descriptions_are_one_token_and_older_checkpoints_gain_them():
 def _stream_into(adapter, method: str = "livevlm", seed: int = 1, seconds: float = 60.0):
     """A session of ``method`` (small budgets, so that it compresses and re-positions) after ``seconds`` of a world,
     and the world's questions (asked after the last frame here)."""
-    w, questions = world.stream_qa(seed, seconds, 6)
+    w, questions = benchmark.stream_qa(seed, seconds, 6)
     session = StreamSession(adapter, method, system=SYSTEM, short_term=20, long_term=20, vsb_rows=8)
     with torch.inference_mode():
         for _, image in w.frames():

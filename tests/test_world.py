@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from livekv.stream.source import frames
-from livekv.vlm import world
+from livekv.vlm import benchmark, world
 from livekv.vlm.world import CELLS, COLOURS, SHAPES, World
 
 PALETTE = {**COLOURS, "background": world.BACKGROUND}
@@ -29,8 +29,8 @@ def test_same_seed_same_world_and_questions_other_seed_differs():
     assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a.frames(), b.frames(), strict=True))
     assert any(not np.array_equal(x, y) for (_, x), (_, y) in zip(a.frames(), c.frames(), strict=True))
     assert a.questions(60, np.random.default_rng(0), n=5) == b.questions(60, np.random.default_rng(0), n=5)
-    assert world.stream_qa(3, 120, 20)[1] == world.stream_qa(3, 120, 20)[1]
-    assert world.stream_qa(3, 120, 20)[1] != world.stream_qa(4, 120, 20)[1]
+    assert benchmark.stream_qa(3, 120, 20)[1] == benchmark.stream_qa(3, 120, 20)[1]
+    assert benchmark.stream_qa(3, 120, 20)[1] != benchmark.stream_qa(4, 120, 20)[1]
     longer = World(3, 300)  # a shorter world is a prefix of a longer one
     assert all(a.state(t) == longer.state(t) for t in range(120))
 
@@ -109,9 +109,9 @@ def expected_answer(w: World, q: world.Question) -> tuple[str, float]:
 
 
 def test_every_question_answer_is_right():
-    w, benchmark = world.stream_qa(2, 600, 40)
+    w, drawn = benchmark.stream_qa(2, 600, 40)
     rng = np.random.default_rng(0)
-    asked = [q for t in range(0, 600, 7) for q in w.questions(t, rng, n=3)] + benchmark
+    asked = [q for t in range(0, 600, 7) for q in w.questions(t, rng, n=3)] + drawn
     assert {q.kind for q in asked} == set(world.QUESTION_KINDS)
     for q in asked:
         assert (q.answer, q.evidence_time) == expected_answer(w, q), q
@@ -124,20 +124,20 @@ def test_every_question_answer_is_right():
 
 
 def test_stream_qa_spreads_and_balances_questions():
-    w, questions = world.stream_qa(0, 1200, 60)
+    w, questions = benchmark.stream_qa(0, 1200, 60)
     assert len(questions) == 60
     assert [q.ask_time for q in questions] == sorted(q.ask_time for q in questions)
     assert questions[-1].ask_time == w.frame_times[-1] and questions[0].ask_time < 60
     kinds = {k: sum(q.kind == k for q in questions) for k in world.QUESTION_KINDS}
-    buckets = {b: sum(world.age_bucket(q) == b for q in questions) for b in ("recent", "start", "middle")}
+    buckets = {b: sum(benchmark.age_bucket(q) == b for q in questions) for b in ("recent", "start", "middle")}
     assert min(kinds.values()) >= 8 and min(buckets.values()) >= 12, (kinds, buckets)
 
 
 def test_age_buckets():
     q = lambda ask, evidence: world.Question("count_now", "", "one", ask, evidence, [])  # noqa: E731
-    assert [world.age_bucket(q(100, e)) for e in (90, 10, 50)] == ["recent", "start", "middle"]
-    assert world.age_bucket(q(100, 50), recent_s=60) == "recent"
-    assert world.age_bucket(q(100, 50), start_s=60) == "start"
+    assert [benchmark.age_bucket(q(100, e)) for e in (90, 10, 50)] == ["recent", "start", "middle"]
+    assert benchmark.age_bucket(q(100, 50), recent_s=60) == "recent"
+    assert benchmark.age_bucket(q(100, 50), start_s=60) == "start"
 
 
 def test_written_video_reads_back_with_the_right_colours(tmp_path):
@@ -154,7 +154,7 @@ def test_written_video_reads_back_with_the_right_colours(tmp_path):
 
 def test_vocabulary_covers_questions_and_answers():
     vocabulary = set(world.vocabulary())
-    _, questions = world.stream_qa(1, 300, 40)
+    _, questions = benchmark.stream_qa(1, 300, 40)
     for q in questions:
         assert re.fullmatch(r"[a-z]+( [a-z]+)* \?", q.text), q.text
         assert set(q.text.split()) | set(q.answer.split()) <= vocabulary

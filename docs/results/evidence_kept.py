@@ -19,7 +19,7 @@ import vsb_kept  # its tagging patches of the memory layer
 from livekv.evals.stream_qa import _ask, memory_knobs
 from livekv.stream import memory
 from livekv.stream.session import StreamSession
-from livekv.vlm import world
+from livekv.vlm import benchmark, world
 from livekv.vlm.data import evidence_token
 from livekv.vlm.model import SYSTEM, WEIGHTS, load_default_vlm
 
@@ -32,7 +32,7 @@ def main(path: str) -> None:
     knobs = memory_knobs("livevlm", 56, adapter.tokens_per_frame + 1)
     table = collections.Counter()
     for seed in range(8):
-        w, questions = world.stream_qa(seed, 120.0)
+        w, questions = benchmark.stream_qa(seed, 120.0)
         session = StreamSession(adapter, "livevlm", system=SYSTEM, **knobs)
 
         def ask(q: world.Question) -> None:

@@ -19,6 +19,7 @@ import sys
 
 from livekv.methods import make_method, parse_spec
 from livekv.stream.session import StreamSession
+from livekv.vlm import benchmark
 from livekv.vlm import world as world_mod
 
 
@@ -71,7 +72,7 @@ def summarize(method: str, knobs: dict, minutes: float, streams: int, cases: lis
 def _ask(session: StreamSession, question, world) -> dict:
     answer = session.answer(question.text, max_new_tokens=4).strip()
     mem = session.memory()
-    return {"kind": question.kind, "bucket": world_mod.age_bucket(question), "age_s": question.age,
+    return {"kind": question.kind, "bucket": benchmark.age_bucket(question), "age_s": question.age,
             "ask_time": question.ask_time, "question": question.text, "expected": question.answer, "answer": answer,
             "correct": answer == question.answer, "ttft_ms": (session.stats.ttft_s or 0.0) * 1e3,
             "fast_kv_bytes": mem["fast_kv_bytes"], "host_kv_bytes": mem["host_kv_bytes"],
@@ -90,7 +91,7 @@ def evaluate(adapter, methods: list[str], minutes: float = 2.0, seed: int = 0, n
     gives (every method's)."""
     from livekv.vlm.model import SYSTEM
 
-    worlds = [world_mod.stream_qa(seed + i, minutes * 60, n_questions, fps) for i in range(streams)]
+    worlds = [benchmark.stream_qa(seed + i, minutes * 60, n_questions, fps) for i in range(streams)]
     results, all_cases = [], []
     for method in methods:
         # + LLaVA's newline per clip
@@ -120,7 +121,7 @@ def demo(adapter, method: str = "livevlm", minutes: float = 2.0, seed: int = 7, 
 
     from livekv.vlm.model import SYSTEM
 
-    world, questions = world_mod.stream_qa(seed, minutes * 60, n_questions, 0.5)
+    world, questions = benchmark.stream_qa(seed, minutes * 60, n_questions, 0.5)
     knobs = memory_knobs(method, memory_tokens, adapter.tokens_per_frame + 1)
     session = StreamSession(adapter, parse_spec(method)[0], system=SYSTEM, **knobs)
     print(f"A {minutes:g}-minute synthetic stream at 0.5 fps ({len(world.frame_times)} frames of {adapter.tokens_per_frame} + 1 "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from livekv.vlm import world
+from livekv.vlm import benchmark, world
 
 
 def object_index(cells):
@@ -79,7 +79,7 @@ def pick_by_age(rng: np.random.Generator, questions: list[world.Question]) -> in
     evenly over all, where_last (the one kind whose ages vary) asks half the time about the last 20 s, mostly about
     objects on screen now, and an eighth about the start (104-130 s streams), where the past is what memory is for
     and what the benchmark asks about most."""
-    buckets = [world.age_bucket(q) for q in questions]
+    buckets = [benchmark.age_bucket(q) for q in questions]
     older = sorted(set(buckets) - {"recent"}) or ["recent"]
     bucket = older[int(rng.integers(len(older)))]
     within = [i for i, b in enumerate(buckets) if b == bucket]

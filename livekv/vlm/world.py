@@ -19,8 +19,8 @@ Questions are defined only by what the sampled frames up to the ask time show (`
 * ``count_now``: "how many objects are there now ?" -> "one" ... (not asked when the last frame is empty).
 
 Each ``Question`` carries its evidence time (the frame the answer comes from) and its age (ask time minus
-evidence time); ``age_bucket`` sorts questions into recent / start / middle evidence. ``livekv.evals.stream_qa``
-builds a deterministic benchmark: a world and questions spread over it, balanced across kinds and age buckets.
+evidence time). ``livekv.vlm.benchmark`` draws the deterministic benchmark ``livekv eval stream-qa`` asks: a world
+and questions spread over it, balanced across kinds and age buckets.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import bisect
 import math
 import os
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -110,13 +109,6 @@ def neighbours(cell: str) -> list[str]:
     row, col = divmod(CELLS.index(cell), 3)
     steps = ((row - 1, col), (row + 1, col), (row, col - 1), (row, col + 1))
     return [CELLS[3 * r + c] for r, c in steps if 0 <= r < 3 and 0 <= c < 3]
-
-
-def age_bucket(question: Question, recent_s: float = 20.0, start_s: float = 20.0) -> str:
-    """``"recent"`` (age < ``recent_s``), ``"start"`` (evidence in the first ``start_s`` seconds) or ``"middle"``."""
-    if question.age < recent_s:
-        return "recent"
-    return "start" if question.evidence_time < start_s else "middle"
 
 
 def vocabulary() -> list[str]:
@@ -289,43 +281,6 @@ class World:
         if now:
             ask("count_now", NUMBERS[len(now) - 1], self.frame_times[last], NUMBERS[: self.max_objects])
         return found
-
-
-def stream_qa(seed: int, duration_s: float, n_questions: int = 60, fps: float = 0.5) -> tuple[World, list[Question]]:
-    """A deterministic benchmark: ``World(seed, duration_s, fps)`` and up to ``n_questions`` questions, sorted by
-    ask time. Questions are asked at sampling instants spread evenly over the stream (the last one at the last
-    frame), about two per instant. Each pick is from the (kind, age bucket) group with the fewest questions so far
-    of its kind, plus of its bucket, plus of itself (ties broken at random), so kinds, buckets and the buckets of each
-    kind are balanced as far as the world allows."""
-    world = World(seed, duration_s, fps=fps)
-    rng = np.random.default_rng([seed, 1])
-    n_frames = len(world.frame_times)
-    n_asks = min(n_frames, max(1, math.ceil(n_questions / 2)))
-    ask_times = sorted({world.frame_times[round((i + 1) * (n_frames - 1) / n_asks)] for i in range(n_asks)})
-    groups: dict[tuple[str, str], list[Question]] = {}
-    for t in ask_times:
-        for q in world.candidates(t):
-            groups.setdefault((q.kind, age_bucket(q)), []).append(q)
-    cap = math.ceil(n_questions / len(ask_times))
-    chosen: list[Question] = []
-    per_kind, per_bucket, per_ask, per_group = Counter(), Counter(), Counter(), Counter()
-    while len(chosen) < n_questions and any(groups.values()):
-        open_groups = {key: [q for q in qs if per_ask[q.ask_time] < cap] for key, qs in groups.items()}
-        open_groups = {key: qs for key, qs in open_groups.items() if qs}
-        if not open_groups:
-            cap += 1
-            continue
-        score = {key: per_kind[key[0]] + per_bucket[key[1]] + per_group[key] for key in open_groups}
-        best = sorted(key for key in open_groups if score[key] == min(score.values()))
-        key = best[int(rng.integers(len(best)))]
-        q = open_groups[key][int(rng.integers(len(open_groups[key])))]
-        groups[key].remove(q)
-        chosen.append(q)
-        per_kind[key[0]] += 1
-        per_bucket[key[1]] += 1
-        per_ask[q.ask_time] += 1
-        per_group[key] += 1
-    return world, sorted(chosen, key=lambda q: q.ask_time)
 
 
 def _frozen(items: dict[str, Item]) -> tuple[Item, ...]:
