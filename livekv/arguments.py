@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from livekv.methods import knob_options
-from livekv.options import add_options, fields_of
+from livekv.options import add_options, argument_type, fields_of, ints, weights_list
 from livekv.quantize import WEIGHTS
 from livekv.serve.config import RayConfig, ServeConfig
 
@@ -207,18 +207,6 @@ def _serve(sub, commands: dict) -> None:
     p.set_defaults(func=commands["methods"])
 
 
-def ints(text: str) -> list[int]:
-    """The argparse type of comma-separated positive integers (``"2048,4096"``); argparse names the flag in the
-    error."""
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated, got {text!r}")
-    return values
-
-
 def add_model_args(p: argparse.ArgumentParser, several_weights: bool = False) -> None:
     """``--model``, ``--dtype``, ``--weights`` (with ``several_weights``: comma-separated, a list), ``--device``,
     ``--threads``."""
@@ -242,16 +230,6 @@ def add_precision_args(p: argparse.ArgumentParser, several_weights: bool = False
                        "form measured with every method, interleaved (default: float32)")
     else:
         p.add_argument("--weights", default="float32", choices=WEIGHTS, help=text + " (default: float32)")
-
-
-def weights_list(text: str) -> list[str]:
-    """The argparse type of comma-separated ``--weights`` kinds (``"float32,int8"``)."""
-    kinds = [x.strip() for x in text.split(",") if x.strip()]
-    wrong = [k for k in kinds if k not in WEIGHTS]
-    if not kinds or wrong or len(set(kinds)) < len(kinds):
-        raise argparse.ArgumentTypeError(f"expected distinct kinds of {', '.join(WEIGHTS)}, comma-separated, "
-                                         f"got {text!r}")
-    return kinds
 
 
 def add_method_args(p: argparse.ArgumentParser, multi: bool) -> None:
@@ -292,18 +270,3 @@ def add_train_vlm_args(p: argparse.ArgumentParser) -> None:
         elif types in ({int}, {float}):
             kwargs["type"] = types.pop()
         p.add_argument("--" + f.name.replace("_", "-"), **kwargs)
-
-
-def argument_type(parse):
-    """``parse`` (text -> value, ValueError when wrong) as an argparse type that reports the ValueError's words."""
-
-    def convert(text: str):
-        try:
-            return parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from e
-
-    convert.__name__ = parse.__name__
-    return convert
-
-

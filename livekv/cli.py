@@ -23,7 +23,7 @@ import sys
 from livekv import arguments
 from livekv import cli_common as common
 from livekv.methods import split_specs
-from livekv.options import fields_of, given
+from livekv.options import fields_of, given, ints
 from livekv.serve.config import ServeConfig
 
 
@@ -197,7 +197,7 @@ def cmd_bench(args) -> None:
         from livekv.bench import serve as bench
 
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
-        payload = bench.run(arguments.ints(args.sessions), args.duration, args.fps, args.ask_every, args.method, args.url,
+        payload = bench.run(ints(args.sessions), args.duration, args.fps, args.ask_every, args.method, args.url,
                             args.server_threads, headers)
     elif args.task == "soak":
         from livekv.bench import soak as bench

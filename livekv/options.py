@@ -1,5 +1,6 @@
 """Command-line options made from config dataclasses: one ``--knob-name`` per field, its type from the annotation
-and its help from the field's metadata. The knobs of methods and the server's settings live in one place each."""
+and its help from the field's metadata. The knobs of methods and the server's settings live in one place each.
+Beside them, the argparse types livekv's other options share (``ints``, ``weights_list``, ``argument_type``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import typing
 from dataclasses import dataclass
 
 from livekv.methods.parsing import parse_value
+from livekv.quantize import WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -65,3 +67,38 @@ def _typed(hint, flag: str):
 
 def _items(text: str) -> tuple[str, ...]:
     return tuple(item for item in text.split(",") if item)
+
+
+def ints(text: str) -> list[int]:
+    """The argparse type of comma-separated positive integers (``"2048,4096"``); argparse names the flag in the
+    error."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated, got {text!r}")
+    return values
+
+
+def weights_list(text: str) -> list[str]:
+    """The argparse type of comma-separated ``--weights`` kinds (``"float32,int8"``)."""
+    kinds = [x.strip() for x in text.split(",") if x.strip()]
+    wrong = [k for k in kinds if k not in WEIGHTS]
+    if not kinds or wrong or len(set(kinds)) < len(kinds):
+        raise argparse.ArgumentTypeError(f"expected distinct kinds of {', '.join(WEIGHTS)}, comma-separated, "
+                                         f"got {text!r}")
+    return kinds
+
+
+def argument_type(parse):
+    """``parse`` (text -> value, ValueError when wrong) as an argparse type that reports the ValueError's words."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+
+    convert.__name__ = parse.__name__
+    return convert
