@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from livekv.methods import knob_options
-from livekv.options import add_options, argument_type, fields_of, ints, weights_list
+from livekv.options import Option, add_options, fields_of, ints, weights_list
 from livekv.quantize import WEIGHTS
 from livekv.serve.config import RayConfig, ServeConfig
 
@@ -113,7 +113,7 @@ def _ruler(evals, commands: dict) -> None:
 def _train(sub, commands: dict) -> None:
     """``livekv train-vlm``."""
     p = sub.add_parser("train-vlm", help="train the embedded default VLM from scratch on the synthetic world")
-    add_train_vlm_args(p)
+    add_options(p, train_vlm_options())
     p.set_defaults(func=commands["train_vlm"])
 
 
@@ -249,24 +249,9 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def add_train_vlm_args(p: argparse.ArgumentParser) -> None:
-    """One option per ``TrainConfig`` field with a help text (``--max-seconds`` for ``max_seconds``), its default the
-    field's: a flag for a bool (``--x/--no-x`` where the default is None), a number for a number."""
-    import dataclasses
-    import typing
-
+def train_vlm_options() -> list[Option]:
+    """``livekv train-vlm``'s options: the ``TrainConfig`` fields with a help text (``--max-seconds`` for
+    ``max_seconds``)."""
     from livekv.vlm.train import TrainConfig
 
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if "help" not in f.metadata:
-            continue
-        kwargs = {"default": f.default, "help": f.metadata["help"]}
-        types = set(typing.get_args(hints[f.name]) or [hints[f.name]]) - {type(None)}
-        if "parse" in f.metadata:
-            kwargs.update(type=argument_type(f.metadata["parse"]), metavar=f.metadata.get("metavar"))
-        elif types == {bool}:
-            kwargs["action"] = argparse.BooleanOptionalAction if f.default is None else "store_true"
-        elif types in ({int}, {float}):
-            kwargs["type"] = types.pop()
-        p.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    return [option for option in fields_of(TrainConfig) if option.help]

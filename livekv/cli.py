@@ -181,11 +181,9 @@ def cmd_stream_qa(args) -> None:
 
 
 def cmd_train_vlm(args) -> None:
-    import dataclasses
-
     from livekv.vlm.train import TrainConfig, train
 
-    train(TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if "help" in f.metadata}))
+    train(TrainConfig(**given(args, arguments.train_vlm_options())))
 
 
 def cmd_bench(args) -> None:

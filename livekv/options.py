@@ -19,22 +19,30 @@ class Option:
     hint: object
     default: object
     help: str
+    parse: object = None  # text -> value (ValueError when wrong), where the text is not the value as the hint reads it
+    metavar: str | None = None
 
 
 def fields_of(cls, skip: tuple[str, ...] = ()) -> list[Option]:
-    """An option per dataclass field of ``cls`` (its help from the first class in the MRO that gives one)."""
+    """An option per dataclass field of ``cls`` (its help from the first class in the MRO that gives one; ``parse``
+    and ``metavar`` from its metadata)."""
     hints = typing.get_type_hints(cls)
-    return [Option(f.name, hints[f.name], f.default, _help(cls, f.name)) for f in dataclasses.fields(cls)
-            if f.name not in skip]
+    return [Option(f.name, hints[f.name], f.default, _help(cls, f.name), f.metadata.get("parse"),
+                   f.metadata.get("metavar")) for f in dataclasses.fields(cls) if f.name not in skip]
 
 
 def add_options(parser: argparse.ArgumentParser, options: list[Option]) -> None:
-    """``--name`` for each option (default ``None``: only what is given overrides the config's default)."""
+    """``--name`` for each option (default ``None``: only what is given overrides the config's default). The help
+    ends with the default, unless it already says what the default is."""
     for option in options:
         flag = "--" + option.name.replace("_", "-")
         default = ",".join(option.default) if isinstance(option.default, tuple) else option.default
-        text = f"{option.help} (default: {'set by the code' if default is dataclasses.MISSING else default})"
-        if option.hint is bool:
+        text = option.help
+        if "(default" not in text:
+            text += f" (default: {'set by the code' if default is dataclasses.MISSING else default})"
+        if option.parse is not None:
+            parser.add_argument(flag, type=argument_type(option.parse), metavar=option.metavar, default=None, help=text)
+        elif set(typing.get_args(option.hint) or [option.hint]) - {type(None)} == {bool}:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif typing.get_origin(option.hint) is tuple:
             parser.add_argument(flag, type=_items, default=None, help=text + "; comma-separated")
