@@ -322,3 +322,25 @@ def test_a_client_gone_mid_answer_leaves_the_stream_ingesting(client, media):
     for data in images[5:10]:
         client.post(f"/v1/streams/{sid}/frames", content=data, headers={"content-type": "image/png"})
     assert wait_ingested(client, sid, source=False, timeout=60, count=10)["frames"]["ingested"] == 10
+
+
+def test_a_deleted_session_leaves_no_state_and_does_not_come_back(tmp_path, models):
+    state = tmp_path / "state"
+    chat = {"model": "x", "method": "dense", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi!"}]}
+
+    def server():
+        return serving(ServeConfig(port=free_port(), state_dir=str(state), snapshot_every_s=3600), models)
+
+    with server() as base, httpx.Client(base_url=base, timeout=120) as c:
+        sids = [c.post("/v1/streams", json={"method": "full"}).json()["id"] for _ in range(2)]
+        for session in ("c1", "c2"):
+            assert c.post("/v1/chat/completions", json={**chat, "session": session}).status_code == 200
+    saved = {kind: sorted(p.name for p in (state / kind).iterdir()) for kind in ("streams", "chats")}
+    assert saved == {"streams": sorted(sids + [f"{s}.json" for s in sids]), "chats": ["c1", "c1.json", "c2", "c2.json"]}
+    with server() as base, httpx.Client(base_url=base, timeout=120) as c:  # restored, then one of each deleted
+        assert c.delete(f"/v1/streams/{sids[0]}").status_code == 200 and c.delete("/v1/sessions/c1").status_code == 200
+        assert sorted(p.name for p in (state / "streams").iterdir()) == [sids[1], f"{sids[1]}.json"]
+        assert sorted(p.name for p in (state / "chats").iterdir()) == ["c2", "c2.json"]
+    with server() as base, httpx.Client(base_url=base, timeout=120) as c:
+        assert c.get(f"/v1/streams/{sids[0]}").status_code == 404 and c.get("/v1/sessions/c1").status_code == 404
+        assert c.get(f"/v1/streams/{sids[1]}").status_code == 200 and c.get("/v1/sessions/c2").status_code == 200

@@ -118,12 +118,7 @@ class Server:
     def delete_stream(self, sid: str) -> None:
         self.stream(sid).close()
         del self.streams[sid]
-        if self.config.state_dir:
-            root = pathlib.Path(self.config.state_dir) / "streams"
-            shutil.rmtree(root / sid, ignore_errors=True)
-            (root / f"{sid}.json").unlink(missing_ok=True)
-        if self.on_end:
-            self.on_end("stream", sid)
+        self._forget("stream", sid)
 
     async def snapshot_stream(self, stream: Stream, directory: pathlib.Path) -> dict:
         """Save ``stream`` into ``directory``, after the frames queued so far are ingested (at most 30 s) and between
@@ -160,12 +155,16 @@ class Server:
         if self.chats is None or sid not in self.chats.sessions:
             raise KeyError(f"no session {sid!r}")
         del self.chats.sessions[sid]
+        self._forget("chat", sid)
+
+    def _forget(self, kind: str, sid: str) -> None:
+        """A deleted ``kind`` (``"stream"``, ``"chat"``) session: its saved state removed, ``on_end`` told."""
         if self.config.state_dir:
-            root = pathlib.Path(self.config.state_dir) / "chats"
+            root = pathlib.Path(self.config.state_dir) / f"{kind}s"
             shutil.rmtree(root / sid, ignore_errors=True)
             (root / f"{sid}.json").unlink(missing_ok=True)
         if self.on_end:
-            self.on_end("chat", sid)
+            self.on_end(kind, sid)
 
     # --- the state directory ----------------------------------------------------------------------------------------
     async def save_all(self) -> None:
