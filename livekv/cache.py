@@ -120,9 +120,11 @@ class LiveKVCache(Cache):
         """The cache saved in ``directory`` by ``save``, for ``model`` (its fast tier on the model's device).
         ``snapshot.SnapshotError`` if it was saved for another model or is damaged: nothing is loaded then."""
         manifest, tensors = snapshot.read(directory, "livekv-cache", model)
-        cache = cls(model.config, make_method(manifest["method"], **manifest["knobs"]))
         device = next(model.parameters()).device
-        for i, (layer, meta) in enumerate(zip(cache.layers, manifest["layers"])):
-            prefix = f"layers.{i}."
-            layer.load_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta, device)
+        with snapshot.describes(directory):
+            cache = cls(model.config, make_method(manifest["method"], **manifest["knobs"]))
+            for i, (layer, meta) in enumerate(snapshot.layers(cache.layers, manifest)):
+                prefix = f"layers.{i}."
+                layer.load_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta,
+                                 device)
         return cache

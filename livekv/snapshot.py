@@ -9,6 +9,7 @@ that the format is known, the snapshot is of the expected kind and model, and th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -92,6 +93,28 @@ def read(directory: str | os.PathLike, kind: str, model: torch.nn.Module) -> tup
     if not path.is_file() or path.stat().st_size != expected.get("bytes") or _checksum(path) != expected.get("blake2b"):
         raise SnapshotError(f"{path} is missing, truncated or corrupt (its size or checksum differs from the manifest)")
     return manifest, load_file(path)
+
+
+@contextlib.contextmanager
+def describes(directory: str | os.PathLike):
+    """Building from a manifest that passed ``read``'s checks: a field missing or of the wrong kind (a manifest
+    written by hand, or by someone else) is a ``SnapshotError``, not whatever error building raised."""
+    try:
+        yield
+    except SnapshotError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise SnapshotError(f"{directory}: the manifest does not describe a snapshot this livekv can restore "
+                            f"({type(e).__name__}: {e})") from None
+
+
+def layers(built: list, manifest: dict) -> list[tuple]:
+    """The layers just built, each with its manifest entry (``SnapshotError`` unless there is one per layer)."""
+    saved = manifest["layers"]
+    if not isinstance(saved, list) or len(saved) != len(built):
+        raise SnapshotError(f"the manifest describes {len(saved) if isinstance(saved, list) else 'no'} layers; the "
+                            f"model has {len(built)}")
+    return list(zip(built, saved))
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -31,11 +31,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from livekv.serve import media, responses, state, ws
+from livekv.serve import bodies, media, responses, state, ws
 from livekv.serve.chat import SessionLimit
 from livekv.serve.config import ServeConfig
-from livekv.serve.schemas import AskRequest, ChatCompletionRequest, StreamCreate
+from livekv.serve.schemas import AskRequest, ChatCompletionRequest, StreamCreate, StreamRecord
 from livekv.serve.server import Models, Server, load_models
 from livekv.serve.streams import new_id
 from livekv.snapshot import SnapshotError
@@ -71,6 +72,7 @@ def create_app(config: ServeConfig, models: Models | None = None, server: Server
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
+    app.add_middleware(bodies.LimitBodies, limit=config.max_request_bytes)
     _errors(app)
     _routes(app, config)
     return app
@@ -80,8 +82,8 @@ def _errors(app: FastAPI) -> None:
     def body(status: int, message: str, kind: str) -> JSONResponse:
         return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request, e: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's, and the router's own 404 and 405
+    async def http_error(request, e: StarletteHTTPException):
         response = body(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error")
         response.headers.update(e.headers or {})
         return response
@@ -153,7 +155,7 @@ def _chat_routes(app: FastAPI, key: list) -> None:
             return await responses.ask_by_chat(s, body, stream_id)
         if s.chats is None:
             raise HTTPException(404, "this server has no text model (--model none)")
-        prompt = s.chats.prompt(body)
+        prompt = await asyncio.to_thread(s.chats.prompt, body)  # a long prompt tokenizes off the event loop
         method, knobs = s.chats.method_of(body)
         session = s.chats.session(body, method, knobs, s.sessions)
         events = s.chats.complete(body, session, prompt, request.is_disconnected)
@@ -197,9 +199,10 @@ def _stream_routes(app: FastAPI, config: ServeConfig, key: list) -> None:
     @app.post("/v1/streams/{sid}/frames", dependencies=key)
     async def push_frames(request: Request, sid: str):
         stream = _server(request).stream(sid)
-        data = await _body(request, config.max_upload_bytes)
+        data = await bodies.read(request, config.max_upload_bytes)
         images = await asyncio.to_thread(media.decode, data, request.headers.get("content-type"),
-                                         stream.spec["fps"], config.max_upload_bytes, config.max_frame_pixels)
+                                         stream.spec["fps"], config.max_upload_bytes, config.max_frame_pixels,
+                                         config.max_queue_frames)
         dropped = stream.push(images)
         return {"accepted": len(images), "dropped": dropped, "frames": stream.stats()["frames"]}
 
@@ -234,12 +237,13 @@ def _snapshot_routes(app: FastAPI, config: ServeConfig, key: list) -> None:
         s = _server(request)
         if s.sessions >= config.max_sessions:
             raise SessionLimit(f"the server holds its maximum of {config.max_sessions} sessions")
-        data = await _body(request, config.max_snapshot_bytes)
+        data = await bodies.read(request, config.max_snapshot_bytes)
         with state.scratch() as tmp:
-            record = state.from_tar(data, pathlib.Path(tmp, "snap"))
-            stream = await asyncio.to_thread(s.restore_stream, pathlib.Path(tmp, "snap"), record,
-                                             _assigned_id(request) or new_id())
-        return stream.stats()
+            record = StreamRecord.model_validate(state.from_tar(data, pathlib.Path(tmp, "snap")))
+            session = await asyncio.to_thread(s.load_session, pathlib.Path(tmp, "snap"), sent=True)
+        if s.sessions >= config.max_sessions:  # again: others may have come while this one loaded
+            raise SessionLimit(f"the server holds its maximum of {config.max_sessions} sessions")
+        return s.restore_stream(record, session, _assigned_id(request) or new_id()).stats()
 
 
 def _page_info(config: ServeConfig, models: Models) -> dict:
@@ -265,16 +269,3 @@ def _assigned_id(request: Request) -> str | None:
     """The id a new stream takes when its caller chose it: a router that pins sessions to replicas
     (``livekv.serve.ray``) picks it first. It comes in the ASGI scope, which no HTTP client can set."""
     return request.scope.get("livekv", {}).get("stream_id")
-
-
-async def _body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it exceeds ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"upload of {declared} bytes exceeds the limit of {limit}")
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise HTTPException(413, f"upload exceeds the limit of {limit} bytes")
-    return bytes(data)

@@ -43,6 +43,8 @@ class ServeConfig:
     snapshot_every_s: float = setting(60.0, "seconds between snapshots into --state-dir")
     max_sessions: int = setting(16, "most sessions (chat and stream) held at once; more get 429")
     max_upload_bytes: int = setting(16 << 20, "largest upload (a frame, a video chunk), bytes; more get 413")
+    max_request_bytes: int = setting(4 << 20, "largest JSON request body (a chat's messages, a question), bytes; "
+                                              "more get 413")
     max_snapshot_bytes: int = setting(4 << 30, "largest session snapshot a client may upload to "
                                                "/v1/streams/restore, bytes (it is held in memory); more get 413")
     max_frame_pixels: int = setting(4096 * 4096, "largest frame, pixels; more get 413")
@@ -66,8 +68,8 @@ class ServeConfig:
         check_weights(self.vlm_weights)
         if self.media_dir is not None and not os.path.isdir(self.media_dir):
             raise ValueError(f"--media-dir {self.media_dir!r} is not a directory")
-        for name in ("max_sessions", "max_upload_bytes", "max_snapshot_bytes", "max_frame_pixels", "max_queue_frames", "max_tokens",
-                     "clip_frames"):
+        for name in ("max_sessions", "max_upload_bytes", "max_request_bytes", "max_snapshot_bytes", "max_frame_pixels",
+                     "max_queue_frames", "max_tokens", "clip_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

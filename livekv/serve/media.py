@@ -27,8 +27,10 @@ class MediaError(ValueError):
         self.status = status
 
 
-def decode(data: bytes, content_type: str | None, fps: float, max_bytes: int, max_pixels: int) -> list[np.ndarray]:
-    """``[H, W, 3]`` uint8 RGB frames of an uploaded image or video chunk (a video sampled at ``fps``)."""
+def decode(data: bytes, content_type: str | None, fps: float, max_bytes: int, max_pixels: int,
+           max_frames: int) -> list[np.ndarray]:
+    """``[H, W, 3]`` uint8 RGB frames of an uploaded image or video chunk (a video sampled at ``fps``, at most
+    ``max_frames`` of it: a small file can hold many frames)."""
     kind = (content_type or "").split(";")[0].strip().lower()
     if len(data) > max_bytes:
         raise MediaError(f"upload of {len(data)} bytes exceeds the limit of {max_bytes}", 413)
@@ -37,7 +39,7 @@ def decode(data: bytes, content_type: str | None, fps: float, max_bytes: int, ma
     if kind in IMAGE_TYPES:
         return [image(data, max_pixels)]
     if kind in VIDEO_TYPES:
-        return video(data, fps, max_pixels)
+        return video(data, fps, max_pixels, max_frames)
     raise MediaError(f"unsupported media type {kind or '(none)'!r}: send one of "
                      f"{', '.join(sorted(IMAGE_TYPES | VIDEO_TYPES))}", 415)
 
@@ -51,11 +53,14 @@ def image(data: bytes, max_pixels: int) -> np.ndarray:
         raise MediaError(f"corrupt or unreadable image: {e}", 400) from None
 
 
-def video(data: bytes, fps: float, max_pixels: int) -> list[np.ndarray]:
+def video(data: bytes, fps: float, max_pixels: int, max_frames: int) -> list[np.ndarray]:
     out = []
     try:
         for frame in frames(io.BytesIO(data), fps=fps):
             _check_size(frame.image.shape[1], frame.image.shape[0], max_pixels)
+            if len(out) == max_frames:
+                raise MediaError(f"the video chunk holds more than {max_frames} frames at the stream's {fps} fps (the "
+                                 "most a stream queues): send shorter chunks", 413)
             out.append(frame.image)
     except VideoError as e:
         raise MediaError(f"corrupt or unreadable video: {e}", 400) from None

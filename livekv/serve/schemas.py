@@ -7,6 +7,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+SESSION_ID = r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$"  # also names the session's files in --state-dir
+SERVER_KNOBS = ("host_dir",)  # where the server writes files is the server's choice
+
+
+def client_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
+    """``knobs`` as a client sent them (``ValueError`` for a knob only the server sets)."""
+    chosen = sorted(set(knobs) & set(SERVER_KNOBS))
+    if chosen:
+        raise ValueError(f"{', '.join(chosen)}: set by the server, not by a request")
+    return knobs
+
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -51,12 +62,17 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     method: str | None = None
     budget: int | None = Field(default=None, ge=1)
     knobs: dict[str, Any] = Field(default_factory=dict)
-    session: str | None = Field(default=None, max_length=128)
+    session: str | None = Field(default=None, max_length=128, pattern=SESSION_ID)
     stream_id: str | None = None
+
+    @field_validator("knobs")
+    @classmethod
+    def _knobs(cls, knobs):
+        return client_knobs(knobs)
 
     @field_validator("stop")
     @classmethod
@@ -92,6 +108,11 @@ class StreamCreate(BaseModel):
     fps: float = Field(default=0.5, gt=0.0, le=60.0)
     system: str | None = Field(default=None, max_length=4096)
 
+    @field_validator("knobs")
+    @classmethod
+    def _knobs(cls, knobs):
+        return client_knobs(knobs)
+
 
 class AskRequest(BaseModel):
     """``POST /v1/streams/{id}/ask``: a question about what the stream has shown so far."""
@@ -100,3 +121,28 @@ class AskRequest(BaseModel):
     question: str = Field(min_length=1, max_length=16384)
     max_tokens: int = Field(default=16, ge=1)
     stream: bool = True
+
+
+class StreamCounters(BaseModel):
+    """A stream's frame counters as a snapshot's record holds them (``livekv.serve.streams.Counters``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    seen: int = Field(ge=0)
+    ingested: int = Field(ge=0)
+    dropped: int = Field(ge=0)
+    lost: int = Field(default=0, ge=0)
+    snapshot_frames: int = Field(default=0, ge=0)
+    questions: int = Field(default=0, ge=0)
+    last_ttft_ms: float | None = None
+    source_error: str | None = None
+
+
+class StreamRecord(BaseModel):
+    """What a stream snapshot keeps besides the session (``record.json`` of ``GET /v1/streams/{id}/snapshot``, or
+    ``<id>.json`` in ``--state-dir``): checked before anything is restored."""
+
+    id: str = Field(max_length=128, pattern=SESSION_ID)
+    spec: StreamCreate
+    counters: StreamCounters
+    created: float
+    queued: int = Field(default=0, ge=0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import pathlib
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -16,9 +15,9 @@ from livekv.serve import state
 from livekv.serve.chat import ChatSession, Chats, SessionLimit
 from livekv.serve.config import ServeConfig
 from livekv.serve.engine import ANSWER, Engine
-from livekv.serve.schemas import StreamCreate
-from livekv.serve.streams import Stream, new_id
-from livekv.stream.session import StreamSession
+from livekv.serve.schemas import StreamCreate, StreamRecord
+from livekv.serve.streams import Counters, Stream, new_id
+from livekv.stream.session import MAX_QUESTION_TOKENS, StreamSession
 
 logger = logging.getLogger("livekv.serve")
 
@@ -131,23 +130,33 @@ class Server:
                 return {**state.stream_record(stream), "queued": len(stream.queue)}
             return await self.engine.run(save, priority=ANSWER)
 
-    def restore_stream(self, directory: pathlib.Path, record: dict, sid: str | None = None) -> Stream:
-        """A stream from its snapshot: the session exactly as saved; a file source resumes after what was ingested;
-        frames that were queued, not ingested, count as dropped (a file source reads them again)."""
+    def load_session(self, directory: pathlib.Path, sent: bool = False) -> StreamSession:
+        """A stream's session from its snapshot (``sent``: by a client, which may not choose what only the server
+        sets); its questions limited as a new session's are."""
+        if self.models.vlm is None:
+            raise ValueError("this server has no video model (--vlm none)")
+        if sent:
+            state.check_sent(directory)
         session = StreamSession.load(directory, self.models.vlm)
-        spec = StreamCreate(**record["spec"])
-        queued = record.get("queued", 0)
+        session.max_question_tokens = min(session.max_question_tokens, MAX_QUESTION_TOKENS)
+        return session
+
+    def restore_stream(self, record: StreamRecord, session: StreamSession, sid: str | None = None) -> Stream:
+        """A stream from its snapshot (``record`` checked, ``session`` loaded): the session exactly as saved; a file
+        source resumes after what was ingested; frames that were queued, not ingested, count as dropped (a file
+        source reads them again). Nothing is held if it fails."""
+        spec, queued = record.spec, record.queued
         file_source = spec.source.type == "file"
-        stream = self.create_stream(spec.model_copy(update={"source": spec.source.model_copy(update={"type": "push"})}),
-                                    sid or record["id"], session)
-        stream.spec = record["spec"]
-        counters = record["counters"]
-        counters["dropped"] += 0 if file_source else queued
-        counters["seen"] -= queued if file_source else 0
-        stream.counters = type(stream.counters)(**counters)
+        source = self._source(spec)
+        counters = Counters(**record.counters.model_dump())
+        counters.dropped += 0 if file_source else queued
+        counters.seen -= queued if file_source else 0
+        push = spec.model_copy(update={"source": spec.source.model_copy(update={"type": "push"})})
+        stream = self.create_stream(push, sid or record.id, session)
+        stream.spec, stream.counters = spec.model_dump(), counters
         if file_source:
             stream.source_done = False
-            stream.start_reader(self._source(spec), spec.fps, spec.source.realtime, skip=stream.counters.ingested)
+            stream.start_reader(source, spec.fps, spec.source.realtime, skip=counters.ingested)
         return stream
 
     # --- chats ------------------------------------------------------------------------------------------------------
@@ -160,26 +169,29 @@ class Server:
     def _forget(self, kind: str, sid: str) -> None:
         """A deleted ``kind`` (``"stream"``, ``"chat"``) session: its saved state removed, ``on_end`` told."""
         if self.config.state_dir:
-            root = pathlib.Path(self.config.state_dir) / f"{kind}s"
-            shutil.rmtree(root / sid, ignore_errors=True)
-            (root / f"{sid}.json").unlink(missing_ok=True)
+            state.remove(self.config.state_dir, f"{kind}s", sid)
         if self.on_end:
             self.on_end(kind, sid)
 
     # --- the state directory ----------------------------------------------------------------------------------------
     async def save_all(self) -> None:
         """Snapshot every live session into ``--state-dir``."""
-        root = pathlib.Path(self.config.state_dir)
         for stream in list(self.streams.values()):
-            record = await self.snapshot_stream(stream, root / "streams" / stream.id)
-            state.write_json(root / "streams" / f"{stream.id}.json", record)
+            record = await self.snapshot_stream(stream, pathlib.Path(self.config.state_dir, "streams", stream.id))
+            self._saved("stream", stream.id, record)
         for chat in list(self.chats.sessions.values()) if self.chats else []:
-            if not state.file_safe(chat.id):  # a client's id that would name a path outside the state directory
-                logger.warning("chat session %r is not snapshotted: its id cannot name a file", chat.id)
-                continue
             async with chat.lock:
-                await self.engine.run(chat.cache.save, root / "chats" / chat.id, self.models.text[0], priority=ANSWER)
-                state.write_json(root / "chats" / f"{chat.id}.json", state.chat_record(chat))
+                directory = pathlib.Path(self.config.state_dir, "chats", chat.id)
+                await self.engine.run(chat.cache.save, directory, self.models.text[0], priority=ANSWER)
+            self._saved("chat", chat.id, state.chat_record(chat))
+
+    def _saved(self, kind: str, sid: str, record: dict) -> None:
+        """A session's snapshot was just written: its record goes beside it, unless the session ended while it was
+        written (then the snapshot goes: a deleted session never comes back)."""
+        if self.holds(kind, sid):
+            state.write_json(pathlib.Path(self.config.state_dir, f"{kind}s", f"{sid}.json"), record)
+        else:
+            state.remove(self.config.state_dir, f"{kind}s", sid)
 
     def restore_chat(self, directory: pathlib.Path, record: dict) -> ChatSession:
         """A chat session from its snapshot: its cache and the token ids it holds."""
@@ -189,11 +201,20 @@ class Server:
         return chat
 
     def restore_all(self) -> None:
-        """Resume the sessions saved in ``--state-dir``."""
-        for directory, record in state.saved(self.config.state_dir, "streams"):
-            self.restore_stream(directory, record)
+        """Resume the sessions saved in ``--state-dir`` (one that cannot be resumed is left there, and logged)."""
+        kinds = ("stream", "chat") if self.chats else ("stream",)
+        for kind in kinds:
+            for directory, record in state.saved(self.config.state_dir, f"{kind}s"):
+                try:
+                    self._restore_saved(kind, directory, record)
+                except (ValueError, TypeError, KeyError) as e:
+                    logger.error("could not resume %s %s (left in %s): %s", kind, directory.name, directory.parent, e)
+
+    def _restore_saved(self, kind: str, directory: pathlib.Path, record: dict) -> None:
+        if kind == "stream":
+            self.restore_stream(StreamRecord.model_validate(record), self.load_session(directory))
             logger.info("resumed stream %s (%d frames ingested)", record["id"], record["counters"]["ingested"])
-        for directory, record in state.saved(self.config.state_dir, "chats") if self.chats else []:
+        else:
             self.restore_chat(directory, record)
 
     def holds(self, kind: str, sid: str) -> bool:
@@ -209,11 +230,7 @@ class Server:
         found = state.saved_one(self.config.state_dir, f"{kind}s", sid)
         if found is None:
             return False
-        directory, record = found
-        if kind == "stream":
-            self.restore_stream(directory, record)
-        else:
-            self.restore_chat(directory, record)
+        self._restore_saved(kind, *found)
         logger.info("resumed %s %s from its snapshot", kind, sid)
         return True
 

@@ -14,9 +14,11 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import tarfile
 import tempfile
 
+from livekv.serve.schemas import client_knobs
 from livekv.snapshot import MANIFEST, TENSORS, SnapshotError
 
 
@@ -51,6 +53,14 @@ def saved(state_dir: str | os.PathLike, kind: str) -> list[tuple[pathlib.Path, d
 def file_safe(sid: str) -> bool:
     """Whether a session id can name a file of the state directory (and nothing outside it)."""
     return bool(sid) and "/" not in sid and "\\" not in sid and not sid.startswith(".") and "\0" not in sid
+
+
+def remove(state_dir: str | os.PathLike, kind: str, sid: str) -> None:
+    """Remove the snapshot of the session ``sid`` of ``kind`` (``streams`` or ``chats``) from ``state_dir``."""
+    if file_safe(sid):
+        root = pathlib.Path(state_dir) / kind
+        shutil.rmtree(root / sid, ignore_errors=True)
+        (root / f"{sid}.json").unlink(missing_ok=True)
 
 
 def saved_one(state_dir: str | os.PathLike, kind: str, sid: str) -> tuple[pathlib.Path, dict] | None:
@@ -91,6 +101,16 @@ def from_tar(data: bytes, into: pathlib.Path) -> dict:
     except (tarfile.TarError, EOFError) as e:
         raise SnapshotError(f"not a snapshot archive: {e}") from None
     return json.loads((into / "record.json").read_text())
+
+
+def check_sent(directory: pathlib.Path) -> None:
+    """A snapshot a client sent may not choose what only the server sets (where it writes files): ``ValueError``."""
+    try:
+        knobs = json.loads((directory / MANIFEST).read_text()).get("knobs")
+    except (OSError, ValueError, AttributeError):
+        return  # not a manifest: loading it says so
+    if isinstance(knobs, dict):
+        client_knobs({k: v for k, v in knobs.items() if v is not None})
 
 
 def scratch() -> tempfile.TemporaryDirectory:

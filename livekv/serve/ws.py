@@ -8,9 +8,11 @@ import contextlib
 import json
 
 from fastapi import WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
 
 from livekv.serve import media
 from livekv.serve.config import ServeConfig
+from livekv.serve.schemas import AskRequest
 from livekv.serve.server import Server
 from livekv.serve.streams import Stream
 
@@ -42,8 +44,8 @@ async def websocket(socket: WebSocket, sid: str, config: ServeConfig) -> None:
     async def answer(event: dict):
         qid = event.get("id")
         try:
-            pieces = []
-            answer = stream.ask(str(event.get("question", "")), min(int(event.get("max_tokens", 16)), config.max_tokens))
+            pieces, ask = [], _ask_request(event)
+            answer = stream.ask(ask.question, min(ask.max_tokens, config.max_tokens))
             async with contextlib.aclosing(answer):
                 async for piece in answer:
                     pieces.append(piece)
@@ -58,6 +60,10 @@ async def websocket(socket: WebSocket, sid: str, config: ServeConfig) -> None:
         while True:
             message = await socket.receive()
             if message["type"] == "websocket.disconnect":
+                break
+            if stream.closed:  # deleted (or expired) while this socket was open
+                await send({"type": "error", "message": f"stream {sid!r} has ended", "code": 404})
+                await socket.close(code=4404, reason=f"stream {sid!r} has ended")
                 break
             if message.get("bytes") is not None:
                 await _ws_frame(stream, message["bytes"], config, send)
@@ -79,12 +85,21 @@ async def websocket(socket: WebSocket, sid: str, config: ServeConfig) -> None:
 async def _ws_frame(stream, data: bytes, config: ServeConfig, send) -> None:
     try:
         images = await asyncio.to_thread(media.decode, data, media.image_type(data), stream.spec["fps"],
-                                         config.max_upload_bytes, config.max_frame_pixels)
+                                         config.max_upload_bytes, config.max_frame_pixels, config.max_queue_frames)
     except media.MediaError as e:
         await send({"type": "error", "message": str(e), "code": e.status})
         return
     dropped = stream.push(images)
     await send({"type": "frames", "accepted": len(images), "dropped": dropped, "frames": stream.stats()["frames"]})
+
+
+def _ask_request(event: dict) -> AskRequest:
+    """An ``ask`` event's question and ``max_tokens``, checked as ``POST /v1/streams/{id}/ask`` checks them
+    (``ValueError``)."""
+    try:
+        return AskRequest.model_validate({k: event[k] for k in ("question", "max_tokens") if k in event})
+    except ValidationError as e:
+        raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
 
 
 def _json(text: str) -> dict:

@@ -27,6 +27,9 @@ from livekv.stream.cache import StreamCache
 from livekv.stream.memory import Chunk
 
 
+MAX_QUESTION_TOKENS = 1024  # a question longer than this is refused: a limit on what a client may send
+
+
 @dataclass
 class StreamStats:
     frames: int = 0
@@ -58,7 +61,7 @@ class StreamSession:
     """
 
     def __init__(self, adapter: VideoLMAdapter, method: str | StreamMethod = "livevlm", system=None,
-                 memory_tokens: int | None = None, max_question_tokens: int = 1024, **knobs):
+                 memory_tokens: int | None = None, max_question_tokens: int = MAX_QUESTION_TOKENS, **knobs):
         self.adapter = adapter
         self.method = dataclasses.replace(make_method(method, context="stream", **knobs))  # resolved below: a copy
         self._knobs = dataclasses.asdict(self.method)  # as given, before resolve: what a snapshot restores
@@ -224,12 +227,13 @@ class StreamSession:
         """The session saved in ``directory`` by ``save``, on ``adapter`` (the same model: ``SnapshotError``
         otherwise, and for a damaged snapshot; nothing is loaded then)."""
         manifest, tensors = snapshot.read(directory, "livekv-stream", adapter.model)
-        session = cls(adapter, manifest["method"], memory_tokens=manifest["memory_tokens"],
-                      max_question_tokens=manifest["max_question_tokens"], **manifest["knobs"])
-        session.stats = StreamStats(**manifest["stats"])
-        session.cache.load_state(manifest["cache"])
-        for i, (layer, meta) in enumerate(zip(session.cache.layers, manifest["layers"])):
-            prefix = f"layers.{i}."
-            layer.load_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta,
-                             adapter.device)
+        with snapshot.describes(directory):
+            session = cls(adapter, manifest["method"], memory_tokens=manifest["memory_tokens"],
+                          max_question_tokens=manifest["max_question_tokens"], **manifest["knobs"])
+            session.stats = StreamStats(**manifest["stats"])
+            session.cache.load_state(manifest["cache"])
+            for i, (layer, meta) in enumerate(snapshot.layers(session.cache.layers, manifest)):
+                prefix = f"layers.{i}."
+                layer.load_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta,
+                                 adapter.device)
         return session

@@ -6,11 +6,12 @@ import asyncio
 import json
 import logging
 
-from fastapi import FastAPI, Request, WebSocket
+from fastapi import FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 
+from livekv.serve import bodies
 from livekv.serve.config import ServeConfig
 from livekv.serve.ray.routing import INGRESS, REPLICA_HEADER, SEEN_HEADER, Route, replica_ids, route
 from livekv.serve.ray.websocket import forward_websocket
@@ -70,10 +71,10 @@ class LiveKVIngress:
     async def forward(self, request: Request, path: str):
         restore = path.rstrip("/") == "v1/streams/restore"
         limit = self.config.max_snapshot_bytes if restore else self.config.max_upload_bytes + (1 << 20)
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return _error(413, f"upload of {declared} bytes exceeds the limit of {limit}")
-        body = await request.body()
+        try:
+            body = await bodies.read(request, limit)
+        except HTTPException as e:
+            return _error(e.status_code, e.detail)
         message = {"method": request.method, "path": request.url.path, "query": request.url.query.encode(),
                    "headers": [(k, v) for k, v in request.headers.raw if k.lower() != b"host"],
                    "client": (request.client.host, request.client.port) if request.client else None, "body": body}

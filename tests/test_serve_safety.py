@@ -1,0 +1,160 @@
+"""What a client may not do to the server: name files (session ids, the disk tier's directory), send bodies past
+the limits, restore snapshots whose record or manifest lies, or get an answer outside OpenAI's error shape."""
+
+import asyncio
+import io
+import json
+import tarfile
+
+import httpx
+import pytest
+import torch
+from serve_fixtures import free_port, png, serving, wait_ingested
+
+from livekv.serve import ServeConfig
+from livekv.serve.server import Server, load_models
+from livekv.vlm.world import World
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+CHAT = {"model": "x", "method": "dense", "max_tokens": 2, "temperature": 0,
+        "messages": [{"role": "user", "content": "Hi!"}]}
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.set_num_threads(2)
+    return load_models(ServeConfig())
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    media = tmp_path_factory.mktemp("media")
+    config = ServeConfig(port=free_port(), max_sessions=4, max_request_bytes=20_000, max_queue_frames=8,
+                         media_dir=str(media))
+    with serving(config, models) as base, httpx.Client(base_url=base, timeout=120) as c:
+        yield c, base, media
+
+
+def error(r, status: int, words: str) -> bool:
+    body = r.json()
+    return r.status_code == status and words in body["error"]["message"] and body["error"]["code"] == status
+
+
+def test_requests_that_would_name_files_or_overflow_are_refused(server):
+    c, _, _ = server
+    for session in ("..", ".", "a/b", ".hidden"):
+        assert error(c.post("/v1/chat/completions", json={**CHAT, "session": session}), 400, "session")
+    assert error(c.post("/v1/chat/completions", json={**CHAT, "knobs": {"host": "disk", "host_dir": "/etc"}}), 400,
+                 "host_dir: set by the server")
+    assert error(c.post("/v1/streams", json={"method": "full", "knobs": {"host_dir": "/etc"}}), 400, "host_dir")
+    for stream in (False, True):  # refused before the answer starts, streamed or not
+        assert error(c.post("/v1/chat/completions", json={**CHAT, "seed": 2**70, "stream": stream}), 400, "seed")
+    assert c.post("/v1/chat/completions", json={**CHAT, "session": "ok-1.b:2"}).status_code == 200
+
+
+def test_unknown_routes_and_methods_answer_in_openais_shape(server):
+    c, _, _ = server
+    assert error(c.get("/v1/nope"), 404, "Not Found")
+    assert error(c.put("/v1/chat/completions"), 405, "Method Not Allowed")
+
+
+def test_json_bodies_past_the_limit_get_413_declared_or_chunked(server):
+    c, _, _ = server
+    big = {**CHAT, "messages": [{"role": "user", "content": "word " * 5000}]}
+    assert error(c.post("/v1/chat/completions", json=big), 413, "exceeds the limit of 20000")
+    chunks = (json.dumps(big)[i : i + 1000].encode() for i in range(0, 30_000, 1000))
+    r = c.post("/v1/chat/completions", content=chunks, headers={"content-type": "application/json"})
+    assert error(r, 413, "exceeds the limit of 20000")
+    assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_a_video_chunk_of_more_frames_than_a_stream_queues_is_refused(server, tmp_path):
+    c, _, _ = server
+    sid = c.post("/v1/streams", json={"method": "full", "fps": 4}).json()["id"]
+    World(seed=3, duration_s=4).write_video(tmp_path / "long.mp4", fps=4)  # 16 frames at the stream's 4 fps
+    r = c.post(f"/v1/streams/{sid}/frames", content=(tmp_path / "long.mp4").read_bytes(),
+               headers={"content-type": "video/mp4"})
+    assert error(r, 413, "more than 8 frames")
+    assert c.get(f"/v1/streams/{sid}").json()["frames"]["seen"] == 0
+    c.delete(f"/v1/streams/{sid}")
+
+
+def altered(archive: bytes, record=None, manifest=None) -> bytes:
+    """The snapshot archive with its record.json and manifest.json passed through ``record`` and ``manifest``
+    (each takes the parsed JSON and returns what to write)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(archive)) as src, tarfile.open(fileobj=out, mode="w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            change = {"record.json": record, "manifest.json": manifest}.get(member.name)
+            if change is not None:
+                data = json.dumps(change(json.loads(data))).encode()
+            member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    return out.getvalue()
+
+
+def test_a_restore_whose_record_or_manifest_lies_is_refused_and_holds_nothing(server):
+    c, _, _ = server
+    sid = c.post("/v1/streams", json={"method": "full"}).json()["id"]
+    world = World(seed=1, duration_s=10)
+    for t in range(2):
+        c.post(f"/v1/streams/{sid}/frames", content=png(world.render(t)), headers={"content-type": "image/png"})
+    wait_ingested(c, sid, source=False, count=2)
+    archive = c.get(f"/v1/streams/{sid}/snapshot").content
+    held = len(c.get("/v1/streams").json()["data"])
+    bad = [dict(record=lambda r: []), dict(record=lambda r: {k: v for k, v in r.items() if k != "counters"}),
+           dict(record=lambda r: {**r, "spec": {**r["spec"], "source": {"type": "file", "path": "gone.mp4"}}}),
+           dict(record=lambda r: {**r, "counters": {**r["counters"], "extra": 1}}),
+           dict(record=lambda r: {**r, "queued": -3}), dict(record=lambda r: {**r, "id": "../x"}),
+           dict(manifest=lambda m: {**m, "stats": {**m["stats"], "extra": 1}}),
+           dict(manifest=lambda m: {k: v for k, v in m.items() if k != "layers"}),
+           dict(manifest=lambda m: {**m, "layers": m["layers"][:1]}),
+           dict(manifest=lambda m: {**m, "memory_tokens": "x"}),
+           dict(manifest=lambda m: {**m, "knobs": {**m["knobs"], "host": "disk", "host_dir": "/etc"}})]
+    for change in bad:
+        r = c.post("/v1/streams/restore", content=altered(archive, **change))
+        assert r.status_code == 400 and r.json()["error"]["code"] == 400, (bad.index(change), r.text[:200])
+    assert len(c.get("/v1/streams").json()["data"]) == held  # nothing half-made was left behind
+    longer = c.post("/v1/streams/restore", content=altered(archive, manifest=lambda m: {**m,
+                                                                                       "max_question_tokens": 10**9}))
+    question = "how many objects are there now ? " * 200  # 1,600 words: more than a new session takes
+    r = c.post(f"/v1/streams/{longer.json()['id']}/ask", json={"question": question})
+    assert error(r, 400, "at most 1024 (max_question_tokens)")
+    for s in (sid, longer.json()["id"]):
+        c.delete(f"/v1/streams/{s}")
+
+
+def test_the_websocket_checks_questions_and_says_when_its_stream_ended(server):
+    import websockets.sync.client as ws_client
+
+    c, base, _ = server
+    sid = c.post("/v1/streams", json={"method": "full"}).json()["id"]
+    with ws_client.connect(f"{base.replace('http', 'ws')}/v1/streams/{sid}/ws") as socket:
+        for i, ask in enumerate(({"max_tokens": None}, {"max_tokens": 1e400}, {"max_tokens": -5}, {"question": None})):
+            socket.send(json.dumps({"type": "ask", "question": "how many objects are there now ?", "id": i, **ask}))
+            event = next(e for e in map(json.loads, iter(lambda: socket.recv(timeout=60), None)) if e.get("id") == i)
+            assert event["type"] == "error" and event["code"] == 400, event
+        c.delete(f"/v1/streams/{sid}")
+        socket.send(png(World(seed=1, duration_s=10).render(0)))
+        event = next(e for e in map(json.loads, iter(lambda: socket.recv(timeout=60), None)) if e["type"] != "stats")
+        assert event["type"] == "error" and event["code"] == 404
+        with pytest.raises(Exception, match="4404"):
+            socket.recv(timeout=60)
+
+
+def test_a_session_deleted_while_its_snapshot_is_written_does_not_come_back(models, tmp_path):
+    async def run():
+        server = Server(ServeConfig(state_dir=str(tmp_path)), models)
+        try:
+            chat = server.chats.session(type("R", (), {"session": "c1"})(), "dense", {}, 0)
+            async with chat.lock:  # an answer in progress: the snapshot waits for it
+                saving = asyncio.create_task(server.save_all())
+                await asyncio.sleep(0.1)
+                server.delete_chat("c1")
+            await saving
+        finally:
+            server.engine.close()
+
+    asyncio.run(run())
+    assert list((tmp_path / "chats").iterdir()) == []
