@@ -128,9 +128,12 @@ def test_a_stream_fed_from_a_file_answers_during_and_after_ingest(url, client, m
     assert events[0] == "event: delta" and json.loads(events[-2][6:])["answer"] == truth and events[-1] == "data: [DONE]"
     reply = openai_client(url).chat.completions.create(model="livekv-world-vlm", messages=[{"role": "user",
                                                        "content": COUNT}], extra_body={"stream_id": sid})
-    assert reply.choices[0].message.content == truth
+    assert reply.choices[0].message.content == truth and reply.choices[0].finish_reason == "stop"
     info = client.get(f"/v1/streams/{sid}").json()
     assert info["memory"]["tokens"] <= 6 + 56 + 10 and info["stream_time_s"] == 60.0 and info["questions"] == 4
+    cut = openai_client(url).chat.completions.create(model=f"stream/{sid}", max_tokens=1,
+                                                     messages=[{"role": "user", "content": COUNT}])
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 1
     assert client.delete(f"/v1/streams/{sid}").status_code == 200 and client.get(f"/v1/streams/{sid}").status_code == 404
 
 

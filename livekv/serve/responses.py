@@ -19,18 +19,19 @@ async def ask_by_chat(s: Server, body: ChatCompletionRequest, stream_id: str):
     """A chat completion that names a stream asks it: the last user message is the question."""
     stream = s.stream(stream_id)
     question = next((m.text() for m in reversed(body.messages) if m.role == "user"), "")
-    answer = stream.ask(question, body.limit(s.config.max_tokens))
+    limit = body.limit(s.config.max_tokens)
+    answer = stream.ask(question, limit)
     first = await first_piece(answer)
 
     async def events():
-        turn = Turn(prompt=[], cached=0)
-        turn.tokens.append(first)
+        turn = Turn(prompt=[], cached=0, tokens=[first] if first else [])  # a piece per token
         yield first, turn
         async with contextlib.aclosing(answer):
             async for piece in answer:
                 turn.tokens.append(piece)
                 yield piece, turn
-        turn.finish_reason, turn.ttft_s = "stop", (stream.counters.last_ttft_ms or 0) / 1e3
+        turn.finish_reason = "length" if len(turn.tokens) >= limit else "stop"
+        turn.ttft_s = (stream.counters.last_ttft_ms or 0) / 1e3
         yield "", turn
 
     model = f"stream/{stream_id}"
