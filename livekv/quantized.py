@@ -182,13 +182,15 @@ class QuantHostStore(HostStore):
     def all_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored token, keys and values ``[B, G, T, D]`` in the KV's dtype, on the compute device."""
         B, G, D, q = self.batch, self.kv_heads, self.head_dim, self.quantized
+        rest = self.residual[:, :, :, : self.length - q]
+        if q == 0:  # nothing quantized yet (fewer tokens than a key group)
+            return rest[:, :, 0].to(self.device, non_blocking=True), rest[:, :, 1].to(self.device, non_blocking=True)
         n_pages, n_groups = q // self.page_size, q // self.group
         codes = self.pages[:, :n_pages].permute(0, 2, 3, 1, 4, 5).reshape(B, G, 2, q, -1)
         ks = self.key_scales[:, :n_groups].permute(0, 2, 3, 1, 4).unsqueeze(4)  # [B, G, 2, n_groups, 1, D]
         vs = self.value_scales[:, :n_pages].permute(0, 2, 3, 1, 4).reshape(B, G, 2, q, 1)
         keys = decode(codes[:, :, 0].unflatten(2, (n_groups, -1)), ks[:, :, 0], ks[:, :, 1], self.bits, self.dtype)
         values = decode(codes[:, :, 1], vs[:, :, 0], vs[:, :, 1], self.bits, self.dtype)
-        rest = self.residual[:, :, :, : self.length - q]
         keys = torch.cat((keys.view(B, G, q, D), rest[:, :, 0]), dim=2)
         values = torch.cat((values, rest[:, :, 1]), dim=2)
         return keys.to(self.device, non_blocking=True), values.to(self.device, non_blocking=True)

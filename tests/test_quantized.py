@@ -202,6 +202,17 @@ def test_a_covering_budget_reads_the_quantized_tier_close_to_dense(ids, method):
     assert 1e-5 < errors[8] < 0.02 and errors[8] < errors[4] < 0.3, errors
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("host", ["ram", "disk"])
+def test_chunks_before_the_first_key_group_is_full_read_the_exact_tokens(ids, host):
+    model = tiny_model("llama")
+    logits = {}
+    for bits in (16, 8, 4):  # 20 tokens in chunks of 6: every chunk attends over the tier, none quantized yet
+        cache = LiveKVCache(model.config, "quest", budget=64, page_size=4, host_bits=bits, host=host)
+        logits[bits] = decode(model, cache, ids[:, :24], prefill=20, chunk=6)
+    assert torch.allclose(logits[8], logits[16], atol=1e-6) and torch.allclose(logits[4], logits[16], atol=1e-6)
+
+
 def _roundtrip_cache(tmp_path, ids, method, **knobs):
     model = tiny_model("llama")
     cache = LiveKVCache(model.config, method, **knobs)
