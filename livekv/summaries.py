@@ -89,8 +89,11 @@ class PageDigests:
 
     def memory(self, n: int) -> Bytes:
         """Bytes used by ``n`` pages' digests and the coarse level, and allocated."""
-        coarse = 0 if self.coarse is None else self.coarse[1].nbytes
-        return Bytes(self.page_bytes * n + coarse, self.packed.nbytes + coarse)
+        if self.coarse is None:
+            return Bytes(self.page_bytes * n, self.packed.nbytes)
+        _, runs, count = self.coarse
+        used = runs.nbytes // max(1, runs.shape[2]) * count  # the runs made so far, not the room for more
+        return Bytes(self.page_bytes * n + used, self.packed.nbytes + runs.nbytes)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.packed = self.packed.index_select(0, rows.to(self.packed.device))

@@ -66,6 +66,15 @@ def test_coarse_digests_cover_runs_of_full_pages_and_follow_appends_and_beams():
     assert torch.equal(store.coarse_digests(3, 3), torch.cat((cmax, cmin), dim=-1)[[1, 1]])
 
 
+def test_the_coarse_level_counts_the_runs_made_not_the_room_for_more():
+    store = HostStore(2, 3, 8, page_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    _fill(store, [30])  # 7 full pages
+    per_digest = 2 * 3 * 16 * 4  # batch 2, 3 KV heads, max | min of 8 channels, float32
+    assert store.digest_memory().used == 7 * per_digest
+    store.coarse_digests(3)  # 2 runs of 3 pages
+    assert store.digest_memory().used == (7 + 2) * per_digest < store.digest_memory().nbytes
+
+
 def test_bytes_are_tracked():
     store = HostStore(1, 2, 8, page_size=4, dtype=torch.float32, device=torch.device("cpu"))
     assert store.nbytes == 0
