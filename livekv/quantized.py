@@ -10,7 +10,9 @@ rounding. Values beyond float16's range (65504) are clipped. The tokens after th
 
 Page digests (min/max keys) are computed from the exact keys when they are appended, so Quest-style page selection
 is the same as over the exact tier; only what the selected tokens hold changes. (A selector that reads keys back
-from the store, as ClusterKV's clustering does, sees the dequantized ones.)
+from the store, as ClusterKV's clustering does, sees the dequantized ones. A fast tier that keeps what it recalled
+across steps, FreeKV's page slots and ClusterKV's resident tokens, keeps a token recalled while it was still exact
+until it is evicted: what those methods read then depends on when a token was recalled, by up to half a step.)
 
 Layout, with tokens ``[0, quantized)`` quantized, ``quantized = length // group * group``, r = group // p pages per
 key group, Dc = D * bits // 8 bytes of codes per token:

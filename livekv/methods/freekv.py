@@ -13,7 +13,8 @@ A decode step of a sparse layer at sequence length T (the new token included):
    After prefill, the same with the last prompt token's query.
 
 So with ``tau = -inf`` step t reads exactly the selection computed from q(t-1), with ``tau = +inf`` it is
-blocking Quest (same scoring, pooling and layout), and with a budget covering the context it is dense.
+blocking Quest (same scoring, pooling and layout), and with a budget covering the context it is dense. (With
+``host_bits`` 8 or 4 only nearly: a resident page keeps the exact values it was recalled with (``livekv.quantized``).)
 
 Choices (the brief leaves them open or they follow from the comparison with ``quest``):
 
