@@ -5,6 +5,7 @@ import asyncio
 import io
 import json
 import tarfile
+import time
 
 import httpx
 import pytest
@@ -158,3 +159,21 @@ def test_a_session_deleted_while_its_snapshot_is_written_does_not_come_back(mode
 
     asyncio.run(run())
     assert list((tmp_path / "chats").iterdir()) == []
+
+
+def test_restores_at_once_hold_no_more_sessions_than_the_limit(models):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with serving(ServeConfig(port=free_port(), max_sessions=2), models) as base, \
+            httpx.Client(base_url=base, timeout=120) as c:
+        sid = c.post("/v1/streams", json={"method": "full"}).json()["id"]
+        archive = c.get(f"/v1/streams/{sid}/snapshot").content
+        def slowly():  # every request is let in before any body has arrived
+            yield archive[:100]
+            time.sleep(1.0)
+            yield archive[100:]
+
+        with ThreadPoolExecutor(4) as pool:
+            codes = sorted(pool.map(lambda _: httpx.post(f"{base}/v1/streams/restore", content=slowly(),
+                                                         timeout=120).status_code, range(4)))
+        assert codes == [201, 429, 429, 429] and len(c.get("/v1/streams").json()["data"]) == 2
