@@ -125,6 +125,13 @@ def test_bad_snapshots_are_refused_and_load_nothing(tmp_path, ids):
     manifest.write_text("{not json")
     with pytest.raises(SnapshotError, match="corrupt"):
         LiveKVCache.load(tmp_path / "snap", model)
+    lies = {"describes 3 layers; the model has 4": {**content, "layers": content["layers"][:3]},
+            "does not describe .*KeyError": {k: v for k, v in content.items() if k != "knobs"},
+            "does not describe .*budget": {**content, "knobs": {**content["knobs"], "budget": "many"}}}
+    for message, lie in lies.items():  # the manifest itself is not checksummed: what it says is checked
+        manifest.write_text(json.dumps(lie))
+        with pytest.raises(SnapshotError, match=message):
+            LiveKVCache.load(tmp_path / "snap", model)
 
 
 def test_saving_over_a_snapshot_replaces_it_whole(tmp_path, ids):
