@@ -121,9 +121,9 @@ class LiveKVCache(Cache):
         ``snapshot.SnapshotError`` if it was saved for another model or is damaged: nothing is loaded then."""
         manifest, tensors = snapshot.read(directory, "livekv-cache", model)
         device = next(model.parameters()).device
-        with snapshot.describes(directory):
+        with snapshot.restoring(directory):
             cache = cls(model.config, make_method(manifest["method"], **manifest["knobs"]))
-            for i, (layer, meta) in enumerate(snapshot.layers(cache.layers, manifest)):
+            for i, (layer, meta) in enumerate(snapshot.paired_layers(cache.layers, manifest)):
                 prefix = f"layers.{i}."
                 layer.load_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta,
                                  device)

@@ -81,22 +81,25 @@ def read(directory: str | os.PathLike, kind: str, model: torch.nn.Module) -> tup
         raise SnapshotError(f"no snapshot at {directory} (no {MANIFEST})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SnapshotError(f"{directory / MANIFEST} is corrupt: {e}") from None
+    if not isinstance(manifest, dict):
+        raise SnapshotError(f"{directory / MANIFEST} is not a snapshot's manifest (a JSON object)")
     if manifest.get("format") != FORMAT:
         raise SnapshotError(f"{directory}: snapshot format {manifest.get('format')!r}; this livekv reads format {FORMAT}")
     if manifest.get("kind") != kind:
         raise SnapshotError(f"{directory} holds a {manifest.get('kind')!r} snapshot, not a {kind!r} one")
-    mine = fingerprint(model)
-    if manifest.get("model") != mine:
-        what = [k for k in mine if manifest.get("model", {}).get(k) != mine[k]]
+    mine, theirs = fingerprint(model), manifest.get("model")
+    if theirs != mine:
+        what = [k for k in mine if not isinstance(theirs, dict) or theirs.get(k) != mine[k]]
         raise SnapshotError(f"{directory} is a snapshot of another model (its {' and '.join(what)} differ)")
-    path, expected = directory / TENSORS, manifest.get("tensors", {})
+    path, expected = directory / TENSORS, manifest.get("tensors")
+    expected = expected if isinstance(expected, dict) else {}
     if not path.is_file() or path.stat().st_size != expected.get("bytes") or _checksum(path) != expected.get("blake2b"):
         raise SnapshotError(f"{path} is missing, truncated or corrupt (its size or checksum differs from the manifest)")
     return manifest, load_file(path)
 
 
 @contextlib.contextmanager
-def describes(directory: str | os.PathLike):
+def restoring(directory: str | os.PathLike):
     """Building from a manifest that passed ``read``'s checks: a field missing or of the wrong kind (a manifest
     written by hand, or by someone else) is a ``SnapshotError``, not whatever error building raised."""
     try:
@@ -108,7 +111,7 @@ def describes(directory: str | os.PathLike):
                             f"({type(e).__name__}: {e})") from None
 
 
-def layers(built: list, manifest: dict) -> list[tuple]:
+def paired_layers(built: list, manifest: dict) -> list[tuple]:
     """The layers just built, each with its manifest entry (``SnapshotError`` unless there is one per layer)."""
     saved = manifest["layers"]
     if not isinstance(saved, list) or len(saved) != len(built):

@@ -97,7 +97,7 @@ def altered(archive: bytes, record=None, manifest=None) -> bytes:
 
 def test_a_restore_whose_record_or_manifest_lies_is_refused_and_holds_nothing(server):
     c, _, _ = server
-    sid = c.post("/v1/streams", json={"method": "full"}).json()["id"]
+    sid = c.post("/v1/streams", json={"method": "livevlm", "knobs": {"offload": True}}).json()["id"]
     world = World(seed=1, duration_s=10)
     for t in range(2):
         c.post(f"/v1/streams/{sid}/frames", content=png(world.render(t)), headers={"content-type": "image/png"})
@@ -112,7 +112,11 @@ def test_a_restore_whose_record_or_manifest_lies_is_refused_and_holds_nothing(se
            dict(manifest=lambda m: {k: v for k, v in m.items() if k != "layers"}),
            dict(manifest=lambda m: {**m, "layers": m["layers"][:1]}),
            dict(manifest=lambda m: {**m, "memory_tokens": "x"}),
-           dict(manifest=lambda m: {**m, "knobs": {**m["knobs"], "host": "disk", "host_dir": "/etc"}})]
+           dict(manifest=lambda m: {**m, "knobs": {**m["knobs"], "host": "disk", "host_dir": "/etc"}}),
+           dict(manifest=lambda m: {**m, "method": "livevlm:host=disk,host_dir=/etc"}),
+           dict(manifest=lambda m: {**m, "max_question_tokens": "x"}),
+           dict(manifest=lambda m: {**m, "stats": {**m["stats"], "frames": "x"}}),
+           dict(manifest=lambda m: {**m, "model": "x"}), dict(manifest=lambda m: [m])]
     for change in bad:
         r = c.post("/v1/streams/restore", content=altered(archive, **change))
         assert r.status_code == 400 and r.json()["error"]["code"] == 400, (bad.index(change), r.text[:200])
@@ -126,6 +130,16 @@ def test_a_restore_whose_record_or_manifest_lies_is_refused_and_holds_nothing(se
         c.delete(f"/v1/streams/{s}")
 
 
+def next_event(socket, wanted, within: float = 30.0) -> dict:
+    """The first event ``wanted(event)`` accepts, received within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        event = json.loads(socket.recv(timeout=max(0.1, deadline - time.monotonic())))
+        if wanted(event):
+            return event
+    raise TimeoutError("no such event")
+
+
 def test_the_websocket_checks_questions_and_says_when_its_stream_ended(server):
     import websockets.sync.client as ws_client
 
@@ -134,14 +148,31 @@ def test_the_websocket_checks_questions_and_says_when_its_stream_ended(server):
     with ws_client.connect(f"{base.replace('http', 'ws')}/v1/streams/{sid}/ws") as socket:
         for i, ask in enumerate(({"max_tokens": None}, {"max_tokens": 1e400}, {"max_tokens": -5}, {"question": None})):
             socket.send(json.dumps({"type": "ask", "question": "how many objects are there now ?", "id": i, **ask}))
-            event = next(e for e in map(json.loads, iter(lambda: socket.recv(timeout=60), None)) if e.get("id") == i)
+            event = next_event(socket, lambda e: e.get("id") == i)
             assert event["type"] == "error" and event["code"] == 400, event
         c.delete(f"/v1/streams/{sid}")
         socket.send(png(World(seed=1, duration_s=10).render(0)))
-        event = next(e for e in map(json.loads, iter(lambda: socket.recv(timeout=60), None)) if e["type"] != "stats")
+        event = next_event(socket, lambda e: e["type"] != "stats")
         assert event["type"] == "error" and event["code"] == 404
         with pytest.raises(Exception, match="4404"):
-            socket.recv(timeout=60)
+            socket.recv(timeout=30)
+    sid = c.post("/v1/streams", json={"method": "full"}).json()["id"]
+    with ws_client.connect(f"{base.replace('http', 'ws')}/v1/streams/{sid}/ws") as socket:  # one that only listens
+        assert json.loads(socket.recv(timeout=60))["type"] == "stats"
+        c.delete(f"/v1/streams/{sid}")
+        event = next_event(socket, lambda e: e["type"] != "stats")
+        assert event["type"] == "error" and event["code"] == 404
+        with pytest.raises(Exception, match="4404"):
+            socket.recv(timeout=30)
+
+
+def test_a_snapshot_record_keeps_every_counter_of_a_stream():
+    import dataclasses
+
+    from livekv.serve.schemas import StreamCounters
+    from livekv.serve.streams import Counters
+
+    assert set(StreamCounters.model_fields) == {f.name for f in dataclasses.fields(Counters)}
 
 
 def test_a_session_deleted_while_its_snapshot_is_written_does_not_come_back(models, tmp_path):
@@ -161,13 +192,15 @@ def test_a_session_deleted_while_its_snapshot_is_written_does_not_come_back(mode
     assert list((tmp_path / "chats").iterdir()) == []
 
 
-def test_restores_at_once_hold_no_more_sessions_than_the_limit(models):
+def test_restores_keep_to_the_served_methods_and_at_once_to_the_session_limit(models):
     from concurrent.futures import ThreadPoolExecutor
 
-    with serving(ServeConfig(port=free_port(), max_sessions=2), models) as base, \
+    with serving(ServeConfig(port=free_port(), max_sessions=2, methods=("dense", "full")), models) as base, \
             httpx.Client(base_url=base, timeout=120) as c:
         sid = c.post("/v1/streams", json={"method": "full"}).json()["id"]
         archive = c.get(f"/v1/streams/{sid}/snapshot").content
+        rekv = altered(archive, manifest=lambda m: {**m, "method": "rekv", "knobs": {}})
+        assert error(c.post("/v1/streams/restore", content=rekv), 400, "'rekv' is not served here")
         def slowly():  # every request is let in before any body has arrived
             yield archive[:100]
             time.sleep(1.0)

@@ -235,14 +235,12 @@ def _snapshot_routes(app: FastAPI, config: ServeConfig, key: list) -> None:
     @app.post("/v1/streams/restore", dependencies=key, status_code=201)
     async def restore(request: Request):
         s = _server(request)
-        if s.sessions >= config.max_sessions:
-            raise SessionLimit(f"the server holds its maximum of {config.max_sessions} sessions")
+        s.check_room()
         data = await bodies.read(request, config.max_snapshot_bytes)
         with state.scratch() as tmp:
             record = StreamRecord.model_validate(state.from_tar(data, pathlib.Path(tmp, "snap")))
             session = await asyncio.to_thread(s.load_session, pathlib.Path(tmp, "snap"), sent=True)
-        if s.sessions >= config.max_sessions:  # again: others may have come while this one loaded
-            raise SessionLimit(f"the server holds its maximum of {config.max_sessions} sessions")
+        s.check_room()  # again: others may have come while this one loaded
         return s.restore_stream(record, session, _assigned_id(request) or new_id()).stats()
 
 

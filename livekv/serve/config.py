@@ -48,7 +48,8 @@ class ServeConfig:
     max_snapshot_bytes: int = setting(4 << 30, "largest session snapshot a client may upload to "
                                                "/v1/streams/restore, bytes (it is held in memory); more get 413")
     max_frame_pixels: int = setting(4096 * 4096, "largest frame, pixels; more get 413")
-    max_queue_frames: int = setting(64, "frames a stream queues before it drops the oldest")
+    max_queue_frames: int = setting(64, "frames a stream queues before it drops the oldest (and the most frames one "
+                                        "video chunk may hold; more get 413)")
     max_tokens: int = setting(512, "most tokens one answer may generate")
     max_prompt_tokens: int = setting(8192, "longest chat prompt, tokens")
     idle_timeout_s: float = setting(3600.0, "sessions unused this long end")

@@ -65,14 +65,19 @@ class Server:
     def sessions(self) -> int:
         return len(self.streams) + (len(self.chats.sessions) if self.chats else 0)
 
+    def check_room(self) -> None:
+        """``SessionLimit`` (429) when the server holds ``--max-sessions`` sessions."""
+        if self.sessions >= self.config.max_sessions:
+            raise SessionLimit(f"the server holds its maximum of {self.config.max_sessions} sessions")
+
     # --- streams ----------------------------------------------------------------------------------------------------
     def create_stream(self, spec: StreamCreate, sid: str | None = None, session: StreamSession | None = None) -> Stream:
         """A new stream (``session`` None: counted against ``--max-sessions``), or one resumed from ``session``; its
         id is ``sid`` if given (chosen by a router: ``livekv.serve.ray``), else a new one."""
         if self.models.vlm is None:
             raise ValueError("this server has no video model (--vlm none)")
-        if session is None and self.sessions >= self.config.max_sessions:
-            raise SessionLimit(f"the server holds its maximum of {self.config.max_sessions} sessions")
+        if session is None:
+            self.check_room()
         if sid in self.streams:
             raise ValueError(f"stream {sid!r} exists")
         method = spec.method or next(m for m in self.config.methods if m in ("livevlm", "full", "rekv", "sink_window"))
@@ -136,7 +141,7 @@ class Server:
         if self.models.vlm is None:
             raise ValueError("this server has no video model (--vlm none)")
         if sent:
-            state.check_sent(directory)
+            state.check_sent(directory, self.config.methods)
         session = StreamSession.load(directory, self.models.vlm)
         session.max_question_tokens = min(session.max_question_tokens, MAX_QUESTION_TOKENS)
         return session
@@ -178,20 +183,21 @@ class Server:
         """Snapshot every live session into ``--state-dir``."""
         for stream in list(self.streams.values()):
             record = await self.snapshot_stream(stream, pathlib.Path(self.config.state_dir, "streams", stream.id))
-            self._saved("stream", stream.id, record)
+            self._saved("stream", stream, record)
         for chat in list(self.chats.sessions.values()) if self.chats else []:
             async with chat.lock:
                 directory = pathlib.Path(self.config.state_dir, "chats", chat.id)
                 await self.engine.run(chat.cache.save, directory, self.models.text[0], priority=ANSWER)
-            self._saved("chat", chat.id, state.chat_record(chat))
+            self._saved("chat", chat, state.chat_record(chat))
 
-    def _saved(self, kind: str, sid: str, record: dict) -> None:
-        """A session's snapshot was just written: its record goes beside it, unless the session ended while it was
-        written (then the snapshot goes: a deleted session never comes back)."""
-        if self.holds(kind, sid):
-            state.write_json(pathlib.Path(self.config.state_dir, f"{kind}s", f"{sid}.json"), record)
+    def _saved(self, kind: str, session: Stream | ChatSession, record: dict) -> None:
+        """``session``'s snapshot was just written: its record goes beside it, unless the session ended (or another
+        took its id) while it was written; then the snapshot goes: a deleted session never comes back."""
+        held = self.streams if kind == "stream" else self.chats.sessions
+        if held.get(session.id) is session:
+            state.write_json(pathlib.Path(self.config.state_dir, f"{kind}s", f"{session.id}.json"), record)
         else:
-            state.remove(self.config.state_dir, f"{kind}s", sid)
+            state.remove(self.config.state_dir, f"{kind}s", session.id)
 
     def restore_chat(self, directory: pathlib.Path, record: dict) -> ChatSession:
         """A chat session from its snapshot: its cache and the token ids it holds."""
@@ -207,7 +213,7 @@ class Server:
             for directory, record in state.saved(self.config.state_dir, f"{kind}s"):
                 try:
                     self._restore_saved(kind, directory, record)
-                except (ValueError, TypeError, KeyError) as e:
+                except (ValueError, TypeError, KeyError, OSError) as e:
                     logger.error("could not resume %s %s (left in %s): %s", kind, directory.name, directory.parent, e)
 
     def _restore_saved(self, kind: str, directory: pathlib.Path, record: dict) -> None:
@@ -230,7 +236,11 @@ class Server:
         found = state.saved_one(self.config.state_dir, f"{kind}s", sid)
         if found is None:
             return False
-        self._restore_saved(kind, *found)
+        try:
+            self._restore_saved(kind, *found)
+        except (ValueError, TypeError, KeyError, OSError) as e:  # the request then finds no such session (404)
+            logger.error("could not resume %s %s from %s: %s", kind, sid, found[0], e)
+            return False
         logger.info("resumed %s %s from its snapshot", kind, sid)
         return True
 

@@ -18,6 +18,7 @@ import shutil
 import tarfile
 import tempfile
 
+from livekv.methods import make_method, names
 from livekv.serve.schemas import client_knobs
 from livekv.snapshot import MANIFEST, TENSORS, SnapshotError
 
@@ -103,14 +104,18 @@ def from_tar(data: bytes, into: pathlib.Path) -> dict:
     return json.loads((into / "record.json").read_text())
 
 
-def check_sent(directory: pathlib.Path) -> None:
-    """A snapshot a client sent may not choose what only the server sets (where it writes files): ``ValueError``."""
+def check_sent(directory: pathlib.Path, served: tuple[str, ...]) -> None:
+    """A stream snapshot a client sent runs a method this server serves (``served``: names or aliases) and does
+    not choose what only the server sets (where it writes files): ``ValueError`` otherwise, before it is loaded."""
     try:
-        knobs = json.loads((directory / MANIFEST).read_text()).get("knobs")
-    except (OSError, ValueError, AttributeError):
-        return  # not a manifest: loading it says so
-    if isinstance(knobs, dict):
-        client_knobs({k: v for k, v in knobs.items() if v is not None})
+        manifest = json.loads((directory / MANIFEST).read_text())
+        method = make_method(manifest["method"], context="stream", **manifest["knobs"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # not a session's manifest: loading it says what is wrong
+    if type(method) not in {type(make_method(name, context="stream")) for name in served if name in names("stream")}:
+        raise ValueError(f"the snapshot's method {method.name!r} is not served here; served: {list(served)}")
+    client_knobs({f.name: getattr(method, f.name) for f in dataclasses.fields(method)
+                  if getattr(method, f.name) is not None})
 
 
 def scratch() -> tempfile.TemporaryDirectory:

@@ -9,6 +9,7 @@ import json
 
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
+from starlette.websockets import WebSocketState
 
 from livekv.serve import media
 from livekv.serve.config import ServeConfig
@@ -36,10 +37,18 @@ async def websocket(socket: WebSocket, sid: str, config: ServeConfig) -> None:
         async with send_lock:
             await socket.send_json(event)
 
+    async def ended():
+        if socket.application_state != WebSocketState.CONNECTED:  # closed already (the other task saw it first)
+            return
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):  # or the client is gone
+            await send({"type": "error", "message": f"stream {sid!r} has ended", "code": 404})
+            await socket.close(code=4404, reason=f"stream {sid!r} has ended")
+
     async def tick():
-        while True:
-            await asyncio.sleep(1.0)
+        while not stream.closed:
             await send({"type": "stats", **stream.stats()})
+            await asyncio.sleep(1.0)
+        await ended()  # deleted (or expired) while this socket was open; a client that only listens hears it too
 
     async def answer(event: dict):
         qid = event.get("id")
@@ -61,9 +70,8 @@ async def websocket(socket: WebSocket, sid: str, config: ServeConfig) -> None:
             message = await socket.receive()
             if message["type"] == "websocket.disconnect":
                 break
-            if stream.closed:  # deleted (or expired) while this socket was open
-                await send({"type": "error", "message": f"stream {sid!r} has ended", "code": 404})
-                await socket.close(code=4404, reason=f"stream {sid!r} has ended")
+            if stream.closed:
+                await ended()
                 break
             if message.get("bytes") is not None:
                 await _ws_frame(stream, message["bytes"], config, send)

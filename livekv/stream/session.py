@@ -38,6 +38,14 @@ class StreamStats:
     questions: int = 0
     ttft_s: float | None = None  # time from the last question to its first answer token
 
+    @classmethod
+    def restored(cls, values: dict) -> StreamStats:
+        """The counters a snapshot kept (``ValueError`` unless each is a number; ``ttft_s`` may be None)."""
+        stats = cls(**values)
+        if not all(isinstance(v, (int, float)) or (k == "ttft_s" and v is None) for k, v in vars(stats).items()):
+            raise ValueError(f"stream counters that are not numbers: {values}")
+        return stats
+
     @property
     def ingest_fps(self) -> float:
         return self.frames / self.ingest_s if self.ingest_s else 0.0
@@ -66,8 +74,9 @@ class StreamSession:
         self.method = dataclasses.replace(make_method(method, context="stream", **knobs))  # resolved below: a copy
         self._knobs = dataclasses.asdict(self.method)  # as given, before resolve: what a snapshot restores
         self.memory_tokens = adapter.default_memory_tokens if memory_tokens is None else memory_tokens
-        if self.memory_tokens < 1:
-            raise ValueError(f"memory_tokens must be >= 1, got {self.memory_tokens}")
+        for name, value in (("memory_tokens", self.memory_tokens), ("max_question_tokens", max_question_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.method.resolve(self.memory_tokens, adapter.tokens_per_frame)
         self.cache = StreamCache(adapter, self.method)
         self.stats = StreamStats()
@@ -227,12 +236,12 @@ class StreamSession:
         """The session saved in ``directory`` by ``save``, on ``adapter`` (the same model: ``SnapshotError``
         otherwise, and for a damaged snapshot; nothing is loaded then)."""
         manifest, tensors = snapshot.read(directory, "livekv-stream", adapter.model)
-        with snapshot.describes(directory):
+        with snapshot.restoring(directory):
             session = cls(adapter, manifest["method"], memory_tokens=manifest["memory_tokens"],
                           max_question_tokens=manifest["max_question_tokens"], **manifest["knobs"])
-            session.stats = StreamStats(**manifest["stats"])
+            session.stats = StreamStats.restored(manifest["stats"])
             session.cache.load_state(manifest["cache"])
-            for i, (layer, meta) in enumerate(snapshot.layers(session.cache.layers, manifest)):
+            for i, (layer, meta) in enumerate(snapshot.paired_layers(session.cache.layers, manifest)):
                 prefix = f"layers.{i}."
                 layer.load_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta,
                                  adapter.device)

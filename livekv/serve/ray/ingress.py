@@ -69,8 +69,9 @@ class LiveKVIngress:
 
     @api.api_route("/{path:path}", methods=METHODS)
     async def forward(self, request: Request, path: str):
-        restore = path.rstrip("/") == "v1/streams/restore"
-        limit = self.config.max_snapshot_bytes if restore else self.config.max_upload_bytes + (1 << 20)
+        path = path.rstrip("/")
+        limit = (self.config.max_snapshot_bytes if path == "v1/streams/restore" else
+                 self.config.max_upload_bytes if path.endswith("/frames") else self.config.max_request_bytes)
         try:
             body = await bodies.read(request, limit)
         except HTTPException as e:
@@ -140,12 +141,12 @@ class LiveKVIngress:
             response = Response(bad["body"], status_code=bad["status"])
             response.raw_headers = _headers(bad["headers"]) + [(b"content-length", str(len(bad["body"])).encode())]
             return response
-        bodies = [(dict(o["headers"]).get(REPLICA_HEADER.encode(), b"").decode(), json.loads(o["body"]))
-                  for o in answers]
+        replies = [(dict(o["headers"]).get(REPLICA_HEADER.encode(), b"").decode(), json.loads(o["body"]))
+                   for o in answers]
         if message["path"].rstrip("/") == "/health":
-            return JSONResponse({"status": "ok", "sessions": sum(b["sessions"] for _, b in bodies),
-                                 "engine_jobs_pending": sum(b["engine_jobs_pending"] for _, b in bodies),
-                                 "rss_bytes": sum(b.get("rss_bytes") or 0 for _, b in bodies),
-                                 "replicas": [{"replica": r, **b} for r, b in bodies],
+            return JSONResponse({"status": "ok", "sessions": sum(b["sessions"] for _, b in replies),
+                                 "engine_jobs_pending": sum(b["engine_jobs_pending"] for _, b in replies),
+                                 "rss_bytes": sum(b.get("rss_bytes") or 0 for _, b in replies),
+                                 "replicas": [{"replica": r, **b} for r, b in replies],
                                  "unreachable": len(ids) - len(answers)})
-        return JSONResponse({"object": "list", "data": [s for _, b in bodies for s in b["data"]]})
+        return JSONResponse({"object": "list", "data": [s for _, b in replies for s in b["data"]]})

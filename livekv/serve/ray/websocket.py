@@ -42,6 +42,8 @@ class _Bridge:
         else:
             await self.send({"type": "error", **({"id": qid} if qid is not None else {}),
                              "message": out.get("error", {}).get("message", ""), "code": response.status_code})
+        if response.status_code == 404:  # the stream has ended (deleted, expired)
+            await self.socket.close(code=4404, reason=f"stream {self.sid!r} has ended")
 
     async def tick(self) -> None:
         """The stream's stats every second."""
@@ -52,10 +54,8 @@ class _Bridge:
     async def answer(self, event: dict) -> None:
         """An ``ask`` event: the question asked, its answer sent back as ``answer.delta`` events, then
         ``answer.done``."""
-        qid = event.get("id")
-        request = {"question": str(event.get("question", "")), "stream": True}
-        if isinstance(event.get("max_tokens"), int):
-            request["max_tokens"] = event["max_tokens"]
+        qid = event.get("id")  # the question and max_tokens as sent: the replica checks them (400)
+        request = {**{k: event[k] for k in ("question", "max_tokens") if k in event}, "stream": True}
         response = await self.call("POST", f"/v1/streams/{self.sid}/ask", json.dumps(request).encode(),
                                    streaming=True)
         if not isinstance(response, StreamingResponse) or response.status_code != 200:
