@@ -175,23 +175,27 @@ def test_livevlm_retrieval_reads_the_top_pages(adapter):
             assert read - layer.n_short <= -(-pages // 4) * 4
 
 
-def test_bad_input_leaves_the_memory_intact(adapter):
-    session = StreamSession(adapter, "livevlm", system=[1, 2, 3], short_term=8, long_term=16, vsb_rows=4)
-    session.push(clip(0))
-    def state():
-        layer = session.cache.layers[-1]
-        return session.memory()["memory_tokens"], session.cache.cursor, layer.pos.tolist(), session.answer([5, 6], 4)
+@pytest.mark.parametrize("method, knobs", [("livevlm", dict(short_term=8, long_term=16, vsb_rows=4)), ("full", {})])
+def test_bad_input_leaves_the_memory_intact(adapter, method, knobs):
+    session, untouched = (StreamSession(adapter, method, system=[1, 2, 3], **knobs) for _ in range(2))
+    for s in (session, untouched):
+        s.push(clip(0))
+        s.push(clip(2))  # no question since: the last chunk's undo is this push's
 
-    before = state()
+    def state(s):
+        layer = s.cache.layers[-1]
+        return s.memory()["memory_tokens"], s.cache.cursor, layer.pos.tolist(), s.answer([5, 6], 4)
+
     for bad in (torch.zeros(2, 8, 8), torch.zeros(2, 8, 8, 3), torch.zeros(0, 8, 8, 3, dtype=torch.uint8), "not frames"):
         with pytest.raises(ValueError):
             session.push(bad)
     attn = adapter.language_model.layers[1].self_attn
     attn.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))  # fail half-way through a forward
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError):  # layer 0 holds the clip then, layer 1 never saw it
         session.push(clip(1))
     del attn.forward
-    assert state() == before
+    assert [layer.ctx.length for layer in session.cache.layers] == [layer.ctx.length for layer in untouched.cache.layers]
+    assert state(session) == state(untouched)
 
 
 def test_bad_configurations_raise_clear_errors(adapter):

@@ -50,7 +50,7 @@ class StreamCache(Cache):
         except BaseException:
             if not chunk.question:
                 for layer in self.layers:
-                    layer.rollback()
+                    layer.rollback(chunk)
             raise
         finally:
             self._chunk = None

@@ -78,6 +78,7 @@ class StreamLayer(Layer):
         self.answer: FastBuffer | None = None  # the answer context while a question is answered
         self._new: tuple[torch.Tensor, torch.Tensor, Chunk] | None = None
         self._undo = (0, None, 0)  # (length, scores, capacity): what to restore after a failed chunk or an answer
+        self._undo_chunk = None  # the chunk that ``_undo`` undoes
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, G, _, D = key_states.shape
@@ -115,7 +116,7 @@ class StreamLayer(Layer):
                                                                      scaling))
             self.answer.append(k, v)
             return attend(query, *self.answer.view(), scaling)
-        self._undo = (self.ctx.length, self.scores, self.ctx.capacity)
+        self._undo, self._undo_chunk = (self.ctx.length, self.scores, self.ctx.capacity), chunk
         self.ctx.append(k, v)
         self.pos = torch.cat([self.pos, chunk.positions], dim=1)
         self.frame = torch.cat([self.frame, chunk.frames])
@@ -230,10 +231,10 @@ class StreamLayer(Layer):
             self.ctx.truncate(self._undo[0], self._undo[2])
         self.answer = None
 
-    def rollback(self) -> None:
-        """Undo the last chunk (its forward failed part-way)."""
+    def rollback(self, chunk) -> None:
+        """Undo ``chunk`` (its forward failed part-way) if it reached this layer."""
         length, scores, _ = self._undo
-        if self.is_initialized and self.ctx.length > length:
+        if self._undo_chunk is chunk and self.ctx.length > length:
             self.ctx.length = length
             self.pos, self.frame = self.pos[:, :length], self.frame[:length]
             self.scores = scores
