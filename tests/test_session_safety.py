@@ -65,6 +65,8 @@ def test_an_answer_closed_early_releases_the_session(vlm, frames):
     before = state(session)
     answer = session.ask(COUNT)
     next(answer)
+    # between pieces the caller's code runs in its own autograd mode, not in the session's inference mode
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and not torch.ones(1).is_inference()
     answer.close()
     assert_same_state(state(session), before)
     session.push(frames[30])

@@ -61,8 +61,9 @@ class StreamCache(Cache):
         try:
             yield
         finally:
-            for layer in self.layers:
-                layer.end_answer()
+            with torch.inference_mode():
+                for layer in self.layers:
+                    layer.end_answer()
 
     def seal_sink(self) -> None:
         """Everything in the memory so far is the sink (called when the first clip arrives)."""

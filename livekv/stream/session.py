@@ -150,7 +150,8 @@ class StreamSession:
 
         Raises ``ValueError`` at once (before the generator is read) for a question that cannot be answered: empty,
         longer than ``max_question_tokens``, or with words the model does not know."""
-        segment = self._question(question)
+        with torch.inference_mode():
+            segment = self._question(question)
         return self._answer(segment, max_new_tokens)
 
     def _question(self, question) -> Segment:
@@ -169,16 +170,18 @@ class StreamSession:
         adapter = self.adapter
         ids: list[int] = []
         shown = ""
-        with self._exclusive("push() or ask()"), torch.inference_mode(), self.cache.answering():
+        # inference mode around each step, not the generator: the caller's code between pieces keeps its own mode
+        with self._exclusive("push() or ask()"), self.cache.answering():
             t0 = time.perf_counter()
             self.stats.ttft_s = None
             position = self.cache.cursor
             embeds, positions = segment.embeds, segment.positions + position
             position += segment.span
             for step in range(max_new_tokens):
-                with self.cache.chunk(Chunk(positions, torch.full((embeds.shape[1],), -1), question=True)):
+                with torch.inference_mode(), self.cache.chunk(
+                        Chunk(positions, torch.full((embeds.shape[1],), -1), question=True)):
                     hidden = adapter.forward(embeds, positions, self.cache)
-                token = int(adapter.lm_head(hidden[:, -1]).argmax(-1))
+                    token = int(adapter.lm_head(hidden[:, -1]).argmax(-1))
                 if step == 0:
                     self.stats.ttft_s = time.perf_counter() - t0  # the first token, an end token included
                 if token in adapter.eos_ids:
@@ -191,7 +194,9 @@ class StreamSession:
                     if len(text) > len(shown) and not text.endswith("\ufffd"):
                         yield text[len(shown) :]
                         shown = text
-                embeds = adapter.language_model.get_input_embeddings()(torch.tensor([[token]], device=adapter.device))
+                with torch.inference_mode():
+                    embed = adapter.language_model.get_input_embeddings()
+                    embeds = embed(torch.tensor([[token]], device=adapter.device))
                 positions = torch.full((adapter.position_dims, 1), position)
                 position += 1
             self.stats.questions += 1
