@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from livekv.methods import knob_options
-from livekv.options import Option, add_options, fields_of, ints, weights_list
+from livekv.options import Option, add_options, fields_of, ints, positive_float, positive_int, weights_list
 from livekv.quantize import WEIGHTS
 from livekv.serve.config import RayConfig, ServeConfig
 
@@ -49,7 +49,7 @@ def _text(sub, commands: dict) -> None:
                               help="feed the prompt as is (default: in the model's chat template, if it has one)")
             form.add_argument("--chat", action="store_true",
                               help="the prompt in the model's chat template (the default; kept for compatibility)")
-        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--max-new-tokens", type=positive_int, default=128)
         p.add_argument("--temperature", type=float, default=0.0)
         p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (tokens)")
         p.add_argument("--json", help="write the text, tokens, speed and KV bytes per tier here" +
@@ -136,7 +136,7 @@ def _bench(sub, commands: dict) -> None:
     p.add_argument("--frames", type=ints, default="16,64,256,512", help="checkpoints: frames streamed, comma-separated")
     p.add_argument("--image-size", type=int, default=64, help="pixels per frame side: (size/16)^2 tokens per frame (224: 196)")
     p.add_argument("--layers", type=int, default=None, help="text layers (default: the 0.5B model's 24)")
-    p.add_argument("--clip-frames", type=int, default=4, help="frames per clip pushed")
+    p.add_argument("--clip-frames", type=positive_int, default=4, help="frames per clip pushed")
     add_precision_args(p, video=True)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", help="write results here (and a PNG plot beside it)")
@@ -145,7 +145,7 @@ def _bench(sub, commands: dict) -> None:
     p = bench.add_parser("serve", help="load on livekv serve: sessions ingesting a video at fps and asked every "
                          "few seconds: TTFT p50/p95, ingest, drops, memory, sessions held in real time")
     p.add_argument("--sessions", default="1,2,4,8", help="numbers of concurrent sessions, comma-separated")
-    p.add_argument("--duration", type=float, default=30.0, help="seconds of video each session streams")
+    p.add_argument("--duration", type=positive_float, default=30.0, help="seconds of video each session streams")
     p.add_argument("--fps", type=float, default=2.0, help="frames per second each session pushes")
     p.add_argument("--ask-every", type=float, default=10.0, help="seconds between a session's questions")
     p.add_argument("--method", default="livevlm", help="the streams' method")
@@ -180,13 +180,16 @@ def _stream(sub, commands: dict) -> None:
                    help="a question asked once the stream reaches SECONDS (repeatable)")
     p.add_argument("--interactive", action="store_true", help="type questions while the video plays")
     p.add_argument("--fps", type=float, default=0.5, help="frames sampled per second of video")
-    p.add_argument("--clip-frames", type=int, default=None, help="frames per clip (default: 1, or the model's multiple)")
+    p.add_argument("--clip-frames", type=positive_int, default=None,
+                   help="frames per clip (default: 1, or the model's multiple)")
     p.add_argument("--realtime", action="store_true", help="pace the stream at the video's own speed")
-    p.add_argument("--max-frames", type=int, default=None, help="stop after this many sampled frames (a camera never ends)")
-    p.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="stop at this time of the stream")
+    p.add_argument("--max-frames", type=positive_int, default=None,
+                   help="stop after this many sampled frames (a camera never ends)")
+    p.add_argument("--duration", type=positive_float, default=None, metavar="SECONDS",
+                   help="stop at this time of the stream")
     p.add_argument("--system", default=None, help="system prompt (default: the embedded model's own; for a "
                    "checkpoint, one asking for brief answers about a live video)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--memory-tokens", type=int, default=None, help="fast-tier memory of a bounded method, tokens "
                    "per layer; the method sets its budgets from it (default: what fits the model)")
     add_options(p, knob_options("stream"))

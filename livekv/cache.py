@@ -122,7 +122,7 @@ class LiveKVCache(Cache):
         manifest, tensors = snapshot.read(directory, "livekv-cache", model)
         device = next(model.parameters()).device
         with snapshot.restoring(directory):
-            cache = cls(model.config, make_method(manifest["method"], **manifest["knobs"]))
+            cache = cls(model.config, make_method(manifest["method"], **snapshot.knobs_here(manifest["knobs"])))
             for i, (layer, meta) in enumerate(snapshot.paired_layers(cache.layers, manifest)):
                 prefix = f"layers.{i}."
                 layer.load_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta,

@@ -36,19 +36,21 @@ def cmd_generate(args) -> None:
     text = open(args.prompt_file).read() if args.prompt_file else args.prompt
     if text is None:
         raise SystemExit("give --prompt or --prompt-file")
+    knobs = common.one_method_knobs(args)
     model, tok = common.load(args)
     ids = common.prompt_ids(tok, text, args)
     common.check_positions(model, "prompt", len(ids), len(ids) + args.max_new_tokens - 1)
-    cache = LiveKVCache(model.config, args.method, **common.method_knobs(args))
+    cache = LiveKVCache(model.config, args.method, **knobs)
     stats = GenerationStats()
     stream = generate_stream(model, cache, torch.tensor([ids], device=args.device), args.max_new_tokens,
                              stop_ids={tok.eos_token_id}, temperature=args.temperature, chunk=args.chunk,
                              progress=common.prefill_progress(len(ids), args.chunk), stats=stats)
     record = common.reply_record(tok, common.print_tokens(tok, stream), stats)
-    common.write_json(args.json, {"method": args.method, **common.method_knobs(args), **record}, args)
+    common.write_json(args.json, {"method": args.method, **knobs, **record}, args)
 
 
 def cmd_chat(args) -> None:
+    common.one_method_knobs(args)  # a bad method or knob is refused before the model loads
     model, tok = common.load(args)
     turns = []
     print("livekv chat: type a message, empty line or Ctrl-D to quit", file=sys.stderr)
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     common.check_json_path(getattr(args, "json", None))
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, MemoryError) as e:
+    except (ValueError, OSError, ModuleNotFoundError, MemoryError) as e:  # OSError: a missing, unreadable file
         raise SystemExit(f"livekv: error: {e}") from e
     except KeyboardInterrupt:
         print("\nlivekv: interrupted", file=sys.stderr)

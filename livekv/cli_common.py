@@ -17,6 +17,16 @@ def method_knobs(args) -> dict:
     return given(args, knob_options("text"))
 
 
+def one_method_knobs(args) -> dict:
+    """The text knobs given on the command line of a command that runs one method (``--method``), checked against
+    it (``ValueError``) before any model loads."""
+    from livekv.methods import make_method
+
+    knobs = method_knobs(args)
+    make_method(args.method, **knobs)
+    return knobs
+
+
 def method_grid(args) -> list[tuple[str, dict]]:
     """(name, knobs) for every method x budget; dense once (it has no budget). A name may be a spec with knobs of
     its own (``quest:coarse_pages=0``), which win over the shared ones."""

@@ -1,6 +1,7 @@
 """Command-line options made from config dataclasses: one ``--knob-name`` per field, its type from the annotation
 and its help from the field's metadata. The knobs of methods and the server's settings live in one place each.
-Beside them, the argparse types livekv's other options share (``ints``, ``weights_list``, ``argument_type``)."""
+Beside them, the argparse types livekv's other options share (``ints``, ``positive_int``, ``positive_float``,
+``weights_list``, ``argument_type``)."""
 
 from __future__ import annotations
 
@@ -87,6 +88,28 @@ def ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated, got {text!r}")
     return values
+
+
+def positive_int(text: str) -> int:
+    """The argparse type of an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """The argparse type of a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
 
 
 def weights_list(text: str) -> list[str]:

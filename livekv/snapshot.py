@@ -16,6 +16,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import warnings
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -109,6 +110,18 @@ def restoring(directory: str | os.PathLike):
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise SnapshotError(f"{directory}: the manifest does not describe a snapshot this livekv can restore "
                             f"({type(e).__name__}: {e})") from None
+
+
+def knobs_here(knobs: dict) -> dict:
+    """The knobs a snapshot was saved with, for this machine: a disk tier's ``host_dir`` that is gone (the snapshot
+    moved, the folder was cleaned) becomes the default temp dir, said in a warning. The tier's contents come from the
+    snapshot; only where its file lives changes."""
+    host_dir = knobs.get("host_dir")
+    if isinstance(host_dir, str) and not os.path.isdir(host_dir):
+        warnings.warn(f"the snapshot's host_dir {host_dir!r} is not a directory here: its disk tier goes to the "
+                      "temp dir", stacklevel=3)
+        return {**knobs, "host_dir": None}
+    return knobs
 
 
 def paired_layers(built: list, manifest: dict) -> list[tuple]:

@@ -35,6 +35,29 @@ def test_integer_list_flags_name_the_flag(no_work, capsys, argv, flag):
     assert f"argument {flag}:" in err and argv[-1] in err
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["stream", "video.mp4", "--model", "random", "--max-frames", "0"], "--max-frames"),
+    (["stream", "video.mp4", "--model", "random", "--duration", "-1"], "--duration"),
+    (["stream", "video.mp4", "--model", "random", "--clip-frames", "0"], "--clip-frames"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "-3"], "--max-new-tokens"),
+    (["bench", "serve", "--duration", "0"], "--duration"),
+])
+def test_counts_and_durations_that_cannot_be_are_refused(no_work, capsys, argv, flag):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_a_knob_value_of_the_wrong_kind_names_the_knob(no_work):
+    with pytest.raises(SystemExit, match="'quest:budget=abc': knob budget: expected int"):
+        main(["generate", "--prompt", "hi", "--method", "quest:budget=abc"])
+
+
+def test_a_prompt_file_that_cannot_be_read_is_one_line_not_a_traceback(no_work, tmp_path):
+    with pytest.raises(SystemExit, match="livekv: error: .*Is a directory"):
+        main(["generate", "--prompt-file", str(tmp_path)])
+
+
 # --- --json paths ------------------------------------------------------------------------------------------------
 JSON_COMMANDS = [
     ["eval", "needle", "--context", "512"],

@@ -75,6 +75,21 @@ def test_a_restored_session_continues_bit_identically(tmp_path, llava, method, h
         assert torch.equal(a.ctx.view()[0], b.ctx.view()[0]) and torch.equal(a.pos, b.pos)
 
 
+def test_a_snapshot_whose_disk_folder_is_gone_loads_into_the_temp_dir(tmp_path, llava):
+    folder = tmp_path / "spill"
+    folder.mkdir()
+    session = StreamSession(llava, "livevlm", system=[1, 2, 3], memory_tokens=24, offload=True, host="disk",
+                            host_dir=str(folder))
+    for i in range(12):
+        session.push(clip(i))
+    session.save(tmp_path / "snap")
+    folder.rmdir()  # the snapshot moved to another machine, or the folder was cleaned
+    with pytest.warns(UserWarning, match="not a directory here"):
+        restored = StreamSession.load(tmp_path / "snap", llava)
+    assert restored.method.host_dir is None and restored.memory()["host_kv_bytes"] > 0
+    assert torch.equal(restored.logits([6, 7]), session.logits([6, 7]))
+
+
 def test_livevlm_offload_keeps_what_compression_evicts_in_the_host_tier(llava):
     kept = StreamSession(llava, "livevlm", system=[1, 2, 3], memory_tokens=24, offload=True)
     plain = StreamSession(llava, "livevlm", system=[1, 2, 3], memory_tokens=24)

@@ -165,3 +165,10 @@ def test_clips():
     assert np.array_equal(np.concatenate([c for _, c in grouped]), solid_frames(5))
     with pytest.raises(ValueError):
         next(clips(iter([]), 0))
+
+
+def test_a_clip_of_frames_of_different_sizes_is_a_video_error():
+    shapes = [(8, 8, 3), (8, 8, 3), (8, 12, 3)]
+    source = (Frame(float(i), np.zeros(shape, np.uint8)) for i, shape in enumerate(shapes))
+    with pytest.raises(VideoError, match="different sizes"):
+        list(clips(source, 3))

@@ -38,7 +38,10 @@ def parse_spec(spec: str) -> tuple[str, dict]:
         key, sep, value = item.partition("=")
         if not sep or key not in hints:
             raise ValueError(f"{spec!r}: expected KNOB=VALUE with a knob of {name} ({', '.join(hints)}), got {item!r}")
-        knobs[key] = parse_value(value, hints[key])
+        try:
+            knobs[key] = parse_value(value, hints[key])
+        except ValueError as e:
+            raise ValueError(f"{spec!r}: knob {key}: {e}") from None
     return name, knobs
 
 

@@ -243,7 +243,7 @@ class StreamSession:
         manifest, tensors = snapshot.read(directory, "livekv-stream", adapter.model)
         with snapshot.restoring(directory):
             session = cls(adapter, manifest["method"], memory_tokens=manifest["memory_tokens"],
-                          max_question_tokens=manifest["max_question_tokens"], **manifest["knobs"])
+                          max_question_tokens=manifest["max_question_tokens"], **snapshot.knobs_here(manifest["knobs"]))
             session.stats = StreamStats.restored(manifest["stats"])
             session.cache.load_state(manifest["cache"])
             for i, (layer, meta) in enumerate(snapshot.paired_layers(session.cache.layers, manifest)):

@@ -86,10 +86,18 @@ def clips(frame_iter: Iterable[Frame], frames_per_clip: int) -> Iterator[tuple[f
     for frame in frame_iter:
         group.append(frame)
         if len(group) == frames_per_clip:
-            yield group[0].time, np.stack([f.image for f in group])
+            yield group[0].time, _stack(group)
             group = []
     if group:
-        yield group[0].time, np.stack([f.image for f in group])
+        yield group[0].time, _stack(group)
+
+
+def _stack(group: list[Frame]) -> np.ndarray:
+    shapes = {f.image.shape for f in group}
+    if len(shapes) > 1:
+        raise VideoError(f"the frames from {group[0].time:.2f} s on have different sizes {sorted(shapes)}: one clip "
+                         "takes frames of one size (use a clip of one frame)")
+    return np.stack([f.image for f in group])
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 4.0, codec: str = "mpeg4") -> None:
