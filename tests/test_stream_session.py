@@ -55,6 +55,7 @@ def test_an_mp4_streams_end_to_end(tmp_path, llava):
     assert session.cache.layers[0].n_long > 0  # long-term memory was used, and compressed
     answer = session.answer([4, 5, 6], 3)
     assert len(answer) == 3 and answer[0] == int(question_logits(session, [4, 5, 6]).argmax())
+    assert session.stats.answer_tokens == 3 and session.stats.questions == 2
 
 
 def test_qwen2_vl_positions_after_appending_clips(qwen):

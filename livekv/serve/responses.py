@@ -24,13 +24,14 @@ async def ask_by_chat(s: Server, body: ChatCompletionRequest, stream_id: str):
     first = await first_piece(answer)
 
     async def events():
-        turn = Turn(prompt=[], cached=0, tokens=[first] if first else [])  # a piece per token
+        turn = Turn(prompt=[], cached=0, tokens=[first])
         yield first, turn
         async with contextlib.aclosing(answer):
             async for piece in answer:
                 turn.tokens.append(piece)
                 yield piece, turn
-        turn.finish_reason = "length" if len(turn.tokens) >= limit else "stop"
+        turn.generated = stream.session.stats.answer_tokens  # a piece may span tokens; read before any await
+        turn.finish_reason = "length" if turn.generated >= limit else "stop"
         turn.ttft_s = (stream.counters.last_ttft_ms or 0) / 1e3
         yield "", turn
 
@@ -75,7 +76,7 @@ async def chunks(body: ChatCompletionRequest, events, model: str):
 
 
 def _usage(turn) -> dict:
-    prompt, completion = len(turn.prompt), len(turn.tokens)
+    prompt, completion = len(turn.prompt), len(turn.tokens) if turn.generated is None else turn.generated
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": turn.cached}}
 

@@ -37,6 +37,7 @@ class StreamStats:
     ingest_s: float = 0.0  # time spent encoding + prefilling clips
     questions: int = 0
     ttft_s: float | None = None  # time from the last question to its first answer token
+    answer_tokens: int = 0  # tokens of the last answer (an end token not counted)
 
     @classmethod
     def restored(cls, values: dict) -> StreamStats:
@@ -200,6 +201,7 @@ class StreamSession:
                 positions = torch.full((adapter.position_dims, 1), position)
                 position += 1
             self.stats.questions += 1
+            self.stats.answer_tokens = len(ids)
 
     @torch.inference_mode()
     def logits(self, question) -> torch.Tensor:
