@@ -92,23 +92,21 @@ def ints(text: str) -> list[int]:
 
 def positive_int(text: str) -> int:
     """The argparse type of an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+    return _number(int, text, lambda value: value >= 1, "an integer >= 1")
 
 
 def positive_float(text: str) -> float:
     """The argparse type of a number > 0."""
+    return _number(float, text, lambda value: value > 0, "a number > 0")
+
+
+def _number(kind, text: str, fits, what: str):
     try:
-        value = float(text)
+        value = kind(text)
     except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+        value = None
+    if value is None or not fits(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
 
 
