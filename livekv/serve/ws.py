@@ -29,65 +29,79 @@ async def websocket(socket: WebSocket, sid: str, config: ServeConfig) -> None:
     if sid not in server.streams:
         await socket.close(code=4404, reason=f"no stream {sid!r}")
         return
-    stream = server.streams[sid]
     await socket.accept()
-    send_lock, tasks = asyncio.Lock(), set()
+    await _StreamSocket(socket, server.streams[sid], config).serve()
 
-    async def send(event: dict) -> None:
-        async with send_lock:
-            await socket.send_json(event)
 
-    async def ended():
-        if socket.application_state != WebSocketState.CONNECTED:  # closed already (the other task saw it first)
-            return
-        with contextlib.suppress(RuntimeError, WebSocketDisconnect):  # or the client is gone
-            await send({"type": "error", "message": f"stream {sid!r} has ended", "code": 404})
-            await socket.close(code=4404, reason=f"stream {sid!r} has ended")
+class _StreamSocket:
+    """One WebSocket of a stream: its messages handled, its stats sent every second, its end announced."""
 
-    async def tick():
-        while not stream.closed:
-            await send({"type": "stats", **stream.stats()})
+    def __init__(self, socket: WebSocket, stream: Stream, config: ServeConfig):
+        self.socket, self.stream, self.config = socket, stream, config
+        self.lock, self.tasks = asyncio.Lock(), set()
+
+    async def send(self, event: dict) -> None:
+        async with self.lock:
+            await self.socket.send_json(event)
+
+    async def serve(self) -> None:
+        """Until the client goes away or the stream ends."""
+        self.tasks.add(asyncio.create_task(self.tick()))
+        try:
+            while True:
+                message = await self.socket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                if self.stream.closed:
+                    await self.ended()
+                    break
+                await self.receive(message)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            for task in self.tasks:
+                task.cancel()
+
+    async def receive(self, message: dict) -> None:
+        """A frame (bytes), or an ``ask`` or ``stats`` event."""
+        if message.get("bytes") is not None:
+            await _ws_frame(self.stream, message["bytes"], self.config, self.send)
+        elif message.get("text") is not None:
+            event = _json(message["text"])
+            if event.get("type") == "ask":
+                self.tasks.add(asyncio.create_task(self.answer(event)))
+            elif event.get("type") == "stats":
+                await self.send({"type": "stats", **self.stream.stats()})
+            else:
+                await self.send({"type": "error", "message": f"unknown event {event.get('type')!r}", "code": 400})
+
+    async def tick(self) -> None:
+        while not self.stream.closed:
+            await self.send({"type": "stats", **self.stream.stats()})
             await asyncio.sleep(1.0)
-        await ended()  # deleted (or expired) while this socket was open; a client that only listens hears it too
+        await self.ended()  # deleted (or expired) while this socket was open; a client that only listens hears it
 
-    async def answer(event: dict):
-        qid = event.get("id")
+    async def ended(self) -> None:
+        if self.socket.application_state != WebSocketState.CONNECTED:  # closed already (the other task saw it)
+            return
+        why = f"stream {self.stream.id!r} has ended"
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):  # or the client is gone
+            await self.send({"type": "error", "message": why, "code": 404})
+            await self.socket.close(code=4404, reason=why)
+
+    async def answer(self, event: dict) -> None:
+        qid, stream = event.get("id"), self.stream
         try:
             pieces, ask = [], _ask_request(event)
-            answer = stream.ask(ask.question, min(ask.max_tokens, config.max_tokens))
+            answer = stream.ask(ask.question, min(ask.max_tokens, self.config.max_tokens))
             async with contextlib.aclosing(answer):
                 async for piece in answer:
                     pieces.append(piece)
-                    await send({"type": "answer.delta", "id": qid, "delta": piece})
-            await send({"type": "answer.done", "id": qid, "answer": "".join(pieces),
-                        "ttft_ms": stream.counters.last_ttft_ms, "frames_ingested": stream.counters.ingested})
+                    await self.send({"type": "answer.delta", "id": qid, "delta": piece})
+            await self.send({"type": "answer.done", "id": qid, "answer": "".join(pieces),
+                             "ttft_ms": stream.counters.last_ttft_ms, "frames_ingested": stream.counters.ingested})
         except ValueError as e:
-            await send({"type": "error", "id": qid, "message": str(e), "code": 400})
-
-    tasks.add(asyncio.create_task(tick()))
-    try:
-        while True:
-            message = await socket.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            if stream.closed:
-                await ended()
-                break
-            if message.get("bytes") is not None:
-                await _ws_frame(stream, message["bytes"], config, send)
-            elif message.get("text") is not None:
-                event = _json(message["text"])
-                if event.get("type") == "ask":
-                    tasks.add(asyncio.create_task(answer(event)))
-                elif event.get("type") == "stats":
-                    await send({"type": "stats", **stream.stats()})
-                else:
-                    await send({"type": "error", "message": f"unknown event {event.get('type')!r}", "code": 400})
-    except WebSocketDisconnect:
-        pass
-    finally:
-        for task in tasks:
-            task.cancel()
+            await self.send({"type": "error", "id": qid, "message": str(e), "code": 400})
 
 
 async def _ws_frame(stream, data: bytes, config: ServeConfig, send) -> None:
