@@ -39,6 +39,10 @@ def test_each_request_is_routed_to_its_session():
     assert route("POST", "/v1/streams/s1/frames", b"\x89PNG").pin == "stream/s1"
     assert route("POST", "/v1/streams/s1/ask", b'{"question": "q"}').streaming  # SSE unless stream is false
     assert not route("POST", "/v1/streams/s1/ask", b'{"question": "q", "stream": false}').streaming
+    for text in (b'"true"', b"1", b'"yes"'):  # what pydantic takes for true streams as the replica will answer
+        assert route("POST", "/v1/streams/s1/ask", b'{"stream": %s}' % text).streaming
+        assert route("POST", "/v1/chat/completions", b'{"model": "x", "stream": %s}' % text).streaming
+    assert not route("POST", "/v1/streams/s1/ask", b'{"stream": "0"}').streaming
     assert route("DELETE", "/v1/streams/s1", b"").pin == "stream/s1"
     assert route("GET", "/v1/sessions/c1", b"").pin == "chat/c1"
     chat = route("POST", "/v1/chat/completions", b'{"model": "x", "session": "c1", "stream": true}')

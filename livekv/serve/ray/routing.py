@@ -11,6 +11,7 @@ import time
 import uuid
 import weakref
 
+from pydantic import TypeAdapter, ValidationError
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 APP = "livekv"
@@ -37,6 +38,18 @@ class Route:
         return self.pin.partition("/")[2] if self.pin.startswith("stream/") else None
 
 
+def _flag(value) -> bool:
+    """A request's boolean as the replica's pydantic model reads it (``1``, ``"true"``, ``"yes"`` are true); a value
+    it refuses is not (the replica answers 400, whole)."""
+    try:
+        return _BOOL.validate_python(value)
+    except ValidationError:
+        return False
+
+
+_BOOL = TypeAdapter(bool)
+
+
 def route(method: str, path: str, body: bytes) -> Route:
     """The route of an HTTP request of the ``livekv serve`` API."""
     parts = [p for p in path.split("/") if p]
@@ -47,7 +60,7 @@ def route(method: str, path: str, body: bytes) -> Route:
             sid = f"stream-{uuid.uuid4().hex[:16]}"
             return Route(f"stream/{sid}", new_stream=sid)
         if len(parts) >= 3:
-            streaming = parts[3:] == ["ask"] and json_object(body).get("stream", True) is not False
+            streaming = parts[3:] == ["ask"] and _flag(json_object(body).get("stream", True))
             return Route(f"stream/{parts[2]}", streaming=streaming)
     if parts[:2] == ["v1", "sessions"] and len(parts) == 3:
         return Route(f"chat/{parts[2]}")
@@ -55,7 +68,7 @@ def route(method: str, path: str, body: bytes) -> Route:
         request = json_object(body)
         model = request.get("model") if isinstance(request.get("model"), str) else ""
         stream_id = request.get("stream_id") or (model.split("/", 1)[1] if model.startswith("stream/") else None)
-        streaming = request.get("stream") is True
+        streaming = _flag(request.get("stream", False))
         if isinstance(stream_id, str) and stream_id:
             return Route(f"stream/{stream_id}", streaming=streaming)
         if isinstance(request.get("session"), str) and request["session"]:
