@@ -47,7 +47,7 @@ class Turn:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     ttft_s: float | None = None
-    generated: int | None = None  # tokens produced, where ``tokens`` holds text pieces (a stream's answer)
+    generated: int | None = None  # tokens produced where ``tokens`` does not hold them (a stream's answer)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

@@ -24,11 +24,10 @@ async def ask_by_chat(s: Server, body: ChatCompletionRequest, stream_id: str):
     first = await first_piece(answer)
 
     async def events():
-        turn = Turn(prompt=[], cached=0, tokens=[first])
+        turn = Turn(prompt=[], cached=0)
         yield first, turn
         async with contextlib.aclosing(answer):
             async for piece in answer:
-                turn.tokens.append(piece)
                 yield piece, turn
         turn.generated = stream.session.stats.answer_tokens  # a piece may span tokens; read before any await
         turn.finish_reason = "length" if turn.generated >= limit else "stop"

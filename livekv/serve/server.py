@@ -208,20 +208,22 @@ class Server:
 
     def restore_all(self) -> None:
         """Resume the sessions saved in ``--state-dir`` (one that cannot be resumed is left there, and logged)."""
-        kinds = ("stream", "chat") if self.chats else ("stream",)
-        for kind in kinds:
+        for kind in ("stream", "chat") if self.chats else ("stream",):
             for directory, record in state.saved(self.config.state_dir, f"{kind}s"):
-                try:
-                    self._restore_saved(kind, directory, record)
-                except (ValueError, TypeError, KeyError, OSError) as e:
-                    logger.error("could not resume %s %s (left in %s): %s", kind, directory.name, directory.parent, e)
+                self._restore_saved(kind, directory, record)
 
-    def _restore_saved(self, kind: str, directory: pathlib.Path, record: dict) -> None:
-        if kind == "stream":
-            self.restore_stream(StreamRecord.model_validate(record), self.load_session(directory))
-            logger.info("resumed stream %s (%d frames ingested)", record["id"], record["counters"]["ingested"])
-        else:
-            self.restore_chat(directory, record)
+    def _restore_saved(self, kind: str, directory: pathlib.Path, record: dict) -> bool:
+        """Resume one saved session; whether it was (one that cannot be is logged and left in ``directory``)."""
+        try:
+            if kind == "stream":
+                self.restore_stream(StreamRecord.model_validate(record), self.load_session(directory))
+            else:
+                self.restore_chat(directory, record)
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            logger.error("could not resume %s %s (left in %s): %s", kind, directory.name, directory.parent, e)
+            return False
+        logger.info("resumed %s %s", kind, directory.name)
+        return True
 
     def holds(self, kind: str, sid: str) -> bool:
         """Whether this server holds the stream (``kind`` "stream") or chat session ("chat") ``sid``."""
@@ -234,15 +236,7 @@ class Server:
         if not self.config.state_dir or self.holds(kind, sid) or (kind == "chat" and self.chats is None):
             return False
         found = state.saved_one(self.config.state_dir, f"{kind}s", sid)
-        if found is None:
-            return False
-        try:
-            self._restore_saved(kind, *found)
-        except (ValueError, TypeError, KeyError, OSError) as e:  # the request then finds no such session (404)
-            logger.error("could not resume %s %s from %s: %s", kind, sid, found[0], e)
-            return False
-        logger.info("resumed %s %s from its snapshot", kind, sid)
-        return True
+        return found is not None and self._restore_saved(kind, *found)  # not resumed: the request finds no session
 
     async def expire_idle(self) -> None:
         """Sessions unused for ``--idle-timeout`` end (their snapshots go too)."""

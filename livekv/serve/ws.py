@@ -65,7 +65,7 @@ class _StreamSocket:
     async def receive(self, message: dict) -> None:
         """A frame (bytes), or an ``ask`` or ``stats`` event."""
         if message.get("bytes") is not None:
-            await _ws_frame(self.stream, message["bytes"], self.config, self.send)
+            await self.frame(message["bytes"])
         elif message.get("text") is not None:
             event = _json(message["text"])
             if event.get("type") == "ask":
@@ -74,6 +74,19 @@ class _StreamSocket:
                 await self.send({"type": "stats", **self.stream.stats()})
             else:
                 await self.send({"type": "error", "message": f"unknown event {event.get('type')!r}", "code": 400})
+
+    async def frame(self, data: bytes) -> None:
+        """An encoded image: queued, answered with a ``frames`` event (or an ``error``)."""
+        config = self.config
+        try:
+            images = await asyncio.to_thread(media.decode, data, media.image_type(data), self.stream.spec["fps"],
+                                             config.max_upload_bytes, config.max_frame_pixels, config.max_queue_frames)
+        except media.MediaError as e:
+            await self.send({"type": "error", "message": str(e), "code": e.status})
+            return
+        dropped = self.stream.push(images)
+        await self.send({"type": "frames", "accepted": len(images), "dropped": dropped,
+                         "frames": self.stream.stats()["frames"]})
 
     async def tick(self) -> None:
         while not self.stream.closed:
@@ -102,17 +115,6 @@ class _StreamSocket:
                              "ttft_ms": stream.counters.last_ttft_ms, "frames_ingested": stream.counters.ingested})
         except ValueError as e:
             await self.send({"type": "error", "id": qid, "message": str(e), "code": 400})
-
-
-async def _ws_frame(stream, data: bytes, config: ServeConfig, send) -> None:
-    try:
-        images = await asyncio.to_thread(media.decode, data, media.image_type(data), stream.spec["fps"],
-                                         config.max_upload_bytes, config.max_frame_pixels, config.max_queue_frames)
-    except media.MediaError as e:
-        await send({"type": "error", "message": str(e), "code": e.status})
-        return
-    dropped = stream.push(images)
-    await send({"type": "frames", "accepted": len(images), "dropped": dropped, "frames": stream.stats()["frames"]})
 
 
 def _ask_request(event: dict) -> AskRequest:
