@@ -1,11 +1,13 @@
 """FreeKV: exactness (dense, tau = -inf, tau = +inf), background and disk-tier recall bit for bit, diagnostics."""
 
+import threading
+
 import pytest
 import torch
 
 from conftest import check_cuda_recall_like_cpu, decode, tiny_model
 from livekv import LiveKVCache, make_method
-from livekv.methods.freekv import diagnostics
+from livekv.methods.freekv import FreeKVLayer, diagnostics
 from livekv.recall import RecallEngine, copy_pages
 from livekv.slots import PageSlots
 from livekv.disk import DiskHostStore
@@ -167,6 +169,26 @@ def test_diagnostics_are_populated(ids):
     assert -1.0 <= layer["cosine_quantiles"]["p05"] <= layer["cosine_quantiles"]["p95"] <= 1.0
     assert layer["background_pages_per_step"] > 0
     assert cache.memory()["fast_kv_bytes"] > 0 and cache.memory()["host_kv_bytes"] > 0
+
+
+@torch.no_grad()
+def test_memory_is_read_after_the_background_recall(ids, monkeypatch):
+    """A figure read while the speculative recall plans would count a half-rewritten page table."""
+    model = tiny_model("llama")
+    cache = LiveKVCache(model.config, "freekv", tau=float("-inf"), **SMALL)
+    decode(model, cache, ids[:, :130], prefill=120)
+    go, job = threading.Event(), FreeKVLayer._speculate_job
+    monkeypatch.setattr(FreeKVLayer, "_speculate_job", lambda self, *a: go.wait(5) and job(self, *a))
+    model(ids[:, 130:131], past_key_values=cache)  # its recalls wait for ``go``
+    read = []
+    reader = threading.Thread(target=lambda: read.append(cache.memory()))
+    reader.start()
+    reader.join(0.3)
+    assert reader.is_alive()  # the reading waits for the recall in flight
+    go.set()
+    reader.join()
+    cache.wait()
+    assert read == [cache.memory()]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -229,6 +229,11 @@ class FreeKVLayer(RecallableLayer):
         self.spec_length = length
 
     def memory(self) -> Memory:
+        """Counted after the background recall in flight: its plan rewrites the page table it counts. Not
+        ``wait()``: a server may read the figure while its engine thread steps the layer."""
+        pending = self.pending
+        if pending is not None:
+            pending.result()
         memory = super().memory()
         if self.is_initialized:
             memory.fast_used += self.slots.used
