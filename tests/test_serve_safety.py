@@ -210,3 +210,34 @@ def test_restores_keep_to_the_served_methods_and_at_once_to_the_session_limit(mo
             codes = sorted(pool.map(lambda _: httpx.post(f"{base}/v1/streams/restore", content=slowly(),
                                                          timeout=120).status_code, range(4)))
         assert codes == [201, 429, 429, 429] and len(c.get("/v1/streams").json()["data"]) == 2
+
+
+def test_a_start_resumes_what_it_can_and_logs_the_rest(models, tmp_path, caplog):
+    from livekv.serve.schemas import StreamCreate
+
+    async def save(names):
+        server = Server(ServeConfig(state_dir=str(tmp_path)), models)
+        try:
+            for sid in names:
+                server.create_stream(StreamCreate(method="full"), sid)
+            server.chats.session(type("R", (), {"session": "c1"})(), "dense", {}, 0)
+            await server.save_all()
+        finally:
+            server.engine.close()
+
+    asyncio.run(save(["good", "bad-record", "bad-snapshot"]))
+    streams = tmp_path / "streams"
+    (streams / "bad-record.json").write_text('{"id": "bad-rec')  # a record cut short
+    tensors = next((streams / "bad-snapshot").glob("*.safetensors"))
+    tensors.write_bytes(tensors.read_bytes()[:40])  # a snapshot cut short
+    server = Server(ServeConfig(state_dir=str(tmp_path)), models)
+    try:
+        server.restore_all()
+        assert sorted(server.streams) == ["good"] and sorted(server.chats.sessions) == ["c1"]
+        assert server.restore_one("stream", "bad-record") is False
+    finally:
+        server.engine.close()
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert [m.split(" (")[0] for m in logged] == ["could not resume stream bad-record", "could not resume stream bad-snapshot",
+                                                  "could not resume stream bad-record"]
+    assert (streams / "bad-record").is_dir() and (streams / "bad-snapshot.json").is_file()  # left for a person to see

@@ -4,6 +4,7 @@ them over time (snapshots to the state directory, idle sessions expiring)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import pathlib
 import time
@@ -212,9 +213,10 @@ class Server:
             for directory, record in state.saved(self.config.state_dir, f"{kind}s"):
                 self._restore_saved(kind, directory, record)
 
-    def _restore_saved(self, kind: str, directory: pathlib.Path, record: dict) -> bool:
+    def _restore_saved(self, kind: str, directory: pathlib.Path, record_file: pathlib.Path) -> bool:
         """Resume one saved session; whether it was (one that cannot be is logged and left in ``directory``)."""
         try:
+            record = json.loads(record_file.read_text())
             if kind == "stream":
                 self.restore_stream(StreamRecord.model_validate(record), self.load_session(directory))
             else:

@@ -40,15 +40,11 @@ def chat_record(chat) -> dict:
     return {"id": chat.id, "method": chat.method, "knobs": chat.knobs, "tokens": chat.tokens}
 
 
-def saved(state_dir: str | os.PathLike, kind: str) -> list[tuple[pathlib.Path, dict]]:
-    """The snapshots of ``kind`` (``streams`` or ``chats``) in ``state_dir``: (snapshot directory, record)."""
+def saved(state_dir: str | os.PathLike, kind: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
+    """The snapshots of ``kind`` (``streams`` or ``chats``) in ``state_dir``: (snapshot directory, its record file)."""
     root = pathlib.Path(state_dir) / kind
-    out = []
-    for record in sorted(root.glob("*.json")) if root.is_dir() else []:
-        directory = root / record.stem
-        if (directory / MANIFEST).is_file():
-            out.append((directory, json.loads(record.read_text())))
-    return out
+    records = sorted(root.glob("*.json")) if root.is_dir() else []
+    return [(root / r.stem, r) for r in records if (root / r.stem / MANIFEST).is_file()]
 
 
 def file_safe(sid: str) -> bool:
@@ -64,14 +60,14 @@ def remove(state_dir: str | os.PathLike, kind: str, sid: str) -> None:
         (root / f"{sid}.json").unlink(missing_ok=True)
 
 
-def saved_one(state_dir: str | os.PathLike, kind: str, sid: str) -> tuple[pathlib.Path, dict] | None:
+def saved_one(state_dir: str | os.PathLike, kind: str, sid: str) -> tuple[pathlib.Path, pathlib.Path] | None:
     """The snapshot of the one session ``sid`` of ``kind`` in ``state_dir`` (``None`` if there is none)."""
     if not file_safe(sid):
         return None
     record, directory = pathlib.Path(state_dir) / kind / f"{sid}.json", pathlib.Path(state_dir) / kind / sid
     if not record.is_file() or not (directory / MANIFEST).is_file():
         return None
-    return directory, json.loads(record.read_text())
+    return directory, record
 
 
 def to_tar(directory: pathlib.Path, record: dict) -> bytes:
