@@ -69,6 +69,27 @@ def test_json_bodies_past_the_limit_get_413_declared_or_chunked(server):
     assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
+def test_a_prompt_is_tokenized_off_the_event_loop(server, monkeypatch):
+    import threading
+
+    from livekv.serve.chat import Chats
+
+    c, base, _ = server
+    inside, go, prompt = threading.Event(), threading.Event(), Chats.prompt
+    monkeypatch.setattr(Chats, "prompt", lambda self, body: (inside.set(), go.wait(30), prompt(self, body))[-1])
+    answers = []
+    chat = threading.Thread(target=lambda: answers.append(httpx.post(f"{base}/v1/chat/completions", json=CHAT,
+                                                                     timeout=120).status_code))
+    chat.start()
+    try:
+        assert inside.wait(30)
+        assert c.get("/health", timeout=5).status_code == 200  # the server answers while the prompt tokenizes
+    finally:
+        go.set()
+        chat.join()
+    assert answers == [200]
+
+
 def test_a_video_chunk_of_more_frames_than_a_stream_queues_is_refused(server, tmp_path):
     c, _, _ = server
     sid = c.post("/v1/streams", json={"method": "full", "fps": 4}).json()["id"]

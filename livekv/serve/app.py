@@ -40,6 +40,7 @@ from livekv.serve.schemas import AskRequest, ChatCompletionRequest, StreamCreate
 from livekv.serve.server import Models, Server, load_models
 from livekv.serve.streams import new_id
 from livekv.snapshot import SnapshotError
+from livekv.stream.session import StreamSession
 from livekv.sysmem import rss_bytes
 
 STATIC = pathlib.Path(__file__).parent / "static"
@@ -237,9 +238,11 @@ def _snapshot_routes(app: FastAPI, config: ServeConfig, key: list) -> None:
         s = _server(request)
         s.check_room()
         data = await bodies.read(request, config.max_snapshot_bytes)
+        def unpack(into: pathlib.Path) -> tuple[StreamRecord, StreamSession]:  # off the event loop: MBs of tensors
+            return StreamRecord.model_validate(state.from_tar(data, into)), s.load_session(into, sent=True)
+
         with state.scratch() as tmp:
-            record = StreamRecord.model_validate(state.from_tar(data, pathlib.Path(tmp, "snap")))
-            session = await asyncio.to_thread(s.load_session, pathlib.Path(tmp, "snap"), sent=True)
+            record, session = await asyncio.to_thread(unpack, pathlib.Path(tmp, "snap"))
         s.check_room()  # again: others may have come while this one loaded
         return s.restore_stream(record, session, _assigned_id(request) or new_id()).stats()
 
