@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from livekv import arguments
@@ -283,6 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     common.check_json_path(getattr(args, "json", None))
     try:
         args.func(args)
+    except BrokenPipeError:  # stdout's reader went (`| head`): end quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None
     except (ValueError, OSError, ModuleNotFoundError, MemoryError) as e:  # OSError: a missing, unreadable file
         raise SystemExit(f"livekv: error: {e}") from e
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 
 from livekv.methods import knob_options
@@ -121,8 +122,11 @@ def check_json_path(path: str | None) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise SystemExit(f"livekv: error: --json {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK):
-        raise SystemExit(f"livekv: error: --json {path}: {parent} is not writable")
+    try:  # a file made and gone at once: os.access says yes to root where nothing can be written (/proc, read-only)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise SystemExit(f"livekv: error: --json {path}: {parent} is not writable ({e.strerror})") from None
 
 
 def write_json(path: str | None, payload: dict, args) -> None:

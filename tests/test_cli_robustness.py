@@ -1,6 +1,8 @@
 """The console script when things go wrong: bad flags and paths refused before any work, streams that stop early,
 questions that cannot be answered, and what every command measured, kept (issue 25)."""
 
+import os
+
 import pytest
 
 from livekv.cli import main
@@ -85,6 +87,13 @@ def test_json_path_under_a_file_is_refused_before_work(no_work, tmp_path, argv):
     path = tmp_path / "notes.txt" / "out" / "r.json"
     with pytest.raises(SystemExit, match=rf"--json {path}: .*notes.txt is not a directory"):
         main(argv + ["--json", str(path)])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_json_path_where_nothing_can_be_written_is_refused_before_work(no_work):
+    """/proc is a directory root may "write" by os.access, where no file can be made."""
+    with pytest.raises(SystemExit, match=r"--json /proc/livekv\.json: /proc is not writable"):
+        main(["generate", "--prompt", "hi", "--json", "/proc/livekv.json"])
 
 
 # --- streams that stop early -------------------------------------------------------------------------------------
@@ -453,3 +462,12 @@ def test_serve_ray_options_reach_ray_and_are_refused_without_it(monkeypatch):
     assert (got["config"].threads, got["config"].port) == (1, 9001)
     with pytest.raises(SystemExit, match="--max-replicas/--replicas only apply with --ray"):
         main(["serve", "--replicas", "2", "--max-replicas", "4"])
+
+
+def test_output_cut_short_by_its_reader_ends_quietly():
+    import subprocess
+    import sys
+
+    done = subprocess.run(f"{sys.executable} -m livekv methods | head -1", shell=True, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.startswith("dense") and done.stderr == ""

@@ -153,8 +153,8 @@ class SparseConfig(DenseKV, HostTier, MethodConfig):
     (docs/results.md). Quest and FreeKV shrink it further (their ``budget_pages``)."""
 
     budget: int = knob(2048, "tokens read per KV head per decode step (sink + selected + window)")
-    sink: int | None = knob(None, "the first tokens, always read")
-    window: int | None = knob(None, "the most recent tokens, always read")
+    sink: int | None = knob(None, "the first tokens, always read (default: from the budget)")
+    window: int | None = knob(None, "the most recent tokens, always read (default: from the budget)")
     page_size: int | None = knob(None, "tokens per page of the host tier")
     dense_layers: int = knob(2, "the first N layers stay dense")
 

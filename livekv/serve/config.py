@@ -38,7 +38,7 @@ class ServeConfig:
     cors_origins: tuple[str, ...] = setting((), "origins allowed by CORS (default: none, CORS off)")
     media_dir: str | None = setting(None, "stream sources given as a file must lie under this directory")
     allow_urls: bool = setting(False, "stream sources may be URLs the server reads (rtsp, http, ...)")
-    state_dir: str | None = setting(None, "snapshot live sessions here (every --snapshot-every and on shutdown) "
+    state_dir: str | None = setting(None, "snapshot live sessions here (every --snapshot-every-s and on shutdown) "
                                           "and resume them at start")
     snapshot_every_s: float = setting(60.0, "seconds between snapshots into --state-dir")
     max_sessions: int = setting(16, "most sessions (chat and stream) held at once; more get 429")

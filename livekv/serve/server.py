@@ -251,7 +251,7 @@ class Server:
                 self.delete_chat(sid)
 
     async def background(self) -> None:
-        """Every second: expire idle sessions; every ``--snapshot-every``: snapshot into ``--state-dir``."""
+        """Every second: expire idle sessions; every ``--snapshot-every-s``: snapshot into ``--state-dir``."""
         last = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
