@@ -49,7 +49,9 @@ class RecallEngine:
         self._cuda: dict = {}
 
     def submit(self, fn, *args) -> Future:
-        return self._worker.submit(_timed, fn, *args)
+        """Run ``fn(*args)`` on the worker, in the caller's inference mode (it is per thread: tensors the caller
+        made in inference mode can be updated in place only in inference mode)."""
+        return self._worker.submit(_timed, torch.is_inference_mode_enabled(), fn, *args)
 
     def _buffers(self, host: HostStore, pinned: bool) -> list[torch.Tensor]:
         """Two staging buffers of ``group`` blocks ``[2, p, D]`` in the KV's dtype, on the CPU."""
@@ -75,7 +77,8 @@ class RecallEngine:
                 scatters[i % 2].result()  # its buffer is free again
             buf = staging[i % 2][: len(page[part])]
             host.blocks(b[part], g[part], page[part], out=buf)
-            scatters[i % 2] = self._scatter.submit(slots.put, b[part], g[part], slot[part], buf)
+            scatters[i % 2] = self._scatter.submit(_as, torch.is_inference_mode_enabled(), slots.put, b[part], g[part],
+                                                   slot[part], buf)
         for f in scatters:
             if f is not None:
                 f.result()
@@ -123,9 +126,14 @@ def _single_threaded() -> None:
     torch.set_num_threads(1)
 
 
-def _timed(fn, *args) -> float:
+def _as(inference: bool, fn, *args):
+    with torch.inference_mode(inference):
+        return fn(*args)
+
+
+def _timed(inference: bool, fn, *args) -> float:
     t0 = time.perf_counter()
-    fn(*args)
+    _as(inference, fn, *args)
     return time.perf_counter() - t0
 
 

@@ -178,7 +178,12 @@ def test_memory_is_read_after_the_background_recall(ids, monkeypatch):
     cache = LiveKVCache(model.config, "freekv", tau=float("-inf"), **SMALL)
     decode(model, cache, ids[:, :130], prefill=120)
     go, job = threading.Event(), FreeKVLayer._speculate_job
-    monkeypatch.setattr(FreeKVLayer, "_speculate_job", lambda self, *a: go.wait(5) and job(self, *a))
+
+    def held(self, *args):  # an error here surfaces at the layer's wait()
+        assert go.wait(30)
+        job(self, *args)
+
+    monkeypatch.setattr(FreeKVLayer, "_speculate_job", held)
     model(ids[:, 130:131], past_key_values=cache)  # its recalls wait for ``go``
     read = []
     reader = threading.Thread(target=lambda: read.append(cache.memory()))
@@ -189,6 +194,24 @@ def test_memory_is_read_after_the_background_recall(ids, monkeypatch):
     reader.join()
     cache.wait()
     assert read == [cache.memory()]
+
+
+def test_background_recall_runs_in_the_callers_inference_mode(ids, tmp_path):
+    """Inference mode is per thread: tensors the caller remakes in it (a loaded cache, beam search's reordering)
+    could not be updated in place by a recall worker outside it."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        cache = LiveKVCache(model.config, "freekv", tau=float("-inf"), **SMALL)
+        decode(model, cache, ids[:, :130], prefill=120)
+        cache.save(tmp_path / "snap", model)
+        expected = decode(model, cache, ids[:, 130:140], prefill=0)
+    with torch.inference_mode():
+        restored = LiveKVCache.load(tmp_path / "snap", model)
+        assert torch.equal(decode(model, restored, ids[:, 130:140], prefill=0), expected)
+        beams = LiveKVCache(model.config, "freekv", **SMALL)
+        model.generate(ids[:, :120], past_key_values=beams, max_new_tokens=6, num_beams=2, do_sample=False,
+                       pad_token_id=0)
+        beams.wait()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
