@@ -262,3 +262,47 @@ def test_a_start_resumes_what_it_can_and_logs_the_rest(models, tmp_path, caplog)
     assert [m.split(" (")[0] for m in logged] == ["could not resume stream bad-record", "could not resume stream bad-snapshot",
                                                   "could not resume stream bad-record"]
     assert (streams / "bad-record").is_dir() and (streams / "bad-snapshot.json").is_file()  # left for a person to see
+
+
+def test_a_request_after_one_whose_client_went_waits_for_its_last_step(models, monkeypatch):
+    """A cancelled request (its client gone) releases the session while its decode step still runs on the engine:
+    the next request must not start the cache over under that step."""
+    import threading
+
+    from livekv.serve.chat import Chats
+    from livekv.serve.schemas import ChatCompletionRequest
+
+    inside, go, feed = threading.Event(), threading.Event(), Chats._feed
+
+    def held(self, session, ids):
+        if len(ids) == 1 and not go.is_set():  # a decode step of the first request
+            inside.set()
+            assert go.wait(30)
+        return feed(self, session, ids)
+
+    async def answer(chats, body, session):
+        return [delta async for delta, _ in chats.complete(body, session, chats.prompt(body))]
+
+    async def run():
+        server = Server(ServeConfig(), models)
+        chats = server.chats
+        story = ChatCompletionRequest(**{**CHAT, "session": "s", "max_tokens": 20})
+        session = chats.session(story, *chats.method_of(story), 0)
+        monkeypatch.setattr(Chats, "_feed", held)
+        gone = asyncio.create_task(answer(chats, story, session))
+        assert await asyncio.to_thread(inside.wait, 30)
+        gone.cancel()  # as Starlette does when a streaming client disconnects
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        other = ChatCompletionRequest(**{**CHAT, "session": "s", "max_tokens": 4,
+                                         "messages": [{"role": "user", "content": "What is two plus two?"}]})
+        second = asyncio.create_task(answer(chats, other, session))
+        await asyncio.sleep(0.3)
+        go.set()
+        await second
+        server.engine.close()
+        return chats.prompt(other), session
+
+    prompt, session = asyncio.run(run())
+    assert session.tokens[: len(prompt)] == prompt  # nothing of the first request in front of the conversation
+    assert {layer.get_seq_length() for layer in session.cache.layers} == {len(session.tokens)}

@@ -133,7 +133,9 @@ class Chats:
         """Generate a reply: yields ``(text delta, turn)`` as tokens come; the turn's ``finish_reason`` is set at
         the end. ``disconnected()``: an async callable; when true, generation stops and the session stays as fed."""
         async with session.lock:
-            turn, start = self._reuse(session, prompt), time.perf_counter()
+            start = time.perf_counter()
+            # on the engine: a step of a request whose client went (cancelled, lock released) may still be running
+            turn = await self.engine.run(self._reuse, session, prompt, priority=PREFILL)
             logits = None
             for i in range(turn.cached, len(prompt), PREFILL_CHUNK):
                 logits = await self.engine.run(self._feed, session, prompt[i : i + PREFILL_CHUNK], priority=PREFILL)
