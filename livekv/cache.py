@@ -88,7 +88,8 @@ class LiveKVCache(Cache):
     def memory(self) -> dict[str, int]:
         """KV bytes per tier: ``*_kv_bytes`` used by the content (the same content gives the same bytes whatever
         the chunking), ``*_kv_reserved_bytes`` allocated. The fast tier counts what attention reads from (dense
-        layers, recall buffers) and the selection's indexes (page digests, centroids)."""
+        layers, recall buffers) and the selection's indexes (page digests, centroids). Read it between steps, on
+        the thread that runs them (a server: its engine thread)."""
         total = sum((layer.memory() for layer in self.layers), Memory())
         return {"fast_kv_bytes": total.fast_used, "host_kv_bytes": total.host_used,
                 "fast_kv_reserved_bytes": total.fast_reserved, "host_kv_reserved_bytes": total.host_reserved}

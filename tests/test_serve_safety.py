@@ -90,6 +90,39 @@ def test_a_prompt_is_tokenized_off_the_event_loop(server, monkeypatch):
     assert answers == [200]
 
 
+def test_a_sessions_memory_is_read_between_its_steps(server, monkeypatch):
+    import threading
+
+    from livekv.serve.chat import Chats
+
+    c, base, _ = server
+    first = c.post("/v1/chat/completions", json={**CHAT, "session": "m", "method": "freekv"})
+    assert first.status_code == 200 and first.json()["livekv"]["memory"]["host_kv_bytes"] > 0
+    inside, go, feed = threading.Event(), threading.Event(), Chats._feed
+
+    def held(self, session, ids):
+        inside.set()
+        assert go.wait(30)
+        return feed(self, session, ids)
+
+    monkeypatch.setattr(Chats, "_feed", held)
+    turn = {**CHAT, "session": "m", "method": "freekv", "messages": CHAT["messages"] * 2}
+    chat = threading.Thread(target=lambda: httpx.post(f"{base}/v1/chat/completions", json=turn, timeout=120))
+    chat.start()
+    read = []
+    try:
+        assert inside.wait(30)
+        reader = threading.Thread(target=lambda: read.append(c.get("/v1/sessions/m").json()))
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive()  # it waits for the step in progress
+    finally:
+        go.set()
+        chat.join()
+    reader.join()
+    assert read[0]["memory"]["fast_kv_bytes"] > 0 and read[0]["memory"]["host_kv_bytes"] > 0
+
+
 def test_a_video_chunk_of_more_frames_than_a_stream_queues_is_refused(server, tmp_path):
     c, _, _ = server
     sid = c.post("/v1/streams", json={"method": "full", "fps": 4}).json()["id"]

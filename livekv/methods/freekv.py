@@ -122,9 +122,9 @@ class FreeKVLayer(RecallableLayer):
         self._waited = 0.0  # seconds the last wait() blocked
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
         B, G, _, D = key_states.shape
         self.slots = PageSlots(B, G, D, self.page_size, key_states.dtype, key_states.device)
+        super().lazy_initialization(key_states, value_states)  # initialized: with its slots
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.wait()
@@ -230,7 +230,7 @@ class FreeKVLayer(RecallableLayer):
 
     def memory(self) -> Memory:
         """Counted after the background recall in flight: its plan rewrites the page table it counts. Not
-        ``wait()``: a server may read the figure while its engine thread steps the layer."""
+        ``wait()``: that wait is not a decode step's (it would count as recall on the critical path)."""
         pending = self.pending
         if pending is not None:
             pending.result()

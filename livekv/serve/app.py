@@ -162,7 +162,7 @@ def _chat_routes(app: FastAPI, key: list) -> None:
         events = s.chats.complete(body, session, prompt, request.is_disconnected)
         if body.stream:
             return responses.sse(responses.chunks(body, events, s.models.text_id))
-        return await responses.completion(body, events, s.models.text_id, session)
+        return await responses.completion(body, events, s.models.text_id, lambda: s.chats.memory(session))
 
     @app.get("/v1/sessions/{sid}", dependencies=key)
     async def get_session(request: Request, sid: str):
@@ -171,7 +171,7 @@ def _chat_routes(app: FastAPI, key: list) -> None:
             raise KeyError(f"no session {sid!r}")
         chat = chats.sessions[sid]
         return {"id": sid, "object": "session", "method": chat.method, "tokens": len(chat.tokens),
-                "memory": chat.cache.memory()}
+                "memory": await chats.memory(chat)}
 
     @app.delete("/v1/sessions/{sid}", dependencies=key)
     async def delete_session(request: Request, sid: str):

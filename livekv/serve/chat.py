@@ -160,6 +160,10 @@ class Chats:
                     turn.finish_reason = "disconnected"
             session.last_used = time.monotonic()
 
+    async def memory(self, session: ChatSession) -> dict:
+        """``session``'s cache memory, read on the engine (between its steps: not a half-made step's)."""
+        return await self.engine.run(session.cache.memory)
+
     def _reuse(self, session: ChatSession, prompt: list[int]) -> Turn:
         """Keep the cache if the prompt extends what it holds; else start it over."""
         held = session.tokens

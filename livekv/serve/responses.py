@@ -46,7 +46,8 @@ async def first_piece(answer) -> str:
         return ""
 
 
-async def completion(body: ChatCompletionRequest, events, model: str, session) -> dict:
+async def completion(body: ChatCompletionRequest, events, model: str, memory=None) -> dict:
+    """The whole answer as one ``chat.completion``; ``memory``: an async callable giving the session's memory."""
     text, turn = [], None
     async with contextlib.aclosing(events):
         async for delta, turn in events:
@@ -56,7 +57,7 @@ async def completion(body: ChatCompletionRequest, events, model: str, session) -
                        "finish_reason": turn.finish_reason, "logprobs": None}]
     out["usage"] = _usage(turn)
     out["livekv"] = {"ttft_ms": (turn.ttft_s or 0) * 1e3, "session": body.session,
-                     "memory": session.cache.memory() if session is not None else None}
+                     "memory": await memory() if memory is not None else None}
     return out
 
 
