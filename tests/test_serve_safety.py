@@ -339,3 +339,23 @@ def test_a_request_after_one_whose_client_went_waits_for_its_last_step(models, m
     prompt, session = asyncio.run(run())
     assert session.tokens[: len(prompt)] == prompt  # nothing of the first request in front of the conversation
     assert {layer.get_seq_length() for layer in session.cache.layers} == {len(session.tokens)}
+
+
+def test_a_session_answering_a_question_does_not_expire(models):
+    from livekv.serve.schemas import StreamCreate
+
+    async def run():
+        server = Server(ServeConfig(idle_timeout_s=60), models)
+        try:
+            stream = server.create_stream(StreamCreate(method="full"), "s")
+            chat = server.chats.session(type("R", (), {"session": "c"})(), "dense", {}, 0)
+            stream.last_used = chat.last_used = time.monotonic() - 120
+            async with stream.ask_lock, chat.lock:  # a question (and a chat turn) longer than the idle timeout
+                await server.expire_idle()
+                held = sorted(server.streams), sorted(server.chats.sessions)
+            await server.expire_idle()
+            return held, sorted(server.streams), sorted(server.chats.sessions)
+        finally:
+            server.engine.close()
+
+    assert asyncio.run(run()) == ((["s"], ["c"]), [], [])

@@ -241,13 +241,13 @@ class Server:
         return found is not None and self._restore_saved(kind, *found)  # not resumed: the request finds no session
 
     async def expire_idle(self) -> None:
-        """Sessions unused for ``--idle-timeout`` end (their snapshots go too)."""
+        """Sessions unused for ``--idle-timeout-s`` end (their snapshots go too); not one answering a question."""
         limit = time.monotonic() - self.config.idle_timeout_s
         for sid, stream in list(self.streams.items()):
-            if stream.last_used < limit and stream.source_done and not stream.queue:
+            if stream.last_used < limit and stream.source_done and not stream.queue and not stream.ask_lock.locked():
                 self.delete_stream(sid)
         for sid, chat in list(self.chats.sessions.items()) if self.chats else []:
-            if chat.last_used < limit:
+            if chat.last_used < limit and not chat.lock.locked():
                 self.delete_chat(sid)
 
     async def background(self) -> None:

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -140,6 +140,7 @@ class Stream:
     async def ask(self, question: str, max_tokens: int) -> AsyncIterator[str]:
         """The answer as it is decoded (``ValueError`` at once for a question that cannot be answered). Frames keep
         queueing meanwhile; ingestion resumes when the answer ends, also when the reader goes away mid-answer."""
+        self.last_used = time.monotonic()
         async with self.ask_lock:
             with self.cond:
                 self.answering = True
@@ -201,12 +202,13 @@ class Stream:
             return self._memory
 
     def stats(self) -> dict:
-        s, c, mem = self.session.stats, self.counters, self.memory()
+        with self.cond:  # one reading: the source's thread and the engine move the counters
+            s, c, mem, queued = self.session.stats, replace(self.counters), self.memory(), len(self.queue)
         fps = self.spec.get("fps") or 0.5
         return {
             "id": self.id, "object": "stream", "created": int(self.created), "method": self.session.method.name,
             "source": self.spec["source"], "frames": {"seen": c.seen, "ingested": c.ingested, "dropped": c.dropped,
-                                                      "queued": len(self.queue), "lost": c.lost,
+                                                      "queued": queued, "lost": c.lost,
                                                       "since_snapshot": c.ingested - c.snapshot_frames},
             "stream_time_s": s.frames / fps, "ingest_fps": s.ingest_fps, "questions": c.questions,
             "last_ttft_ms": c.last_ttft_ms, "source_error": c.source_error, "source_done": self.source_done,

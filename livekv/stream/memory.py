@@ -243,8 +243,8 @@ class StreamLayer(Layer):
     def memory(self) -> Memory:
         if not self.is_initialized:
             return Memory()
-        separate = self.answer is not None and self.answer is not self.ctx
-        fast = [self.ctx] + ([self.answer] if separate else [])
+        answer = self.answer  # once: an answer may end (on the engine thread) while a server reads this
+        fast = [self.ctx] + ([answer] if answer is not None and answer is not self.ctx else [])
         host = [self.host, self.blocks] if self.host is not None else []
         return Memory(sum(b.used for b in fast), sum(b.nbytes for b in fast),
                       sum(b.used for b in host), sum(b.nbytes for b in host))
