@@ -160,11 +160,12 @@ def _sync(directory: pathlib.Path) -> None:
 
 def _replace(new: pathlib.Path, target: pathlib.Path) -> None:
     """Rename ``new`` to ``target``; an existing ``target`` is moved aside first and removed after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    try:
         target.rename(old)
+    except FileNotFoundError:  # none (or removed meanwhile: a session deleted while it was saved)
+        old = None
     new.rename(target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -359,3 +359,47 @@ def test_a_session_answering_a_question_does_not_expire(models):
             server.engine.close()
 
     assert asyncio.run(run()) == ((["s"], ["c"]), [], [])
+
+
+def test_the_periodic_snapshot_goes_on_after_a_failure(models, tmp_path, caplog):
+    async def run():
+        server = Server(ServeConfig(state_dir=str(tmp_path), snapshot_every_s=0.5), models)
+        calls = []
+
+        async def failing():
+            calls.append(time.monotonic())
+            raise OSError("No space left on device")
+
+        server.save_all = failing
+        task = asyncio.create_task(server.background())
+        await asyncio.sleep(2.6)
+        alive = not task.done()
+        task.cancel()
+        server.engine.close()
+        return len(calls), alive
+
+    calls, alive = asyncio.run(run())
+    assert calls >= 2 and alive
+    assert "the periodic expiry or snapshot failed" in caplog.text and "No space left" in caplog.text
+
+
+def test_a_session_that_cannot_be_saved_does_not_stop_the_others(models, tmp_path, caplog):
+    from livekv.serve.schemas import StreamCreate
+
+    def broken(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    async def run():
+        server = Server(ServeConfig(state_dir=str(tmp_path)), models)
+        try:
+            for sid in ("a", "b"):
+                server.create_stream(StreamCreate(method="full"), sid)
+            server.chats.session(type("R", (), {"session": "c"})(), "dense", {}, 0)
+            server.streams["a"].session.save = broken
+            await server.save_all()
+        finally:
+            server.engine.close()
+
+    asyncio.run(run())
+    assert sorted(p.name for p in tmp_path.glob("*/*")) == ["b", "b.json", "c", "c.json"]
+    assert "could not snapshot stream a" in caplog.text

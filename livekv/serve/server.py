@@ -181,15 +181,23 @@ class Server:
 
     # --- the state directory ----------------------------------------------------------------------------------------
     async def save_all(self) -> None:
-        """Snapshot every live session into ``--state-dir``."""
-        for stream in list(self.streams.values()):
-            record = await self.snapshot_stream(stream, pathlib.Path(self.config.state_dir, "streams", stream.id))
-            self._saved("stream", stream, record)
-        for chat in list(self.chats.sessions.values()) if self.chats else []:
-            async with chat.lock:
-                directory = pathlib.Path(self.config.state_dir, "chats", chat.id)
-                await self.engine.run(chat.cache.save, directory, self.models.text[0], priority=ANSWER)
-            self._saved("chat", chat, state.chat_record(chat))
+        """Snapshot every live session into ``--state-dir`` (one that cannot be is logged; the others are saved)."""
+        chats = list(self.chats.sessions.values()) if self.chats else []
+        for kind, session in [("stream", s) for s in list(self.streams.values())] + [("chat", c) for c in chats]:
+            try:
+                await (self._save_stream(session) if kind == "stream" else self._save_chat(session))
+            except Exception:  # noqa: BLE001
+                logger.exception("could not snapshot %s %s", kind, session.id)
+
+    async def _save_stream(self, stream: Stream) -> None:
+        record = await self.snapshot_stream(stream, pathlib.Path(self.config.state_dir, "streams", stream.id))
+        self._saved("stream", stream, record)
+
+    async def _save_chat(self, chat: ChatSession) -> None:
+        async with chat.lock:
+            directory = pathlib.Path(self.config.state_dir, "chats", chat.id)
+            await self.engine.run(chat.cache.save, directory, self.models.text[0], priority=ANSWER)
+        self._saved("chat", chat, state.chat_record(chat))
 
     def _saved(self, kind: str, session: Stream | ChatSession, record: dict) -> None:
         """``session``'s snapshot was just written: its record goes beside it, unless the session ended (or another
@@ -255,10 +263,13 @@ class Server:
         last = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
-            await self.expire_idle()
-            if self.config.state_dir and time.monotonic() - last >= self.config.snapshot_every_s:
-                await self.save_all()
-                last = time.monotonic()
+            try:  # a failure (a full disk) is logged and tried again: this task is the only one that does this work
+                await self.expire_idle()
+                if self.config.state_dir and time.monotonic() - last >= self.config.snapshot_every_s:
+                    last = time.monotonic()
+                    await self.save_all()
+            except Exception:  # noqa: BLE001
+                logger.exception("the periodic expiry or snapshot failed")
 
     async def shutdown(self) -> None:
         """Sources stop, what they queued is ingested, every session is snapshotted (with ``--state-dir``)."""
