@@ -33,10 +33,12 @@ def test_killed_and_restarted_server_resumes_with_the_same_answers(tmp_path):
             c.post(f"/v1/streams/{pid}/frames", content=png(image), headers={"content-type": "image/png"})
         chat = c.post("/v1/chat/completions", json={"model": "x", "session": "c1", "method": "dense", "temperature": 0,
                                                     "max_tokens": 8, "messages": [{"role": "user", "content": "Hi!"}]})
+        deadline = time.monotonic() + 300
         while c.get(f"/v1/streams/{sid}").json()["frames"]["ingested"] < 100:
+            assert time.monotonic() < deadline, "the file source stalled"
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful shutdown
+        assert proc.wait(120) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful shutdown
     assert sorted(p.name for p in (state / "streams").iterdir()) == sorted([sid, f"{sid}.json", pid, f"{pid}.json"])
     with serve_process(*args, port=port), httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
         info = wait_ingested(c, sid)

@@ -170,8 +170,8 @@ def _chat_routes(app: FastAPI, key: list) -> None:
         if chats is None or sid not in chats.sessions:
             raise KeyError(f"no session {sid!r}")
         chat = chats.sessions[sid]
-        return {"id": sid, "object": "session", "method": chat.method, "tokens": len(chat.tokens),
-                "memory": await chats.memory(chat)}
+        memory = await chats.memory(chat)  # first: after the step in progress, which may add a token
+        return {"id": sid, "object": "session", "method": chat.method, "tokens": len(chat.tokens), "memory": memory}
 
     @app.delete("/v1/sessions/{sid}", dependencies=key)
     async def delete_session(request: Request, sid: str):
