@@ -99,6 +99,7 @@ class LiveKVCache(Cache):
         layers = self.recallable_layers
         total = LayerStats()
         for layer in layers:
+            layer.settle()
             for field in dataclasses.fields(LayerStats):
                 setattr(total, field.name, getattr(total, field.name) + getattr(layer.stats, field.name))
         return {**total.__dict__, "recall_hidden": total.recall_hidden, "recallable_layers": len(layers)}

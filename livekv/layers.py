@@ -84,6 +84,9 @@ class Layer(CacheLayerMixin):
     def wait(self) -> None:
         """Finish this layer's background work (layers that recall in the background override this)."""
 
+    def settle(self) -> None:
+        """Let background work in flight finish before a reading of figures (``wait`` ends a decode step's)."""
+
 
 ONE_SEQUENCE = "A LiveKVCache holds one sequence: call cache.reset() (or make a new cache) before an unrelated prompt"
 

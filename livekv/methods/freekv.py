@@ -132,11 +132,11 @@ class FreeKVLayer(RecallableLayer):
 
     def wait(self) -> None:
         """Wait for the background recall of this layer (its errors surface here)."""
-        self._waited = 0.0
-        if self.pending is None:
+        self._waited, pending = 0.0, self.pending
+        if pending is None:
             return
         t0 = time.perf_counter()
-        self.stats.background_s += self.pending.result()
+        self.stats.background_s += pending.result()
         self.pending = None
         wait_cuda(self.slots)
         self._waited = time.perf_counter() - t0
@@ -228,12 +228,15 @@ class FreeKVLayer(RecallableLayer):
         self.stats.bytes_recalled += copied * self.token_bytes
         self.spec_length = length
 
-    def memory(self) -> Memory:
-        """Counted after the background recall in flight: its plan rewrites the page table it counts. Not
-        ``wait()``: that wait is not a decode step's (it would count as recall on the critical path)."""
+    def settle(self) -> None:
+        """Wait for the background recall in flight (its plan rewrites the page table, its counters move) without
+        taking it: unlike ``wait()``, not a decode step's wait (that counts as recall on the critical path)."""
         pending = self.pending
         if pending is not None:
             pending.result()
+
+    def memory(self) -> Memory:
+        self.settle()
         memory = super().memory()
         if self.is_initialized:
             memory.fast_used += self.slots.used
