@@ -238,6 +238,7 @@ def _snapshot_routes(app: FastAPI, config: ServeConfig, key: list) -> None:
         s = _server(request)
         s.check_room()
         data = await bodies.read(request, config.max_snapshot_bytes)
+
         def unpack(into: pathlib.Path) -> tuple[StreamRecord, StreamSession]:  # off the event loop: MBs of tensors
             return StreamRecord.model_validate(state.from_tar(data, into)), s.load_session(into, sent=True)
 

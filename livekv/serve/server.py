@@ -218,8 +218,8 @@ class Server:
     def restore_all(self) -> None:
         """Resume the sessions saved in ``--state-dir`` (one that cannot be resumed is left there, and logged)."""
         for kind in ("stream", "chat") if self.chats else ("stream",):
-            for directory, record in state.saved(self.config.state_dir, f"{kind}s"):
-                self._restore_saved(kind, directory, record)
+            for directory, record_file in state.saved(self.config.state_dir, f"{kind}s"):
+                self._restore_saved(kind, directory, record_file)
 
     def _restore_saved(self, kind: str, directory: pathlib.Path, record_file: pathlib.Path) -> bool:
         """Resume one saved session; whether it was (one that cannot be is logged and left in ``directory``)."""
