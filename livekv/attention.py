@@ -102,17 +102,21 @@ def livekv_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if kwargs.get("sliding_window"):
         raise NotImplementedError("livekv does not support sliding-window attention layers")
+    for name in ("softcap", "s_aux", "sinks"):  # logit soft-capping (Gemma 2), attention sinks (gpt-oss)
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"livekv attention does not support {name!r} (this model's attention uses it)")
     if dropout and module.training:
         raise NotImplementedError("livekv attention is for inference; it has no dropout")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if module.layer_idx == 0 and attention_mask is None:
-        layer.check_positions(kwargs.get("position_ids"))
+    if module.layer_idx == 0 and (attention_mask is None or getattr(_pending, "padded", None) is False):
+        layer.check_positions(kwargs.get("position_ids"))  # with padding, positions lag the tokens held
     return layer.attend(query, key, value, attention_mask, scaling), None
 
 
 def set_mask_cache(cache) -> None:
-    """The cache whose forward builds the next mask (``livekv_mask`` checks the mask against it)."""
-    _pending.mask_cache = cache
+    """The cache whose forward builds the next mask (``livekv_mask`` checks the mask against it, and notes
+    whether it pads: ``None`` until it has run)."""
+    _pending.mask_cache, _pending.padded = cache, None
 
 
 def livekv_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
@@ -122,6 +126,8 @@ def livekv_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
     _pending.mask_cache = None
     if cache is not None and attention_mask is not None and attention_mask.ndim == 2:
         cache.check_attention_mask(attention_mask, kwargs["kv_length"])
+    plain = attention_mask is None or (attention_mask.ndim == 2 and bool(attention_mask.all()))
+    _pending.padded = None if attention_mask is not None and attention_mask.ndim != 2 else not plain
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 

@@ -41,6 +41,20 @@ def test_reusing_a_cache_for_an_unrelated_prompt_is_refused_and_reset_fixes_it(i
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("length", [25, 44])
+def test_an_unrelated_prompt_about_as_long_as_the_cache_is_refused(ids, length):
+    """Found: a prompt over half the cache's length was taken as a continuation (generate drops an all-ones mask;
+    the position check ran only for a forward without a 4-D mask). A longer one cannot be told from a continuation:
+    generate feeds only its tokens past the cache's length."""
+    model = tiny_model("llama")
+    cache = LiveKVCache(model.config, "quest", budget=32)
+    model.generate(ids[:, :40], past_key_values=cache, min_new_tokens=5, max_new_tokens=5, do_sample=False)
+    assert cache.get_seq_length() == 44
+    with pytest.raises(ValueError, match="does not continue"):
+        model.generate(ids[:, 100 : 100 + length], past_key_values=cache, max_new_tokens=1, do_sample=False)
+
+
+@torch.no_grad()
 def test_a_continued_conversation_is_accepted(ids):
     model = tiny_model("llama")
     cache = LiveKVCache(model.config, "quest", budget=32)
@@ -107,3 +121,16 @@ def test_numpy_integers_are_integers():
 
     cache = LiveKVCache(tiny_model("llama").config, "quest", budget=np.int64(256))
     assert cache.method.budget == 256
+
+
+@torch.no_grad()
+def test_attention_variants_livekv_does_not_compute_are_refused():
+    """Found: Gemma 2's logit soft-capping (and gpt-oss's attention sinks) were dropped without a word."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, attn_logit_softcapping=50.0,
+                          layer_types=["full_attention"] * 2, attn_implementation="livekv")
+    model = Gemma2ForCausalLM(config).eval()
+    with pytest.raises(NotImplementedError, match="'softcap'"):
+        model(torch.arange(10)[None], past_key_values=LiveKVCache(model.config, "dense"))
