@@ -52,7 +52,10 @@ class Layer(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def update(self, key_states, value_states, *args, **kwargs):
-        """Called by the modeling code right before attention: store, then hand this layer to the attention."""
+        """Called by the modeling code right before attention: store, then hand this layer to the attention. A cache
+        keeps no autograd graph (a forward in grad mode would keep every step's, and background recalls, on other
+        threads, could not write into tensors that require grad)."""
+        key_states, value_states = key_states.detach(), value_states.detach()
         self.append(key_states, value_states)
         set_pending(self)
         return key_states, value_states

@@ -214,6 +214,16 @@ def test_background_recall_runs_in_the_callers_inference_mode(ids, tmp_path):
         beams.wait()
 
 
+def test_a_forward_in_grad_mode_after_generate_works(ids):
+    """Found: scoring the next token without no_grad after generate() failed in freekv's slots ("a leaf Variable
+    that requires grad is being used in an in-place operation")."""
+    model = tiny_model("llama")
+    cache = LiveKVCache(model.config, "freekv", budget=32, dense_layers=3)
+    out = model.generate(ids[:, :50], past_key_values=cache, min_new_tokens=30, max_new_tokens=30, do_sample=False)
+    logits = model(out[:, -1:], past_key_values=cache).logits
+    assert logits.requires_grad and cache.get_seq_length() == out.shape[1]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @torch.no_grad()
 def test_cuda_streams_recall_exactly_and_decode_like_cpu(ids):
