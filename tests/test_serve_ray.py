@@ -272,6 +272,14 @@ def test_a_killed_replica_s_sessions_go_on_on_the_other_from_their_snapshots(tmp
         assert all(json.loads(p.read_text())["released"] for p in state.glob("*/*.owner"))  # let go, after snapshots
         print(f"ray cluster up to shutdown: {time.monotonic() - t0:.1f} s; failover (kill to the next answer): "
               f"{failover_s:.2f} s; moved by the scale-down: {moved}")
+        serve.start(http_options={"host": "127.0.0.1", "port": port})  # started again: the saved sessions are listed
+        serve.run(build(config, RayConfig(replicas=1, replica_cpus=1)), name=APP, route_prefix="/")
+        stopped = False
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+            assert sorted(s["id"] for s in c.get("/v1/streams").json()["data"]) == sorted([s1, s2, s3])
+            assert c.get("/health").json()["sessions"] == 5
+        serve.shutdown()
+        stopped = True
     finally:
         if not stopped:
             serve.shutdown()

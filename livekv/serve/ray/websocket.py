@@ -40,9 +40,11 @@ class _Bridge:
         if response.status_code == 200:
             await self.send({"type": kind, **({"id": qid} if qid is not None else {}), **out})
         else:
-            await self.send({"type": "error", **({"id": qid} if qid is not None else {}),
-                             "message": out.get("error", {}).get("message", ""), "code": response.status_code})
-        if response.status_code == 404:  # the stream has ended (deleted, expired)
+            ended = response.status_code == 404  # deleted, expired: said as the plain server says it
+            message = f"stream {self.sid!r} has ended" if ended else out.get("error", {}).get("message", "")
+            await self.send({"type": "error", **({"id": qid} if qid is not None else {}), "message": message,
+                             "code": response.status_code})
+        if response.status_code == 404:
             await self.socket.close(code=4404, reason=f"stream {self.sid!r} has ended")
 
     async def tick(self) -> None:
