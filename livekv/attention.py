@@ -30,7 +30,8 @@ _pending = threading.local()
 NOT_LIVEKV = (
     "the model's attention did not run through livekv: a LiveKVCache (or a stream session) needs attention "
     "implementation 'livekv'. Call model.set_attn_implementation('livekv') (or load the model with "
-    "attn_implementation='livekv', as livekv.load_model does), then start again with a fresh cache"
+    "attn_implementation='livekv', as livekv.load_model does), then start again with a fresh cache. A model whose "
+    "attention does not go through transformers' AttentionInterface (e.g. bloom, falcon, mpt) cannot run livekv"
 )
 
 
