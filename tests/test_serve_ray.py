@@ -87,6 +87,9 @@ def test_the_router_keeps_a_session_on_its_replica_and_balances_new_ones():
         assert choose([a, b], "chat/new") == [["b"]]  # where it was sent, until b reports it
     b.multiplexed_model_ids.add("chat/new")
     assert choose([a, b], "chat/new") == [["b"]] and "chat/new" not in router._pins
+    b.multiplexed_model_ids.add("chat/new2")  # reported, never asked for again: counted once, not twice
+    choose([a, b], "chat/new4")
+    assert "chat/new2" not in router._pins
     assert choose([b], "stream/s1") == [["b"]]  # its replica gone: another takes it (and resumes it)
     assert choose([a, b], "replica/b") == [["b"]] and choose([a], "replica/b") == [[]]
     assert sorted(map(sorted, choose([a, b], ""))) == [["a", "b"]]  # no session: the less busy of two

@@ -119,8 +119,9 @@ class SessionRouter(RequestRouter):
         pinned = self._pins.get(pin)
         if pinned is not None and pinned[0] in live and now - pinned[1] < PIN_S:
             return [[live[pinned[0]]]]
+        reported = set().union(*(r.multiplexed_model_ids for r in candidate_replicas))
         for key, (_, when) in list(self._pins.items()):
-            if now - when >= PIN_S:
+            if now - when >= PIN_S or key in reported:  # a reported session counts once, as its replica's
                 del self._pins[key]
         pending = collections.Counter(replica for replica, _ in self._pins.values())
         choice = min(candidate_replicas, key=lambda r: (len(r.multiplexed_model_ids) + pending[r.replica_id],
