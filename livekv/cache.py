@@ -42,6 +42,12 @@ class LiveKVCache(Cache):
         super().__init__(layers=[self.method.make_layer(i) for i in range(n_layers)])
 
     # --- checks the forward makes ------------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx >= len(self.layers):
+            raise ValueError(f"this cache has {len(self.layers)} layers and the model at least {layer_idx + 1}: "
+                             "make the cache from this model's config")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         """Asked once per forward, before any layer runs: the place to check the previous forward ended well and
         to let the mask function check this forward's attention mask against the cache."""

@@ -134,3 +134,11 @@ def test_attention_variants_livekv_does_not_compute_are_refused():
     model = Gemma2ForCausalLM(config).eval()
     with pytest.raises(NotImplementedError, match="'softcap'"):
         model(torch.arange(10)[None], past_key_values=LiveKVCache(model.config, "dense"))
+
+
+@torch.no_grad()
+def test_a_cache_made_for_a_model_with_fewer_layers_is_refused(ids):
+    model = tiny_model("llama")
+    config = model.config.__class__(**{**model.config.to_dict(), "num_hidden_layers": 1})
+    with pytest.raises(ValueError, match="cache has 1 layers .* this model's config"):
+        model(ids[:, :8], past_key_values=LiveKVCache(config, "dense"))
