@@ -109,8 +109,10 @@ def livekv_attention(
     if dropout and module.training:
         raise NotImplementedError("livekv attention is for inference; it has no dropout")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if module.layer_idx == 0 and (attention_mask is None or getattr(_pending, "padded", None) is False):
-        layer.check_positions(kwargs.get("position_ids"))  # with padding, positions lag the tokens held
+    if module.layer_idx == 0:
+        padded, _pending.padded = getattr(_pending, "padded", None), None  # this forward's (a user's 4-D mask: none)
+        if attention_mask is None or padded is False:
+            layer.check_positions(kwargs.get("position_ids"))  # with padding, positions lag the tokens held
     return layer.attend(query, key, value, attention_mask, scaling), None
 
 

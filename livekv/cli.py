@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     common.check_json_path(getattr(args, "json", None))
     try:
         args.func(args)
+        sys.stdout.flush()  # here, where a reader gone is caught (not in the interpreter's flush at exit)
     except BrokenPipeError:  # stdout's reader went (`| head`): end quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(141) from None

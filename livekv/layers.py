@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -55,7 +56,10 @@ class Layer(CacheLayerMixin):
         """Called by the modeling code right before attention: store, then hand this layer to the attention. A cache
         keeps no autograd graph (a forward in grad mode would keep every step's, and background recalls, on other
         threads, could not write into tensors that require grad)."""
-        key_states, value_states = key_states.detach(), value_states.detach()
+        if key_states.requires_grad:
+            warnings.warn("a LiveKVCache keeps no gradient: keys and values are stored detached (livekv is for "
+                          "inference; run it under torch.no_grad() or inference_mode())", stacklevel=3)
+            key_states, value_states = key_states.detach(), value_states.detach()
         self.append(key_states, value_states)
         set_pending(self)
         return key_states, value_states

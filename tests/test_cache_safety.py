@@ -142,3 +142,17 @@ def test_a_cache_made_for_a_model_with_fewer_layers_is_refused(ids):
     config = model.config.__class__(**{**model.config.to_dict(), "num_hidden_layers": 1})
     with pytest.raises(ValueError, match="cache has 1 layers .* this model's config"):
         model(ids[:, :8], past_key_values=LiveKVCache(config, "dense"))
+
+
+@torch.no_grad()
+def test_a_padded_batch_given_as_a_4d_mask_is_not_judged_by_an_earlier_forward(ids):
+    """Found in review: a user's 4-D mask skips the mask function, and the position check read the earlier
+    forward's "not padded"."""
+    model = tiny_model("llama")
+    model(ids[:, :8], past_key_values=LiveKVCache(model.config, "dense"))
+    L, rows = 20, ids[:, :20].repeat(2, 1)
+    keep = torch.ones(2, L, dtype=torch.bool)
+    keep[0, :3] = False  # row 0 left-padded by 3
+    mask = (torch.ones(L, L, dtype=torch.bool).tril()[None] & keep[:, None, :] | torch.eye(L, dtype=torch.bool))[:, None]
+    positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
+    model(rows, attention_mask=mask, position_ids=positions, past_key_values=LiveKVCache(model.config, "dense"))

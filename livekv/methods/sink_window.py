@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from livekv.protocol import Plan
-from livekv.methods.base import SparseConfig, StreamMethod
+from livekv.methods.base import SparseConfig, StreamMethod, knob
 
 if TYPE_CHECKING:
     from livekv.store import HostStore
@@ -30,7 +30,7 @@ class SinkWindowConfig(SparseConfig, StreamMethod):
     name: ClassVar[str] = "sink_window"
     contexts: ClassVar[tuple[str, ...]] = ("text", "stream")
     uses_digests: ClassVar[bool] = False
-    sink: int | None = 4
+    sink: int | None = knob(4, "the first tokens, always read")
     dense_layers: int = 0
 
     def set_defaults(self) -> None:
