@@ -98,6 +98,68 @@ def test_the_router_keeps_a_session_on_its_replica_and_balances_new_ones():
     assert pending.routing_context.should_backoff  # a busy replica is waited for
 
 
+def test_the_ingress_hands_saved_sessions_to_replicas_before_it_lists_them(tmp_path):
+    """Every answer that lists sessions waits for the one hand-over of the saved sessions: concurrent first
+    calls, and a call after a first one whose client went mid-way (stand-in replicas that take 0.2 s each)."""
+    import json
+
+    from fastapi.responses import Response
+
+    from livekv.serve.ray import ingress
+
+    (tmp_path / "streams").mkdir()
+    for sid in ("s1", "s2", "s3"):
+        (tmp_path / "streams" / f"{sid}.json").write_text("{}")
+    held = set()
+
+    class Replicas:
+        def options(self, **kwargs):
+            return self
+
+        class http:
+            @staticmethod
+            async def remote(message):
+                return {"status": 200, "headers": [], "body": json.dumps({"data": [{"id": h} for h in sorted(held)]})}
+
+    cls = ingress.LiveKVIngress.func_or_class
+
+    class Front(cls):
+        def __del__(self):  # never served: nothing to shut down
+            pass
+
+    front = Front.__new__(Front)
+    front.config, front.replicas, front.app_name, front.sent, front.resuming = \
+        ServeConfig(state_dir=str(tmp_path)), Replicas(), "livekv", {}, None
+
+    async def send(where, message):
+        await asyncio.sleep(0.2)  # a replica resuming the session from its snapshot
+        held.add(where.pin.split("/")[1])
+        return Response(b"{}")
+
+    front.send = send
+    listing = {"method": "GET", "path": "/v1/streams", "query": b"", "headers": [], "client": None, "body": b""}
+
+    def listed(response):
+        return sorted(d["id"] for d in json.loads(response.body)["data"])
+
+    names = cls._fanout.__globals__  # Serve keeps the class by value, with its own module names
+    original, names["replica_ids"] = names["replica_ids"], lambda app: ["r1"]
+
+    async def run():
+        first, second = await asyncio.gather(front._fanout(listing), front._fanout(listing))
+        held.clear()
+        front.resuming = None
+        gone = asyncio.create_task(front._fanout(listing))
+        await asyncio.sleep(0.3)
+        gone.cancel()
+        return listed(first), listed(second), listed(await front._fanout(listing))
+
+    try:
+        assert asyncio.run(run()) == (["s1", "s2", "s3"],) * 3
+    finally:
+        names["replica_ids"] = original
+
+
 @pytest.mark.slow
 def test_a_killed_replica_s_sessions_go_on_on_the_other_from_their_snapshots(tmp_path):
     """Two replicas (one torch thread each); a stream and a chat session on each (the router balances new sessions);

@@ -63,7 +63,7 @@ class LiveKVIngress:
         self.config = ServeConfig(**config)
         self.app_name = serve.get_replica_context().app_name
         self.sent: dict[str, int] = {}  # stream -> frames it had been sent, as its replica last said
-        self.resumed = False  # the sessions saved in the state directory were handed to their replicas
+        self.resuming: asyncio.Task | None = None  # handing the sessions saved in the state directory to replicas
 
     @api.websocket("/v1/streams/{sid}/ws")
     async def websocket(self, socket: WebSocket, sid: str):
@@ -121,23 +121,33 @@ class LiveKVIngress:
         elif seen is not None:
             self.sent[where.stream] = max(self.sent.get(where.stream, 0), seen)
 
-    async def resume_saved(self) -> None:
-        """Once, before the first answer that lists or counts sessions: a request for every session saved in the
-        state directory, so that a replica resumes it (as ``livekv serve`` resumes them all at start; a replica
-        resumes a session before it reads a request, whatever its answer)."""
-        self.resumed = True
+    async def resumed(self) -> None:
+        """Before the first answer that lists or counts sessions: every session saved in the state directory
+        handed to a replica (as ``livekv serve`` resumes them all at start). One task, which every such answer
+        waits for (not cancelled with a caller that goes; started again if it failed)."""
+        if self.resuming is None or self.resuming.done() and (self.resuming.cancelled() or self.resuming.exception()):
+            self.resuming = asyncio.ensure_future(self._resume_saved())
+        await asyncio.shield(self.resuming)
+
+    async def _resume_saved(self) -> None:
+        """A request for every saved session: its replica resumes it before it reads the request, whatever its
+        answer."""
         key = [(b"authorization", f"Bearer {self.config.api_key}".encode())] if self.config.api_key else []
         for kind, prefix in (("streams", "/v1/streams/"), ("chats", "/v1/sessions/")):
-            for record in sorted(pathlib.Path(self.config.state_dir or "", kind).glob("*.json")):
+            for record in sorted(pathlib.Path(self.config.state_dir, kind).glob("*.json")):
                 path = prefix + record.stem
                 message = {"method": "GET", "path": path, "query": b"", "headers": key, "client": None, "body": b""}
-                if (await self.send(route("GET", path, b""), message)).status_code != 200:
-                    logger.warning("livekv ingress: saved session %s was not resumed", path)
+                try:
+                    status = (await self.send(route("GET", path, b""), message)).status_code
+                except Exception as e:  # noqa: BLE001 - one session's failure is not the others'
+                    status = repr(e)
+                if status != 200:
+                    logger.warning("livekv ingress: saved session %s was not resumed (%s)", path, status)
 
     async def _fanout(self, message: dict) -> Response:
         """``GET /health`` and ``GET /v1/streams``: every replica's answer, merged."""
-        if not self.resumed and self.config.state_dir:
-            await self.resume_saved()
+        if self.config.state_dir:
+            await self.resumed()
         ids = replica_ids(self.app_name)
         if not ids:  # this process's router starts with its first request
             await self.replicas.http.remote({**message, "path": "/health", "query": b"", "body": b""})
