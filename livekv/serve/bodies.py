@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 from fastapi import HTTPException, Request
 
 RAW_BODY_PATHS = ("/frames", "/restore")  # routes that read their body themselves, with limits of their own
@@ -47,3 +49,12 @@ class LimitBodies:
 def _check_declared(declared: str | None, limit: int) -> None:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"a request body of {declared} bytes exceeds the limit of {limit}")
+
+
+def json_object(body: str | bytes) -> dict:
+    """The JSON object ``body`` holds; ``{}`` if it holds none (not JSON, or not an object)."""
+    try:
+        value = json.loads(body) if body else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}

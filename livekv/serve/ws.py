@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
@@ -13,8 +12,9 @@ from starlette.websockets import WebSocketState
 
 from livekv.serve import media
 from livekv.serve.config import ServeConfig
-from livekv.serve.schemas import AskRequest
+from livekv.serve.schemas import AskRequest, problems
 from livekv.serve.server import Server
+from livekv.serve.sockets import EventSocket
 from livekv.serve.streams import Stream
 
 
@@ -33,47 +33,21 @@ async def websocket(socket: WebSocket, sid: str, config: ServeConfig) -> None:
     await _StreamSocket(socket, server.streams[sid], config).serve()
 
 
-class _StreamSocket:
+class _StreamSocket(EventSocket):
     """One WebSocket of a stream: its messages handled, its stats sent every second, its end announced."""
 
     def __init__(self, socket: WebSocket, stream: Stream, config: ServeConfig):
-        self.socket, self.stream, self.config = socket, stream, config
-        self.lock, self.tasks = asyncio.Lock(), set()
+        super().__init__(socket)
+        self.stream, self.config = stream, config
 
-    async def send(self, event: dict) -> None:
-        async with self.lock:
-            await self.socket.send_json(event)
+    async def receive(self, message: dict) -> bool:
+        if self.stream.closed:
+            await self.ended()
+            return False
+        return await super().receive(message)
 
-    async def serve(self) -> None:
-        """Until the client goes away or the stream ends."""
-        self.tasks.add(asyncio.create_task(self.tick()))
-        try:
-            while True:
-                message = await self.socket.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                if self.stream.closed:
-                    await self.ended()
-                    break
-                await self.receive(message)
-        except WebSocketDisconnect:
-            pass
-        finally:
-            for task in self.tasks:
-                task.cancel()
-
-    async def receive(self, message: dict) -> None:
-        """A frame (bytes), or an ``ask`` or ``stats`` event."""
-        if message.get("bytes") is not None:
-            await self.frame(message["bytes"])
-        elif message.get("text") is not None:
-            event = _json(message["text"])
-            if event.get("type") == "ask":
-                self.tasks.add(asyncio.create_task(self.answer(event)))
-            elif event.get("type") == "stats":
-                await self.send({"type": "stats", **self.stream.stats()})
-            else:
-                await self.send({"type": "error", "message": f"unknown event {event.get('type')!r}", "code": 400})
+    async def stats(self) -> None:
+        await self.send({"type": "stats", **self.stream.stats()})
 
     async def frame(self, data: bytes) -> None:
         """An encoded image: queued, answered with a ``frames`` event (or an ``error``)."""
@@ -123,12 +97,5 @@ def _ask_request(event: dict) -> AskRequest:
     try:
         return AskRequest.model_validate({k: event[k] for k in ("question", "max_tokens") if k in event})
     except ValidationError as e:
-        raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+        raise ValueError(problems(e.errors())) from None
 
-
-def _json(text: str) -> dict:
-    try:
-        event = json.loads(text)
-    except json.JSONDecodeError:
-        return {"type": None}
-    return event if isinstance(event, dict) else {"type": None}

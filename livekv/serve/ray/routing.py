@@ -5,7 +5,6 @@ parts share: the application's and its deployments', and the headers a replica a
 
 import collections
 import dataclasses
-import json
 import random
 import time
 import uuid
@@ -13,6 +12,8 @@ import weakref
 
 from pydantic import TypeAdapter, ValidationError
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from livekv.serve.bodies import json_object
 
 APP = "livekv"
 REPLICA = "LiveKVReplica"
@@ -75,15 +76,6 @@ def route(method: str, path: str, body: bytes) -> Route:
             return Route(f"chat/{request['session']}", streaming=streaming)
         return Route(streaming=streaming)
     return Route()
-
-
-def json_object(body: bytes) -> dict:
-    """The JSON object ``body`` holds; ``{}`` if it holds none (not JSON, or not an object)."""
-    try:
-        value = json.loads(body) if body else {}
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 class SessionRouter(RequestRouter):

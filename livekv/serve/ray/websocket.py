@@ -10,29 +10,28 @@ from fastapi import WebSocket
 from fastapi.responses import Response, StreamingResponse
 
 from livekv.serve.media import image_type
-from livekv.serve.ray.routing import Route, json_object
+from livekv.serve.ray.routing import Route
+from livekv.serve.sockets import EventSocket
 
 logger = logging.getLogger("livekv.serve")
 
 
-class _Bridge:
+class _Bridge(EventSocket):
     """One WebSocket of stream ``sid``, forwarded through ``ingress`` (its ``send``, as its HTTP requests are)."""
 
+    gone = (Exception,)  # the socket went away, however it was noticed
+
     def __init__(self, ingress, socket: WebSocket, sid: str):
+        super().__init__(socket)
         key = ingress.config.api_key
-        self.ingress, self.socket, self.sid = ingress, socket, sid
+        self.ingress, self.sid = ingress, sid
         self.auth = [(b"authorization", f"Bearer {key}".encode())] if key else []
-        self.lock, self.tasks = asyncio.Lock(), set()
 
     async def call(self, method: str, path: str, body: bytes = b"", kind: str = "application/json", streaming=False):
         """The stream's replica's response to the HTTP request a message stands for."""
         message = {"method": method, "path": path, "query": b"", "body": body, "client": None,
                    "headers": self.auth + [(b"content-type", kind.encode())]}
         return await self.ingress.send(Route(f"stream/{self.sid}", streaming=streaming), message)
-
-    async def send(self, event: dict) -> None:
-        async with self.lock:
-            await self.socket.send_json(event)
 
     async def result(self, response: Response, kind: str, qid=None) -> None:
         """A whole response as an event: ``kind`` with its fields, or an error."""
@@ -51,7 +50,7 @@ class _Bridge:
         """The stream's stats every second."""
         while True:
             await asyncio.sleep(1.0)
-            await self.result(await self.call("GET", f"/v1/streams/{self.sid}"), "stats")
+            await self.stats()
 
     async def answer(self, event: dict) -> None:
         """An ``ask`` event: the question asked, its answer sent back as ``answer.delta`` events, then
@@ -81,35 +80,14 @@ class _Bridge:
                 elif "answer" in event:
                     await self.send({"type": "answer.done", "id": qid, **event})
 
-    async def receive(self, message: dict) -> None:
-        """One message from the client: a frame (bytes), or an ``ask`` or ``stats`` event."""
-        if message.get("bytes") is not None:
-            data = message["bytes"]
-            out = await self.call("POST", f"/v1/streams/{self.sid}/frames", data, image_type(data))
-            await self.result(out, "frames")
-        elif message.get("text") is not None:
-            event = json_object(message["text"].encode())
-            if event.get("type") == "ask":
-                self.tasks.add(asyncio.create_task(self.answer(event)))
-            elif event.get("type") == "stats":
-                await self.result(await self.call("GET", f"/v1/streams/{self.sid}"), "stats")
-            else:
-                await self.send({"type": "error", "message": f"unknown event {event.get('type')!r}", "code": 400})
+    async def frame(self, data: bytes) -> None:
+        await self.result(await self.call("POST", f"/v1/streams/{self.sid}/frames", data, image_type(data)), "frames")
 
-    async def serve(self) -> None:
-        """Until the client goes away: its messages forwarded, the stream's stats every second."""
-        self.tasks.add(asyncio.create_task(self.tick()))
-        try:
-            while True:
-                message = await self.socket.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                await self.receive(message)
-        except Exception as e:  # noqa: BLE001 - the socket went away
-            logger.info("livekv ingress: websocket of %s ended (%s)", self.sid, type(e).__name__)
-        finally:
-            for task in self.tasks:
-                task.cancel()
+    async def stats(self) -> None:
+        await self.result(await self.call("GET", f"/v1/streams/{self.sid}"), "stats")
+
+    def went(self, error: BaseException) -> None:
+        logger.info("livekv ingress: websocket of %s ended (%s)", self.sid, type(error).__name__)
 
 
 async def forward_websocket(ingress, socket: WebSocket, sid: str) -> None:
