@@ -114,11 +114,7 @@ class LiveKVCache(Cache):
     def save(self, directory: str | os.PathLike, model: torch.nn.Module) -> None:
         """Write the cache to ``directory`` (replaced atomically): every layer's tiers and state, the method and
         its knobs, and ``model``'s fingerprint. ``LiveKVCache.load(directory, model)`` continues bit-identically."""
-        tensors, layers = {}, []
-        for i, layer in enumerate(self.layers):
-            layer_tensors, meta = layer.state()
-            tensors.update({f"layers.{i}.{k}": v for k, v in layer_tensors.items()})
-            layers.append(meta)
+        tensors, layers = snapshot.layer_states(self.layers)
         snapshot.write(directory, "livekv-cache", model, {
             "method": self.method.name, "knobs": dataclasses.asdict(self.method), "layers": layers,
             "seq_length": self.get_seq_length()}, tensors)
@@ -131,8 +127,5 @@ class LiveKVCache(Cache):
         device = next(model.parameters()).device
         with snapshot.restoring(directory):
             cache = cls(model.config, make_method(manifest["method"], **snapshot.knobs_here(manifest["knobs"])))
-            for i, (layer, meta) in enumerate(snapshot.paired_layers(cache.layers, manifest)):
-                prefix = f"layers.{i}."
-                layer.load_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta,
-                                 device)
+            snapshot.load_layers(cache.layers, manifest, tensors, device)
         return cache

@@ -53,9 +53,8 @@ class Layer(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def update(self, key_states, value_states, *args, **kwargs):
-        """Called by the modeling code right before attention: store, then hand this layer to the attention. A cache
-        keeps no autograd graph (a forward in grad mode would keep every step's, and background recalls, on other
-        threads, could not write into tensors that require grad)."""
+        """Called by the modeling code right before attention: store, then hand this layer to the attention. Stored
+        detached: a cache keeps no autograd graph (nor could background recalls write tensors that require grad)."""
         if key_states.requires_grad:
             warnings.warn("a LiveKVCache keeps no gradient: keys and values are stored detached (livekv is for "
                           "inference; run it under torch.no_grad() or inference_mode())", stacklevel=3)

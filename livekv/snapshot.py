@@ -124,13 +124,26 @@ def knobs_here(knobs: dict) -> dict:
     return knobs
 
 
-def paired_layers(built: list, manifest: dict) -> list[tuple]:
-    """The layers just built, each with its manifest entry (``SnapshotError`` unless there is one per layer)."""
+def layer_states(layers: list) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Every layer's ``state()``: its tensors named ``layers.<i>.<name>``, and its metadata, for ``write``."""
+    tensors, metas = {}, []
+    for i, layer in enumerate(layers):
+        layer_tensors, meta = layer.state()
+        tensors.update({f"layers.{i}.{k}": v for k, v in layer_tensors.items()})
+        metas.append(meta)
+    return tensors, metas
+
+
+def load_layers(layers: list, manifest: dict, tensors: dict[str, torch.Tensor], device) -> None:
+    """The layers just built, each given back what ``layer_states`` saved (``SnapshotError`` unless the manifest
+    has one entry per layer)."""
     saved = manifest["layers"]
-    if not isinstance(saved, list) or len(saved) != len(built):
+    if not isinstance(saved, list) or len(saved) != len(layers):
         raise SnapshotError(f"the manifest describes {len(saved) if isinstance(saved, list) else 'no'} layers; the "
-                            f"model has {len(built)}")
-    return list(zip(built, saved))
+                            f"model has {len(layers)}")
+    for i, (layer, meta) in enumerate(zip(layers, saved)):
+        prefix = f"layers.{i}."
+        layer.load_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta, device)
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

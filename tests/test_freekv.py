@@ -7,7 +7,8 @@ import torch
 
 from conftest import check_cuda_recall_like_cpu, decode, tiny_model
 from livekv import LiveKVCache, make_method
-from livekv.methods.freekv import FreeKVLayer, diagnostics
+from livekv.methods.freekv import FreeKVLayer
+from livekv.methods.freekv_diagnostics import diagnostics
 from livekv.recall import RecallEngine, copy_pages
 from livekv.slots import PageSlots
 from livekv.disk import DiskHostStore

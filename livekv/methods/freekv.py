@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +46,10 @@ from livekv.attention import attend
 from livekv.layers import DenseLayer, RecallableLayer
 from livekv.protocol import Memory
 from livekv.methods.base import knob
+from livekv.methods.freekv_diagnostics import COSINE_BINS, FreeKVDiagnostics
 from livekv.methods.quest import QuestConfig
 from livekv.recall import copy_pages, engine, wait_cuda
 from livekv.slots import PageSlots
-
-if TYPE_CHECKING:
-    from livekv.cache import LiveKVCache
 
 
 @dataclass(kw_only=True)
@@ -80,29 +78,6 @@ class FreeKVConfig(QuestConfig):
 
     def make_layer(self, layer_idx: int):
         return DenseLayer(layer_idx, self.kv_bits) if self.dense_layer(layer_idx) else FreeKVLayer(layer_idx, self)
-
-
-COSINE_BINS = 200  # histogram of the adjacent-query cosines over [-1, 1]
-
-
-@dataclass
-class FreeKVDiagnostics:
-    """One layer's FreeKV counters. Pages are (page, KV head) blocks. ``cosines``: histogram ``[COSINE_BINS]``
-    of the adjacent-query cosines of the checked (sequence, KV head) pairs (bounded memory however long the run)."""
-
-    checked_heads: int = 0  # (sequence, KV head) pairs checked for correction
-    corrected_heads: int = 0
-    exact_steps: int = 0  # blocking exact selections (first decode step after a multi-token step)
-    background_pages: int = 0
-    blocking_pages: int = 0
-    cosines: torch.Tensor = field(default_factory=lambda: torch.zeros(COSINE_BINS))
-
-    def state(self) -> dict:
-        return {**{k: v for k, v in self.__dict__.items() if k != "cosines"}, "cosines": self.cosines.tolist()}
-
-    @classmethod
-    def from_state(cls, state: dict) -> FreeKVDiagnostics:
-        return cls(**{**state, "cosines": torch.tensor(state["cosines"])})
 
 
 class FreeKVLayer(RecallableLayer):
@@ -264,45 +239,3 @@ class FreeKVLayer(RecallableLayer):
         self.q_prev = tensors["q_prev"].to(device) if "q_prev" in tensors else None
         self.spec_length, self.exact_next = meta["spec_length"], meta["exact_next"]
         self.diag = FreeKVDiagnostics.from_state(meta["diag"])
-
-    def diagnostics(self) -> dict:
-        """Correction trigger rate, adjacent-query cosines, pages and bytes recalled per step (background and
-        blocking), and the share of the background recall time the critical path did not wait for."""
-        self.wait()
-        d, s = self.diag, self.stats
-        hist = d.cosines.cpu()
-        centres = torch.linspace(-1, 1, COSINE_BINS + 1)[:-1] + 1 / COSINE_BINS
-        cdf = hist.cumsum(0) / hist.sum().clamp(min=1)
-        levels = (0.05, 0.25, 0.5, 0.75, 0.95)
-        quantiles = centres[torch.searchsorted(cdf, torch.tensor(levels))].tolist() if d.checked_heads else []
-        steps = max(s.steps, 1)
-        page_bytes = self.page_size * self.token_bytes
-        return {
-            "steps": s.steps,
-            "exact_steps": d.exact_steps,
-            "trigger_rate": d.corrected_heads / d.checked_heads if d.checked_heads else 0.0,
-            "cosine_mean": (hist * centres).sum().item() / d.checked_heads if d.checked_heads else None,
-            "cosine_quantiles": dict(zip(("p05", "p25", "p50", "p75", "p95"), quantiles)),  # to 0.01
-            "background_pages_per_step": d.background_pages / steps,
-            "blocking_pages_per_step": d.blocking_pages / steps,
-            "bytes_per_step": (d.background_pages + d.blocking_pages) * page_bytes / steps,
-            "background_s": s.background_s,
-            "waited_s": s.waited_s,
-            "recall_hidden": s.recall_hidden,
-        }
-
-
-def diagnostics(cache: "LiveKVCache") -> dict:
-    """FreeKV diagnostics of a cache: per layer (see ``FreeKVLayer.diagnostics``) and over all sparse layers."""
-    layers = {layer.layer_idx: layer.diagnostics() for layer in cache.recallable_layers}
-    checked = sum(layer.diag.checked_heads for layer in cache.recallable_layers)
-    corrected = sum(layer.diag.corrected_heads for layer in cache.recallable_layers)
-    stats = cache.stats()
-    return {
-        "trigger_rate": corrected / checked if checked else 0.0,
-        "recall_hidden": stats["recall_hidden"],
-        "background_s": stats["background_s"],
-        "waited_s": stats["waited_s"],
-        "bytes_per_step": sum(d["bytes_per_step"] for d in layers.values()),
-        "layers": layers,
-    }

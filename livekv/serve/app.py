@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from livekv.serve import bodies, media, responses, state, ws
 from livekv.serve.chat import SessionLimit
 from livekv.serve.config import ServeConfig
-from livekv.serve.schemas import AskRequest, ChatCompletionRequest, StreamCreate, StreamRecord
+from livekv.serve.schemas import AskRequest, ChatCompletionRequest, StreamCreate, StreamRecord, problems
 from livekv.serve.server import Models, Server, load_models
 from livekv.serve.streams import new_id
 from livekv.snapshot import SnapshotError
@@ -91,8 +91,7 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:])}: {err['msg']}" for err in e.errors())
-        return body(400, problems or "invalid request", "invalid_request_error")
+        return body(400, problems(e.errors(), skip=1) or "invalid request", "invalid_request_error")
 
     for kind, status in STATUS.items():
         app.add_exception_handler(kind, _handler(body, status))

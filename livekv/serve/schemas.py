@@ -11,6 +11,12 @@ SESSION_ID = r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$"  # also names the session's files
 SERVER_KNOBS = ("host_dir",)  # where the server writes files is the server's choice
 
 
+def problems(errors: list[dict], skip: int = 0) -> str:
+    """Pydantic's ``errors()`` as one line, ``field: what is wrong; ...`` (``skip``: leading parts of each
+    location left out, such as FastAPI's ``body``)."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc'][skip:])}: {err['msg']}" for err in errors)
+
+
 def client_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
     """``knobs`` as a client sent them (``ValueError`` for a knob only the server sets)."""
     chosen = sorted(set(knobs) & set(SERVER_KNOBS))

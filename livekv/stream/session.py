@@ -178,11 +178,13 @@ class StreamSession:
             position = self.cache.cursor
             embeds, positions = segment.embeds, segment.positions + position
             position += segment.span
+            embed = adapter.language_model.get_input_embeddings()
             for step in range(max_new_tokens):
-                with torch.inference_mode(), self.cache.chunk(
-                        Chunk(positions, torch.full((embeds.shape[1],), -1), question=True)):
-                    hidden = adapter.forward(embeds, positions, self.cache)
+                with torch.inference_mode():
+                    with self.cache.chunk(Chunk(positions, torch.full((embeds.shape[1],), -1), question=True)):
+                        hidden = adapter.forward(embeds, positions, self.cache)
                     token = int(adapter.lm_head(hidden[:, -1]).argmax(-1))
+                    embeds = embed(torch.tensor([[token]], device=adapter.device))  # the next step's input
                 if step == 0:
                     self.stats.ttft_s = time.perf_counter() - t0  # the first token, an end token included
                 if token in adapter.eos_ids:
@@ -195,9 +197,6 @@ class StreamSession:
                     if len(text) > len(shown) and not text.endswith("\ufffd"):
                         yield text[len(shown) :]
                         shown = text
-                with torch.inference_mode():
-                    embed = adapter.language_model.get_input_embeddings()
-                    embeds = embed(torch.tensor([[token]], device=adapter.device))
                 positions = torch.full((adapter.position_dims, 1), position)
                 position += 1
             self.stats.questions += 1
@@ -228,11 +227,7 @@ class StreamSession:
         knobs, the counters and the model's fingerprint. ``StreamSession.load`` continues it bit-identically. Waits
         for a push or an answer in progress (in another thread) to finish."""
         with self._exclusive("save()"):
-            tensors, layers = {}, []
-            for i, layer in enumerate(self.cache.layers):
-                layer_tensors, meta = layer.state()
-                tensors.update({f"layers.{i}.{k}": v for k, v in layer_tensors.items()})
-                layers.append(meta)
+            tensors, layers = snapshot.layer_states(self.cache.layers)
             meta = {"method": self.method.name, "knobs": self._knobs, "memory_tokens": self.memory_tokens,
                     "max_question_tokens": self.max_question_tokens, "stats": dataclasses.asdict(self.stats),
                     "cache": self.cache.state(), "layers": layers}
@@ -248,8 +243,5 @@ class StreamSession:
                           max_question_tokens=manifest["max_question_tokens"], **snapshot.knobs_here(manifest["knobs"]))
             session.stats = StreamStats.restored(manifest["stats"])
             session.cache.load_state(manifest["cache"])
-            for i, (layer, meta) in enumerate(snapshot.paired_layers(session.cache.layers, manifest)):
-                prefix = f"layers.{i}."
-                layer.load_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta,
-                                 adapter.device)
+            snapshot.load_layers(session.cache.layers, manifest, tensors, adapter.device)
         return session

@@ -19,7 +19,6 @@ def age_bucket(question: Question, recent_s: float = 20.0, start_s: float = 20.0
     return "start" if question.evidence_time < start_s else "middle"
 
 
-
 def stream_qa(seed: int, duration_s: float, n_questions: int = 60, fps: float = 0.5) -> tuple[World, list[Question]]:
     """A deterministic benchmark: ``World(seed, duration_s, fps)`` and up to ``n_questions`` questions, sorted by
     ask time. Questions are asked at sampling instants spread evenly over the stream (the last one at the last
